@@ -1,0 +1,90 @@
+"""`finetune`: task → small fine-tuned model that beats its prompted baseline, exported and served.
+
+Run it:
+    python -m flows.finetune --recipe slipstream                 # locally (what `make demo` does)
+    prefect deployment run finetune/slipstream                   # through a Prefect server and worker
+
+Stages: validate recipe → run folder → base model → data splits → baseline eval → LoRA training →
+merge → GGUF export → llama.cpp server eval → gates → report. The flow only wires tasks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from prefect import flow
+
+from tasks.bootstrap import bootstrap_base_model
+from tasks.data import prepare_splits, write_splits
+from tasks.evaluate import evaluate_hf_model, serve_and_evaluate_gguf
+from tasks.export import export_gguf, merge_lora_adapter
+from tasks.gates import check_gates, enforce_gates
+from tasks.recipe import REPO_ROOT, RecipeError, load_recipe, validate_recipe
+from tasks.report import write_report
+from tasks.runfs import create_run_folder
+from tasks.train import train_adapter
+
+
+@flow(name="finetune", log_prints=True)
+def finetune(recipe: str = "slipstream", overrides: dict | None = None, output_root: str = str(REPO_ROOT / "runs"),
+             run_name: str | None = None) -> str:
+    """Fine-tune, export, serve, evaluate and gate one recipe; returns the run folder.
+
+    Args:
+        recipe: a recipe name in recipes/ or a YAML path.
+        overrides: dotted recipe fields to override, e.g. {"training.max_steps": 5}.
+        output_root: where run folders are created (each run gets its own).
+        run_name: the run folder's name (default: <recipe>-<UTC timestamp>).
+    """
+    cfg = validate_recipe(recipe, overrides or {})
+    run_dir = create_run_folder(output_root, cfg, run_name)
+    base_dir = bootstrap_base_model(cfg.model)
+    write_splits(run_dir, prepare_splits(cfg.data, cfg.model.system_prompt))
+    base = evaluate_hf_model(run_dir, "base", base_dir, cfg.eval)
+    training = train_adapter(cfg, run_dir, base_dir)
+    merged_dir = merge_lora_adapter(run_dir, base_dir)
+    ggufs = export_gguf(run_dir, base_dir, cfg.export)
+    merged = evaluate_hf_model(run_dir, "merged", merged_dir, cfg.eval)
+    served_label = f"gguf-{cfg.export.serve_type}"
+    served = serve_and_evaluate_gguf(run_dir, served_label, ggufs[cfg.export.serve_type], cfg.eval, cfg.deploy)
+    results = {"base": base, "merged": merged, served_label: served}
+    gates = check_gates(cfg, results, served_label)
+    write_report(cfg, run_dir, results, gates, training)
+    enforce_gates(gates)
+    return str(run_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run the finetune flow locally.")
+    parser.add_argument("--recipe", default="slipstream")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a recipe field, e.g. --set training.max_steps=5 (YAML value)")
+    parser.add_argument("--output-root", default=str(REPO_ROOT / "runs"))
+    args = parser.parse_args(argv)
+    import yaml
+
+    overrides = {}
+    for item in args.set:
+        field, _, value = item.partition("=")
+        overrides[field] = yaml.safe_load(value)
+    try:  # fail before Prefect starts, with one message and no traceback
+        load_recipe(args.recipe, overrides)
+    except RecipeError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    run_name = f"{Path(args.recipe).stem}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+    state = finetune(recipe=args.recipe, overrides=overrides, output_root=args.output_root, run_name=run_name,
+                     return_state=True)
+    report = Path(args.output_root) / run_name / "report.md"
+    print(f"\nReport: {report}" if report.exists() else f"\nNo report: the run stopped early ({report.parent})")
+    if state.is_failed():
+        print(f"Run failed: {state.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

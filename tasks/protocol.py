@@ -1,0 +1,178 @@
+"""The Slipstream protocol (SLIP v1 wire format) and a strict parser of TQT answers.
+
+Grammar follows slipcore <= 2.4.0 (the version the published dataset and the seed model use):
+
+    SLIP v1 <src> <dst> <anchor> [payload...]
+
+A TQT (Think-Quantize-Transmit) answer is two or three lines:
+
+    THOUGHT: <free text>
+    QUANTIZE: [ACTION=.. | DOMAIN=.. | URGENCY=.. | POLARITY=..] -> <anchor>    (optional)
+    SLIP: SLIP v1 <src> <dst> <anchor> [payload...]
+
+The reference decoder (slipcore.protocol.decode) only checks the marker and the anchor. This parser is
+stricter, because "the model produced something SLIP-shaped" is not the metric we want: agent ids and
+payload tokens must match the token-friendly profile of the ABNF (payload tokens may additionally carry
+the punctuation that occurs in the published dataset, e.g. ``artifact: model_v2.4.1``), the version is
+``v1``, the anchor is a known UCR mnemonic, and a QUANTIZE line, when present, names the same anchor.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+# The 19 anchors the published dataset and the seed model card use (slipcore README lists these).
+DATASET_ANCHORS: tuple[str, ...] = (
+    "RequestTask", "RequestReview", "RequestHelp", "RequestPlan",
+    "InformComplete", "InformProgress", "InformBlocked", "InformStatus",
+    "ProposePlan", "ProposeChange", "ProposeAlternative",
+    "EvalApprove", "EvalReject", "EvalNeedsWork",
+    "Accept", "Reject", "MetaAck", "MetaHandoff", "Fallback",
+)
+
+# All 46 core UCR anchors of slipcore 2.4.0 (src/slipcore/ucr.py) with (action, polarity, domain, urgency).
+UCR_ANCHORS: dict[str, tuple[int, int, int, int]] = {
+    "ObserveState": (0, 4, 2, 3), "ObserveChange": (0, 4, 2, 4), "ObserveError": (0, 2, 6, 6),
+    "InformResult": (1, 5, 2, 3), "InformStatus": (1, 4, 0, 3), "InformComplete": (1, 6, 0, 4),
+    "InformBlocked": (1, 2, 0, 5), "InformProgress": (1, 5, 0, 3),
+    "AskClarify": (2, 4, 1, 4), "AskStatus": (2, 4, 0, 3), "AskPermission": (2, 4, 4, 4),
+    "AskResource": (2, 4, 5, 3),
+    "RequestTask": (3, 4, 0, 4), "RequestPlan": (3, 4, 1, 4), "RequestReview": (3, 4, 3, 3),
+    "RequestHelp": (3, 4, 7, 5), "RequestCancel": (3, 1, 4, 5), "RequestPriority": (3, 4, 4, 5),
+    "RequestResource": (3, 4, 5, 4),
+    "ProposePlan": (4, 5, 1, 4), "ProposeChange": (4, 5, 0, 4), "ProposeAlternative": (4, 5, 1, 4),
+    "ProposeRollback": (4, 3, 4, 5),
+    "CommitTask": (5, 6, 0, 4), "CommitDeadline": (5, 6, 0, 4), "CommitResource": (5, 6, 5, 4),
+    "EvalApprove": (6, 7, 3, 4), "EvalReject": (6, 0, 3, 4), "EvalNeedsWork": (6, 3, 3, 4),
+    "EvalComplete": (6, 6, 3, 4), "EvalBlocked": (6, 2, 3, 5),
+    "MetaAck": (7, 5, 4, 2), "MetaSync": (7, 4, 4, 3), "MetaHandoff": (7, 4, 4, 4),
+    "MetaEscalate": (7, 3, 4, 6), "MetaAbort": (7, 0, 4, 7),
+    "Accept": (5, 7, 7, 3), "Reject": (5, 0, 7, 3), "AcceptWithCondition": (5, 5, 7, 4),
+    "Defer": (5, 4, 7, 2),
+    "ErrorGeneric": (1, 1, 6, 5), "ErrorTimeout": (1, 1, 6, 5), "ErrorResource": (1, 1, 6, 5),
+    "ErrorPermission": (1, 0, 6, 5), "ErrorValidation": (1, 1, 6, 4),
+    "Fallback": (7, 4, 7, 4),
+}
+
+# Label vocabularies of slipcore.finetune (the QUANTIZE hint); they index the UCR coordinates.
+ACTION_LABELS = ["observe", "inform", "ask", "request", "propose", "commit", "evaluate", "meta"]
+POLARITY_LABELS = ["strongly_negative", "negative", "declining", "mild_negative",
+                   "neutral", "mild_positive", "positive", "strongly_positive"]
+DOMAIN_LABELS = ["task", "plan", "observation", "evaluation", "control", "resource", "error", "general"]
+URGENCY_LABELS = ["background", "low", "low_normal", "normal", "elevated", "high", "urgent", "critical"]
+
+_AGENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# Payload tokens: printable ASCII without whitespace or the separators the spec forbids ('|', '@').
+_PAYLOAD_TOKEN = re.compile(r"^[A-Za-z0-9._\-:=/,+%'#<>\[\]{}()\"]{1,80}$")
+_QUANTIZE = re.compile(r"^\[(?P<hint>[^\]]*)\]\s*->\s*(?P<anchor>[A-Za-z]+)$")
+
+
+class SlipParseError(ValueError):
+    """A message or answer that does not follow the grammar; the message says which rule failed."""
+
+
+@dataclass(frozen=True)
+class SlipMessage:
+    """One decoded SLIP v1 wire message."""
+
+    src: str
+    dst: str
+    anchor: str
+    payload: tuple[str, ...] = ()
+    version: str = "v1"
+
+    def wire(self) -> str:
+        return " ".join(["SLIP", self.version, self.src, self.dst, self.anchor, *self.payload])
+
+
+@dataclass(frozen=True)
+class TQTAnswer:
+    """A parsed Think-Quantize-Transmit answer."""
+
+    thought: str
+    slip: SlipMessage
+    quantize_anchor: str | None = None
+    quantize_hint: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def parse_slip(wire: str) -> SlipMessage:
+    """Parse one wire line ``SLIP v1 src dst Anchor [payload...]`` strictly.
+
+    Raises:
+        SlipParseError: naming the first rule the line breaks.
+    """
+    tokens = wire.strip().split()
+    if len(tokens) < 5:
+        raise SlipParseError(f"need at least 5 tokens (SLIP v1 src dst anchor), got {len(tokens)}")
+    marker, version, src, dst, anchor, *payload = tokens
+    if marker != "SLIP":
+        raise SlipParseError(f"marker must be 'SLIP', got {marker!r}")
+    if version != "v1":
+        raise SlipParseError(f"version must be 'v1', got {version!r}")
+    for role, agent in (("src", src), ("dst", dst)):
+        if not _AGENT_ID.match(agent):
+            raise SlipParseError(f"{role} {agent!r} is not an agent id ([A-Za-z0-9._-]+)")
+    if anchor not in UCR_ANCHORS:
+        raise SlipParseError(f"unknown anchor {anchor!r}")
+    for token in payload:
+        if not _PAYLOAD_TOKEN.match(token):
+            raise SlipParseError(f"payload token {token!r} has characters outside the profile")
+    return SlipMessage(src=src, dst=dst, anchor=anchor, payload=tuple(payload), version=version)
+
+
+def parse_tqt(answer: str) -> TQTAnswer:
+    """Parse a model's whole TQT answer: THOUGHT, optional QUANTIZE, then SLIP, and nothing else.
+
+    Raises:
+        SlipParseError: naming the missing/extra line or the broken rule.
+    """
+    lines = [line.strip() for line in answer.strip().splitlines() if line.strip()]
+    if not lines:
+        raise SlipParseError("empty answer")
+    if not lines[0].startswith("THOUGHT:"):
+        raise SlipParseError("first line must start with 'THOUGHT:'")
+    thought = lines[0][len("THOUGHT:"):].strip()
+    rest = lines[1:]
+    quantize_anchor = quantize_hint = None
+    if rest and rest[0].startswith("QUANTIZE:"):
+        match = _QUANTIZE.match(rest[0][len("QUANTIZE:"):].strip())
+        if not match:
+            raise SlipParseError("QUANTIZE line must be '[hint] -> Anchor'")
+        quantize_hint, quantize_anchor = match["hint"], match["anchor"]
+        rest = rest[1:]
+    if len(rest) != 1:
+        raise SlipParseError(f"expected exactly one SLIP line after THOUGHT/QUANTIZE, got {len(rest)} lines")
+    if not rest[0].startswith("SLIP:"):
+        raise SlipParseError("last line must start with 'SLIP:'")
+    slip = parse_slip(rest[0][len("SLIP:"):])
+    if quantize_anchor is not None and quantize_anchor != slip.anchor:
+        raise SlipParseError(f"QUANTIZE anchor {quantize_anchor} differs from SLIP anchor {slip.anchor}")
+    return TQTAnswer(thought=thought, slip=slip, quantize_anchor=quantize_anchor, quantize_hint=quantize_hint)
+
+
+def extract_slip_loose(answer: str) -> SlipMessage | None:
+    """Find the first strictly valid wire message anywhere in free text (for partial credit metrics)."""
+    for match in re.finditer(r"SLIP v1 [^\n]*", answer):
+        try:
+            return parse_slip(match.group(0))
+        except SlipParseError:
+            continue
+    return None
+
+
+def quantize_hint(anchor: str) -> str:
+    """The QUANTIZE hint slipcore.finetune writes for an anchor (order ACTION, DOMAIN, URGENCY, POLARITY)."""
+    action, polarity, domain, urgency = UCR_ANCHORS[anchor]
+    return (f"ACTION={ACTION_LABELS[action]} | DOMAIN={DOMAIN_LABELS[domain]} | "
+            f"URGENCY={URGENCY_LABELS[urgency]} | POLARITY={POLARITY_LABELS[polarity]}")
+
+
+def format_tqt(thought: str, message: SlipMessage, with_quantize: bool = True) -> str:
+    """Write a TQT answer in the dataset's exact layout."""
+    lines = [f"THOUGHT: {thought}"]
+    if with_quantize:
+        lines.append(f"QUANTIZE: [{quantize_hint(message.anchor)}] -> {message.anchor}")
+    lines.append(f"SLIP: {message.wire()}")
+    return "\n".join(lines)

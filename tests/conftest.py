@@ -1,0 +1,70 @@
+"""Shared fixtures. Prefect state goes to a throwaway PREFECT_HOME so tests never touch the user's."""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_PREFECT_HOME = tempfile.mkdtemp(prefix="slipway-test-prefect-")
+os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME)
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_UI_ENABLED", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+def gpu_test(n: int = 1):
+    """Skip unless n CUDA GPUs are visible (CI has none)."""
+    import torch
+
+    return pytest.mark.skipif(torch.cuda.device_count() < n, reason=f"needs {n} CUDA GPU(s)")
+
+
+@pytest.fixture(scope="session")
+def base_model_dir() -> Path:
+    from tasks.bootstrap import resolve_base_model
+    from tasks.recipe import ModelConfig
+
+    return resolve_base_model(ModelConfig())
+
+
+@pytest.fixture(scope="session")
+def tiny_rows() -> list[dict]:
+    """Twelve real Slipstream rows (tests/assets/slipstream-tiny.jsonl) as chat rows."""
+    from tasks.data import load_examples, to_messages
+    from tasks.recipe import ModelConfig
+
+    system = ModelConfig().system_prompt
+    return [to_messages(ex, system) for ex in load_examples(ASSETS / "slipstream-tiny.jsonl")]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, base_model_dir, tiny_rows):
+    """A run folder after a real 8-step LoRA training of SmolLM2 on 8 rows (one batch, seen 8 times)."""
+    from tasks.recipe import Recipe
+    from tasks.runfs import atomic_write_jsonl, new_run_dir
+    from tasks.train import train
+
+    recipe = Recipe(name="tiny")
+    recipe.training.epochs = 8
+    recipe.training.batch_size = 8
+    recipe.training.logging_steps = 1
+    recipe.training.save_steps = 4
+    recipe.training.warmup_ratio = 0.0
+    recipe.training.lr_scheduler = "constant"
+    run_dir = new_run_dir(tmp_path_factory.mktemp("runs"), "tiny")
+    (run_dir / "recipe.json").write_text(recipe.model_dump_json())
+    atomic_write_jsonl(run_dir / "data" / "train.jsonl", tiny_rows[:8])
+    atomic_write_jsonl(run_dir / "data" / "val.jsonl", tiny_rows[8:10])
+    atomic_write_jsonl(run_dir / "data" / "test.jsonl", tiny_rows[10:12])
+    stats = train(recipe, run_dir, base_model_dir)
+    return run_dir, stats
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in open(path) if line.strip()]

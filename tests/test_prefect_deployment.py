@@ -1,0 +1,90 @@
+"""A real Prefect server (SQLite) and process worker on loopback run `finetune/slipstream` from prefect.yaml."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+SMALL = {"training.max_steps": 3, "training.logging_steps": 1, "data.train_rows": 12, "data.eval_rows": 4,
+         "eval.max_new_tokens": 24, "eval.min_improvement": 0.0, "eval.max_quant_drop": 1.0}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _prefect(env, *args, timeout=120, check=True):
+    proc = subprocess.run([str(Path(sys.executable).parent / "prefect"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"prefect {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def _stop(proc):
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def prefect_stack(tmp_path):
+    """Server + `cpu` process pool + worker, all on loopback in a throwaway PREFECT_HOME."""
+    port = _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"),
+           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_SERVER_UI_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "INFO"}
+    server_log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host",
+                               "127.0.0.1", "--port", str(port)], cwd=REPO, env=env, stdout=server_log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    worker = None
+    try:
+        _prefect(env, "server", "status", "--wait", "--timeout", "120", timeout=150)
+        _prefect(env, "work-pool", "create", "cpu", "--type", "process", "--overwrite")
+        worker_log = open(tmp_path / "worker.log", "w")
+        worker = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", "cpu",
+                                   "--limit", "1"], cwd=REPO, env=env, stdout=worker_log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+        yield env
+    finally:
+        if worker is not None:
+            _stop(worker)
+        _stop(server)
+
+
+def test_deployment_run_completes_and_writes_the_report(prefect_stack, tmp_path, base_model_dir):
+    env = prefect_stack
+    _prefect(env, "--no-prompt", "deploy", "--name", "slipstream", timeout=180)
+    out = tmp_path / "runs"
+    params = json.dumps({"overrides": SMALL, "output_root": str(out), "run_name": "via-deployment"})
+    start = time.time()
+    proc = _prefect(env, "deployment", "run", "finetune/slipstream", "--params", params, "--watch",
+                    "--watch-timeout", "1500", timeout=1600, check=False)
+    worker_log = (tmp_path / "worker.log").read_text()
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}\n--- worker ---\n{worker_log[-4000:]}"
+    assert "Completed" in proc.stdout
+    run_dir = out / "via-deployment"
+    assert (run_dir / "COMPLETE").exists() and (run_dir / "report.md").exists()
+    report = (run_dir / "report.md").read_text()
+    for label in ("| base |", "| merged |", "| gguf-q8_0 |", "Stage timings"):
+        assert label in report
+    evals = json.loads((run_dir / "metrics" / "eval.json").read_text())
+    assert set(evals) == {"base", "merged", "gguf-q8_0"}
+    assert (run_dir / "gguf" / "model-q8_0.gguf").exists() and (run_dir / "gguf" / "lora-f16.gguf").exists()
+    print(f"deployment run took {time.time() - start:.0f}s")
