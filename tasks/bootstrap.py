@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Part of the cache key: bump when the conversion changes, so stale cached folders are not reused.
-CONVERTER_VERSION = 2
+CONVERTER_VERSION = 3
 
 
 def embedded_gguf_path() -> Path:
@@ -73,10 +73,48 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
     eos = tokenizer.convert_ids_to_tokens(config.eos_token_id)
     tokenizer.eos_token = eos
     tokenizer.pad_token = eos
+    tokenizer.clean_up_tokenization_spaces = False  # destructive for byte-level BPE
     model.generation_config.eos_token_id = config.eos_token_id
     model.generation_config.pad_token_id = config.eos_token_id
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    restore_bytelevel_tokenizer(out_dir / "tokenizer.json", _gguf_string(gguf_path, "tokenizer.ggml.pre"))
+
+
+def _gguf_string(gguf_path: Path, key: str) -> str | None:
+    from gguf import GGUFReader, GGUFValueType
+
+    field = GGUFReader(gguf_path).fields.get(key)
+    if field is None or field.types[0] != GGUFValueType.STRING:
+        return None
+    return bytes(field.parts[field.data[0]]).decode()
+
+
+def restore_bytelevel_tokenizer(tokenizer_json: Path, gguf_pre: str | None) -> None:
+    """Make the HF tokenizer tokenize exactly like the GGUF's own (llama.cpp's) tokenizer.
+
+    transformers rebuilds a GGUF 'gpt2' vocabulary with SentencePiece-style pieces (byte fallback and a
+    '▁' decoder) and without the pre-tokenizer llama.cpp applies for 'smollm' (every digit split off).
+    Trained that way, the model would see other token ids than the deployed GGUF feeds it, and
+    llama.cpp's converter would even mistake the vocabulary for a SentencePiece one. So the pipeline is
+    restored to the byte-level BPE of the original SmolLM tokenizer.
+
+    Raises:
+        NotImplementedError: for a GGUF pre-tokenizer this restoration does not know.
+    """
+    if gguf_pre not in ("smollm", "gpt2", "default"):
+        raise NotImplementedError(f"GGUF pre-tokenizer {gguf_pre!r}: only 'smollm'/'gpt2' GGUFs can be bootstrapped")
+    spec = json.loads(tokenizer_json.read_text())
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    pre = [byte_level]
+    if gguf_pre == "smollm":
+        pre.insert(0, {"type": "Digits", "individual_digits": True})
+    spec["normalizer"] = None
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": pre}
+    spec["decoder"] = dict(byte_level)
+    spec["post_processor"] = {**byte_level, "trim_offsets": False}
+    spec["model"].update(byte_fallback=False, fuse_unk=False)
+    tokenizer_json.write_text(json.dumps(spec, ensure_ascii=False))
 
 
 def resolve_base_model(cfg: ModelConfig) -> Path:
