@@ -146,17 +146,20 @@ def _prepare_cache_key(context, parameters) -> str:
 def prepare_splits(cfg: DataConfig, system_prompt: str) -> dict:
     """Validate, dedupe and split the source; returns chat rows per split and what was removed.
 
-    Exact and near-duplicate prompts are removed before the split (so no pair straddles train and
-    test); training rows that match a test/val prompt or a prompt of `cfg.eval_files` are removed after.
+    Exact and near-duplicate prompts, and prompts of `cfg.eval_files`, leave the source before the split
+    (so no such pair straddles train and test); training rows that still match a test/val prompt are
+    removed after it.
     """
-    from tasks.dedupe import eval_prompts_from_file, remove_contaminated, remove_duplicates
+    from tasks.dedupe import eval_prompts_from_file, merge_contamination, remove_contaminated, remove_duplicates
 
     examples = load_examples(Path(cfg.source))
     unique, dup_report = remove_duplicates(examples, cfg.near_duplicate_jaccard)
+    external = {f: eval_prompts_from_file(f if Path(f).is_absolute() else REPO_ROOT / f) for f in cfg.eval_files}
+    unique, from_files = remove_contaminated(unique, external, cfg.near_duplicate_jaccard)
     splits = split_examples(unique, cfg)
-    evals = {f"{name} split": [ex.prompt for ex in splits[name]] for name in ("test", "val")}
-    evals |= {f: eval_prompts_from_file(f if Path(f).is_absolute() else REPO_ROOT / f) for f in cfg.eval_files}
-    splits["train"], contamination = remove_contaminated(splits["train"], evals, cfg.near_duplicate_jaccard)
+    held_out = {f"{name} split": [ex.prompt for ex in splits[name]] for name in ("test", "val")}
+    splits["train"], from_splits = remove_contaminated(splits["train"], held_out, cfg.near_duplicate_jaccard)
+    contamination = merge_contamination(from_files, from_splits)
     rows = {name: [to_messages(ex, system_prompt) for ex in part] for name, part in splits.items()}
     if cfg.train_rows:
         rows["train"] = rows["train"][:cfg.train_rows]

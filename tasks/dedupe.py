@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from tasks.data import Example, normalise
+from tasks.formats import FormatError, detect_format, read_record
 
 NEAR_DUPLICATE_JACCARD = 0.9
 _EXAMPLES_KEPT = 5
@@ -142,6 +143,18 @@ def remove_contaminated(examples: Sequence[Example], eval_prompts: dict[str, Seq
                   "removed": len(hits), "by_source": dict(by_source), "examples": hits[:_EXAMPLES_KEPT]}
 
 
+def merge_contamination(*reports: dict) -> dict:
+    """One report for several remove_contaminated passes (e.g. eval files before the split, held-out
+    splits after it)."""
+    by_source: Counter = Counter()
+    for r in reports:
+        by_source.update(r["by_source"])
+    return {"threshold": reports[0]["threshold"],
+            "checked_against": {s: n for r in reports for s, n in r["checked_against"].items()},
+            "removed": sum(r["removed"] for r in reports), "by_source": dict(by_source),
+            "examples": [e for r in reports for e in r["examples"]][:_EXAMPLES_KEPT]}
+
+
 def eval_prompts_from_file(path: Path) -> list[str]:
     """The prompts of an evaluation JSONL: a `prompt` field (keyword-verify files, Together
     prompt/completion) or the last user turn of any chat format tasks.formats reads.
@@ -149,8 +162,6 @@ def eval_prompts_from_file(path: Path) -> list[str]:
     Raises:
         tasks.formats.FormatError: '<file>:<line>: <rule>' for a row with no recognisable prompt.
     """
-    from tasks.formats import FormatError, detect_format, read_record
-
     prompts = []
     with open(path, encoding="utf-8") as fh:
         for line_no, line in enumerate(fh, start=1):

@@ -78,7 +78,8 @@ def _check_turns(turns: list[dict], fmt: str, where: str, together: bool = False
         if role not in _ROLES:
             _fail(where, f"{fmt}.role", f"turn {i}: role {role!r} is not one of {list(_ROLES)}")
         if not isinstance(turn.get("content"), str):
-            _fail(where, f"{fmt}.content", f"turn {i}: content must be a string, got {type(turn.get('content')).__name__}")
+            _fail(where, f"{fmt}.content",
+                  f"turn {i}: content must be a string, got {type(turn.get('content')).__name__}")
         weight = turn.get("weight")
         if weight is not None and (type(weight) is not int or weight not in (0, 1)):
             _fail(where, f"{fmt}.weight", f"turn {i}: weight must be the integer 0 or 1, got {weight!r}")
@@ -165,7 +166,8 @@ def _read_alpaca(obj: dict, fmt: str, where: str) -> Conversation:
     if fmt == "datafactory":
         for key in ("system", "history"):
             if key in obj:
-                _fail(where, "datafactory.shape", f"{key!r} is not a Data Factory field (instruction is the system prompt)")
+                _fail(where, "datafactory.shape",
+                      f"{key!r} is not a Data Factory field (instruction is the system prompt)")
         turns += [{"role": "system", "content": obj["instruction"]}] if obj.get("instruction") else []
         turns += [{"role": "user", "content": obj["input"]}] if obj.get("input") else []
         rest = ("instruction", "input", "output")

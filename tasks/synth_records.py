@@ -15,8 +15,7 @@ import re
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tasks.protocol import (_AGENT_ID, _PAYLOAD_TOKEN, UCR_ANCHORS, SlipMessage, SlipParseError, format_tqt,
-                            parse_tqt)
+from tasks.protocol import _AGENT_ID, _PAYLOAD_TOKEN, UCR_ANCHORS, SlipMessage, format_tqt, parse_tqt
 
 # The system prompt of every row of data/slipstream-tqt.jsonl (slipcore.finetune SYSTEM_PROMPT_BASIC).
 SYSTEM_PROMPT_BASIC = (
@@ -86,7 +85,7 @@ class SynthRecord(BaseModel):
     def answer(self) -> str:
         """The TQT answer in the dataset's exact layout (checked by the strict parser)."""
         text = format_tqt(self.thought, self.message(), with_quantize=self.with_quantize)
-        parse_tqt(text)  # the record validators make this unreachable; kept as the contract's last word
+        parse_tqt(text)  # cannot fail given the field validators; checked so a protocol change shows here
         return text
 
     def to_sharegpt(self, system_prompt: str = SYSTEM_PROMPT_BASIC) -> dict:
@@ -107,8 +106,6 @@ def validate_record(obj: dict) -> SynthRecord:
     except ValidationError as exc:
         lines = [f"{'.'.join(str(p) for p in e['loc']) or '<record>'}: {e['msg']}" for e in exc.errors()]
         raise RecordError("\n".join(lines)) from None
-    except SlipParseError as exc:  # pragma: no cover - guarded by the field validators
-        raise RecordError(f"answer: {exc}") from None
 
 
 def _clean_agent(value: str) -> str:

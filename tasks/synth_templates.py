@@ -139,6 +139,7 @@ def _expand_pool(entries: list, flat: dict[str, list[dict]]) -> list[Fill]:
 
 
 def _fail(path: Path, node, loc: tuple, rule: str):
+    """Raise TemplateError at the line of the deepest key of `loc` that the YAML file has."""
     line = next((_key_lines(node)[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in _key_lines(node)), 1)
     raise TemplateError(f"{path}:{line}: {'.'.join(map(str, loc))}: {rule}")
 
@@ -168,6 +169,10 @@ def load_spaces(path: Path = TEMPLATES_PATH) -> dict[str, AnchorSpace]:
         parsed = [_parse_entry(e) for e in entries]
         if not any(_fields(v) for e in parsed for v in e.values()):
             flat[name] = parsed
+    for name, entries in spec.pools.items():
+        refs = {r for e in entries for v in _parse_entry(e).values() for r in _fields(v)}
+        if refs - set(flat):
+            _fail(path, node, ("pools", name), f"references {sorted(refs - set(flat))}, which are not flat pools")
     pools = {name: _expand_pool(entries, flat) for name, entries in spec.pools.items()}
     for name, fills in pools.items():
         if len({normalise(f.text) for f in fills}) != len(fills):

@@ -10,8 +10,8 @@ from tasks.data import Example, load_examples, normalise
 from tasks.dedupe import remove_duplicates
 from tasks.protocol import DATASET_ANCHORS, parse_tqt, quantize_hint
 from tasks.synth_records import SYSTEM_PROMPT_BASIC
-from tasks.synth_templates import (TEMPLATES_PATH, TemplateError, generator_fingerprint, load_spaces, main,
-                                   synthesize, synthesize_from_templates)
+from tasks.synth_templates import (TEMPLATES_PATH, TemplateError, _synth_cache_key, generator_fingerprint,
+                                   load_spaces, main, synthesize, synthesize_from_templates)
 from conftest import REPO
 
 
@@ -113,3 +113,5 @@ def test_task_returns_rows_and_cache_key_follows_the_generator(tmp_path):
     changed = tmp_path / "t.yaml"
     changed.write_text(TEMPLATES_PATH.read_text().replace("billing service|", "invoicing service|"))
     assert generator_fingerprint(changed) != generator_fingerprint(TEMPLATES_PATH)
+    keys = {_synth_cache_key(None, {"n": n, "seed": s}) for n, s in ((25, 3), (25, 4), (26, 3))}
+    assert len(keys) == 3 and all(generator_fingerprint() in k for k in keys)
