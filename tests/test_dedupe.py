@@ -98,3 +98,14 @@ def test_report_has_a_data_section_with_what_was_removed(tmp_path):
     assert f"| exact duplicate prompts removed | {dup['exact_duplicates']['removed']} |" in text
     assert f"| near duplicates removed (Jaccard ≥ 0.9) | {dup['near_duplicates']['removed']} |" in text
     assert "| training rows matching an eval prompt removed | 2 (data/gerbil-verify.jsonl: 2) |" in text
+
+
+def test_prepare_cache_key_follows_eval_files(tmp_path):
+    from tasks.data import _prepare_cache_key
+
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text(json.dumps({"prompt": "a", "keywords": ["b"]}) + "\n")
+    key = lambda cfg: _prepare_cache_key(None, {"cfg": cfg, "system_prompt": "s"})  # noqa: E731
+    plain, with_eval = key(DataConfig()), key(DataConfig(eval_files=[str(eval_file)]))
+    eval_file.write_text(json.dumps({"prompt": "changed", "keywords": ["b"]}) + "\n")
+    assert len({plain, with_eval, key(DataConfig(eval_files=[str(eval_file)]))}) == 3
