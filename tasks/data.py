@@ -132,19 +132,34 @@ def fingerprint(path: Path) -> str:
 
 
 def _prepare_cache_key(context, parameters) -> str:
-    """Inputs that decide the splits: the data section, the system prompt, the source bytes, this code."""
+    """Inputs that decide the splits: the data section, the system prompt, the source and eval-file bytes,
+    and the code that prepares them (this module, tasks/dedupe.py, tasks/formats.py)."""
     cfg: DataConfig = parameters["cfg"]
-    code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
-    key = json.dumps([cfg.model_dump(), parameters["system_prompt"], fingerprint(cfg.source), code])
+    here = Path(__file__).parent
+    code = hashlib.sha256(b"".join((here / f).read_bytes() for f in ("data.py", "dedupe.py", "formats.py")))
+    key = json.dumps([cfg.model_dump(), parameters["system_prompt"], fingerprint(cfg.source),
+                      [fingerprint(f) for f in cfg.eval_files], code.hexdigest()[:12]])
     return "prepare-splits-" + hashlib.sha256(key.encode()).hexdigest()
 
 
 @task(name="prepare-splits", cache_key_fn=_prepare_cache_key, persist_result=True)
 def prepare_splits(cfg: DataConfig, system_prompt: str) -> dict:
-    """Validate, dedupe and split the source; returns chat rows per split and what was removed."""
+    """Validate, dedupe and split the source; returns chat rows per split and what was removed.
+
+    Exact and near-duplicate prompts, and prompts of `cfg.eval_files`, leave the source before the split
+    (so no such pair straddles train and test); training rows that still match a test/val prompt are
+    removed after it.
+    """
+    from tasks.dedupe import eval_prompts_from_file, merge_contamination, remove_contaminated, remove_duplicates
+
     examples = load_examples(Path(cfg.source))
-    unique, removed = dedupe(examples)
+    unique, dup_report = remove_duplicates(examples, cfg.near_duplicate_jaccard)
+    external = {f: eval_prompts_from_file(f if Path(f).is_absolute() else REPO_ROOT / f) for f in cfg.eval_files}
+    unique, from_files = remove_contaminated(unique, external, cfg.near_duplicate_jaccard)
     splits = split_examples(unique, cfg)
+    held_out = {f"{name} split": [ex.prompt for ex in splits[name]] for name in ("test", "val")}
+    splits["train"], from_splits = remove_contaminated(splits["train"], held_out, cfg.near_duplicate_jaccard)
+    contamination = merge_contamination(from_files, from_splits)
     rows = {name: [to_messages(ex, system_prompt) for ex in part] for name, part in splits.items()}
     if cfg.train_rows:
         rows["train"] = rows["train"][:cfg.train_rows]
@@ -154,8 +169,12 @@ def prepare_splits(cfg: DataConfig, system_prompt: str) -> dict:
     leaked = sum(normalise(r["messages"][-2]["content"]) in test_prompts for r in rows["train"])
     if leaked:  # an invariant of split_examples; checked because a leak would inflate every number
         raise DatasetError(f"{leaked} training prompts also occur in the test split")
-    return {"rows": rows, "stats": {"source_rows": len(examples), "duplicates_removed": removed,
-                                    **{f"{k}_rows": len(v) for k, v in rows.items()}}}
+    return {"rows": rows, "stats": {"source_rows": len(examples),
+                                    "duplicates_removed": dup_report["exact_duplicates"]["removed"],
+                                    "near_duplicates_removed": dup_report["near_duplicates"]["removed"],
+                                    "contaminated_removed": contamination["removed"],
+                                    **{f"{k}_rows": len(v) for k, v in rows.items()},
+                                    "dedupe": dup_report, "contamination": contamination}}
 
 
 @task(name="write-splits")

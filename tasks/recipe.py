@@ -77,6 +77,12 @@ class DataConfig(_Strict):
     test_ratio: float = Field(0.1, gt=0, lt=0.5)
     eval_rows: int = Field(0, ge=0, description="Evaluate on this many test rows; 0 = the whole test split.")
     seed: int = 42
+    near_duplicate_jaccard: float = Field(
+        0.9, gt=0, le=1, description="Prompts whose word sets have at least this Jaccard similarity count as "
+        "duplicates (removed before the split) and as contamination of an evaluation prompt.")
+    eval_files: list[str] = Field(
+        default_factory=list, description="Evaluation JSONL files (relative to the repo root) whose prompts "
+        "must never appear, exactly or nearly, in the training split.")
 
 
 class ExportConfig(_Strict):

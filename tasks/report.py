@@ -48,6 +48,25 @@ def plot_comparison(results: dict[str, dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _data_lines(run_dir: Path) -> list[str]:
+    """What data preparation removed and kept (data/stats.json), when the run folder has it."""
+    path = Path(run_dir) / "data" / "stats.json"
+    if not path.exists():
+        return []
+    stats = json.loads(path.read_text())
+    sources = (stats.get("contamination") or {}).get("by_source") or {}
+    lines = ["", "## Data", "", "| step | rows |", "|---|---|",
+             f"| source rows | {stats.get('source_rows')} |",
+             f"| exact duplicate prompts removed | {stats.get('duplicates_removed', 0)} |",
+             f"| near duplicates removed (Jaccard ≥ {(stats.get('dedupe') or {}).get('threshold', '–')}) | "
+             f"{stats.get('near_duplicates_removed', 0)} |",
+             f"| training rows matching an eval prompt removed | {stats.get('contaminated_removed', 0)}"
+             + (" (" + ", ".join(f"{k}: {v}" for k, v in sources.items()) + ")" if sources else "") + " |"]
+    lines += [f"| {name} rows | {stats[f'{name}_rows']} |" for name in ("train", "val", "test")
+              if f"{name}_rows" in stats]
+    return lines
+
+
 def render_report(recipe: Recipe, run_dir: Path, results: dict[str, dict], gates: list[dict],
                   training: dict, timings: dict, manifest: dict) -> str:
     """The Markdown report; every number comes from the run folder's metrics."""
@@ -67,6 +86,7 @@ def render_report(recipe: Recipe, run_dir: Path, results: dict[str, dict], gates
               "| gate | verdict | threshold | observed |", "|---|---|---|---|"]
     lines += [f"| {g['name']} | {'PASS' if g['passed'] else '**FAIL**'} | {g['threshold']} | {g['observed']} |"
               for g in gates]
+    lines += _data_lines(run_dir)
     mask = training.get("mask", {})
     lines += ["", "## Training", "",
               "| setting | value |", "|---|---|",
