@@ -140,7 +140,8 @@ def repair_payload(value: object, repairs: list[str]) -> list[str]:
     for item in items:
         if isinstance(item, (dict, list)):
             raise Drop("invalid payload")
-        tokens += str(item).split()
+        if item is not None:
+            tokens += str(item).split()
     clean = []
     for token in tokens:
         ascii_token = unicodedata.normalize("NFKD", token).encode("ascii", "ignore").decode()
@@ -191,6 +192,8 @@ def _fields_from_text(rec: dict, repairs: list[str]) -> None:
     tokens = wire.split()
     if len(tokens) < 5 or tokens[0].upper() != "SLIP":
         raise Drop("SLIP line missing or too short")
+    if tokens[1] != "v1":  # same grammar, other version label (v3's Force/Object anchors fail below)
+        repairs.append("SLIP version set to v1")
     rec.setdefault("src", tokens[2])
     rec.setdefault("dst", tokens[3])
     rec.setdefault("anchor", tokens[4])

@@ -44,7 +44,8 @@ def create_output_dir(output_dir: str | None) -> Path:
 
 
 def _missing_reason(text: str, items: list, finish_reason: str | None) -> str:
-    reason = "empty response" if not text.strip() else "no JSON in response" if not items else "not returned"
+    reason = "empty response" if not text.strip() else "no complete JSON record in response" if not items \
+        else "not returned"
     return reason + (" (cut at max_tokens)" if finish_reason == "length" else "")
 
 

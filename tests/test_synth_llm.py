@@ -68,6 +68,13 @@ def test_a_tqt_answer_without_quantize_gets_it_regenerated_from_the_anchor():
     assert parse_tqt(rec.answer).quantize_anchor == "InformComplete"
 
 
+def test_a_wire_field_with_another_version_label_is_rebuilt_as_v1():
+    rec = repair_record({"instruction": "Ack it", "thought": "got it", "wire": "SLIP v2 a b MetaAck done", "x": 1})
+    assert rec.repairs == ["SLIP version set to v1"]
+    assert rec.answer.endswith("SLIP: SLIP v1 a b MetaAck done")
+    assert repair_record({**GOOD, "payload": [None, "x"]}).answer.endswith("RequestReview x")
+
+
 @pytest.mark.parametrize("raw, reason", [
     ("just a string", "not an object"),
     ({**GOOD, "instruction": "  "}, "missing instruction"),
@@ -237,3 +244,41 @@ def test_every_requested_record_is_accounted_for_and_duplicates_are_dropped():
     assert result["tokens"]["prompt"] == 20 and result["tokens"]["cached_prompt"] == 10
     ids = [r["id"] for r in result["rejects"]] + [r["meta"]["id"] for r in result["rows"]]
     assert len(ids) == len(set(ids)) == 16
+
+
+def test_rows_written_by_synthesis_load_as_a_dataset(tmp_path):
+    import json
+
+    from tasks.data import load_examples
+    from tasks.runfs import atomic_write_jsonl
+
+    text = json.dumps([GOOD, {**GOOD, "instruction": "Hand the deploy over to ops", "anchor": "handoff"}])
+    result = assemble_records.fn([_spec(0, 2)], [_ok(0, text)], "llm:test/m")
+    atomic_write_jsonl(tmp_path / "synthetic.jsonl", result["rows"])
+    examples = load_examples(tmp_path / "synthetic.jsonl")
+    assert [e.anchor for e in examples] == ["RequestReview", "MetaHandoff"]
+
+
+def test_cost_is_estimated_from_prompt_size_batches_and_block_prices_and_can_stop_a_run():
+    from prefect.logging import disable_run_logger
+
+    from tasks.synth_llm import estimate_cost
+
+    cfg = SynthesisConfig(endpoint="openai-compatible-endpoint/x", n=100, batch_size=25, max_tokens=1000)
+    specs = plan_batches.fn(cfg)
+    block = OpenAICompatibleEndpoint(provider="deepseek", model="deepseek-chat", input_cost_per_mtok=0.27,
+                                     output_cost_per_mtok=1.10)
+    with disable_run_logger():
+        est = estimate_cost.fn(block, specs, cfg)
+        assert est["batches"] == 4 and est["completion_tokens"] == 4 * 1000   # 25 x 70 capped at max_tokens
+        assert est["prompt_tokens"] == sum(-(-len(s.prompt) // 4) for s in specs)
+        assert est["usd"] == round((est["prompt_tokens"] * 0.27 + est["completion_tokens"] * 1.10) / 1e6, 4)
+        with pytest.raises(ValueError, match="exceeds max_cost_usd"):
+            estimate_cost.fn(block, specs, cfg.model_copy(update={"max_cost_usd": 0.001}))
+
+
+def test_the_template_method_is_a_marked_hook_until_issue_3a_is_merged(tmp_path):
+    from flows.synthesize import synthesize_from_templates
+
+    with pytest.raises(NotImplementedError, match="method 'templates' is not wired yet"):
+        synthesize_from_templates(SynthesisConfig(method="templates"), tmp_path)
