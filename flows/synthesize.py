@@ -3,6 +3,7 @@
 Run it:
     python -m flows.synthesize --endpoint openai-compatible-endpoint/deepseek -n 1000
     python -m flows.synthesize --config synth.yaml --set batch_size=10 --output-dir runs/synth-1
+    python -m flows.synthesize --set method=templates -n 2000          # issue 3a's template generator
 
 The endpoint is a saved Prefect Block (blocks/llm.py) that holds the API key as a secret, e.g.
     OpenAICompatibleEndpoint(provider="deepseek", model="deepseek-chat", api_key="...").save("deepseek")
@@ -14,7 +15,6 @@ Stages: endpoint Block → batch plan → cost estimate → output folder → re
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -24,19 +24,8 @@ from pydantic import ValidationError
 from blocks.llm import AzureOpenAIEndpoint, OpenAICompatibleEndpoint
 from tasks.llm_client import endpoint_identity
 from tasks.synth_llm import SynthesisConfig, estimate_cost, load_endpoint, plan_batches, request_all
-from tasks.synth_report import assemble_records, create_output_dir, write_synthesis
-
-
-def synthesize_from_templates(cfg: SynthesisConfig, out_dir: Path) -> str:
-    """TODO(data-factory, issue 3a): call the template generator of tasks/synth_templates.py here.
-
-    The template path (slipcore.finetune-style) is built in another branch; this hook is where the lead
-    wires it when merging, so that `method: templates` and `method: llm` share one flow and one report.
-    """
-    found = importlib.util.find_spec("tasks.synth_templates") is not None
-    raise NotImplementedError("method 'templates' is not wired yet: " + (
-        "tasks/synth_templates.py exists; connect its generator in flows/synthesize.py" if found
-        else "tasks/synth_templates.py (issue 3a) is not merged"))
+from tasks.synth_report import assemble_records, create_output_dir, write_synthesis, write_template_synthesis
+from tasks.synth_templates import synthesize_from_templates
 
 
 @flow(name="synthesize", log_prints=True)
@@ -50,15 +39,18 @@ def synthesize(config: SynthesisConfig, output_dir: str | None = None,
         endpoint: a Block object to use instead of loading `config.endpoint` (Prefect records it with
             the key masked).
     """
-    if config.method == "templates":
-        return synthesize_from_templates(config, create_output_dir(output_dir))
+    if config.method == "templates":  # issue 3a's generator; same folder layout and report
+        out_dir = create_output_dir(output_dir)
+        write_template_synthesis(out_dir, config.model_dump(), synthesize_from_templates(config.n, config.seed))
+        return str(out_dir)
     endpoint = load_endpoint(config.endpoint, endpoint)
     specs = plan_batches(config)
     estimate = estimate_cost(endpoint, specs, config)  # stops here if over max_cost_usd
     out_dir = create_output_dir(output_dir)
     outcomes = request_all(specs, endpoint, config)
     identity = endpoint_identity(endpoint)
-    result = assemble_records(specs, outcomes, f"llm:{identity['provider']}/{identity['model']}")
+    result = assemble_records(specs, outcomes, f"llm:{identity['provider']}/{identity['model']}",
+                              config.near_duplicate_jaccard)
     write_synthesis(out_dir, config.model_dump(), identity, estimate, result)
     return str(out_dir)
 

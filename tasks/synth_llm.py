@@ -33,6 +33,7 @@ from prefect.context import TaskRunContext
 from prefect.futures import wait
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tasks.dedupe import NEAR_DUPLICATE_JACCARD
 from tasks.llm_client import APIRequestError, LLMEndpoint, backoff_delay, complete, endpoint_identity
 from tasks.protocol import DATASET_ANCHORS
 from tasks.recipe import REPO_ROOT
@@ -96,7 +97,8 @@ class SynthesisConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     method: Literal["llm", "templates"] = Field(
-        "llm", description="'llm': ask an LLM endpoint; 'templates': slipcore-style templates (issue 3a).")
+        "llm", description="'llm': ask an LLM endpoint; 'templates': tasks/synth_templates.py (slot templates "
+        "in data/slipstream-templates.yaml; no endpoint, no cost).")
     endpoint: str | None = Field(
         None, description="Prefect Block document of the endpoint, 'openai-compatible-endpoint/<name>' or "
         "'azure-openai-endpoint/<name>' (blocks/llm.py); method 'llm' needs it unless the flow is given "
@@ -119,6 +121,9 @@ class SynthesisConfig(BaseModel):
     max_cost_usd: float | None = Field(None, ge=0, description="Stop before the first request if the "
                                        "estimated cost is higher.")
     refresh_cache: bool = Field(False, description="Ask again even for batches answered before.")
+    near_duplicate_jaccard: float = Field(
+        NEAR_DUPLICATE_JACCARD, gt=0, le=1, description="A record whose prompt's word set has at least this "
+        "Jaccard similarity with a kept one is dropped as a near duplicate (as tasks.dedupe does).")
 
     @model_validator(mode="after")
     def check_endpoint(self) -> "SynthesisConfig":

@@ -5,7 +5,13 @@ A repair never guesses meaning: it fixes spelling of things that have exactly on
 and spacing, a known alias, agent ids with spaces, payload characters the wire format forbids, a missing
 QUANTIZE line that follows from the anchor, JSON with code fences or trailing commas). Anything that
 needs judgement (no thought, an unknown anchor, QUANTIZE and SLIP disagreeing) is dropped. Every kept
-record is written with `format_tqt` and re-checked with the strict `parse_tqt`.
+record is a `tasks.synth_records.SynthRecord` (the record type the template synthesizer makes too), so it
+passes `validate_record` and its answer is written by `format_tqt` and re-checked by `parse_tqt`.
+
+Unlike `tasks.synth_records.repair_record` (free-text notes, rejection left to validation), this names
+each repair and each drop by a fixed category, because a synthesis report counts them, and it also reads
+what LLMs return around the records: JSON in code fences or with trailing commas, renamed fields, a whole
+TQT answer or wire line instead of separate fields.
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 
-from tasks.protocol import SlipMessage, SlipParseError, UCR_ANCHORS, format_tqt, parse_tqt
+from tasks.protocol import SlipParseError, UCR_ANCHORS
+from tasks.synth_records import RecordError, SynthRecord, validate_record
 
 # Anchors by their letters only: "request_task", "Request Task", "REQUESTTASK" -> RequestTask.
 _ANCHOR_BY_LETTERS = {a.lower(): a for a in UCR_ANCHORS}
@@ -45,10 +52,20 @@ class Drop(Exception):
 
 @dataclass
 class Repaired:
-    instruction: str
-    answer: str      # a TQT answer that parse_tqt accepts
-    anchor: str
+    record: SynthRecord
     repairs: list[str] = field(default_factory=list)
+
+    @property
+    def instruction(self) -> str:
+        return self.record.instruction
+
+    @property
+    def anchor(self) -> str:
+        return self.record.anchor
+
+    @property
+    def answer(self) -> str:
+        return self.record.answer()
 
 
 def extract_items(text: str) -> tuple[list[object], list[str]]:
@@ -162,9 +179,7 @@ def repair_thought(value: object, repairs: list[str]) -> str:
     if thought.upper().startswith("THOUGHT:"):
         thought = thought[len("THOUGHT:"):].strip()
         repairs.append("thought: label removed")
-    if "\n" in thought or "\r" in thought:
-        thought = re.sub(r"\s*[\r\n]+\s*", " ", thought)
-        repairs.append("thought: line breaks collapsed")
+    thought = _one_line(thought, "thought", repairs)
     if not thought:
         raise Drop("missing thought")
     return thought
@@ -206,7 +221,15 @@ def _fields_from_text(rec: dict, repairs: list[str]) -> None:
         repairs.append("QUANTIZE line regenerated")
 
 
-def repair_record(raw: object) -> Repaired:
+def _one_line(text: str, what: str, repairs: list[str]) -> str:
+    text = text.strip()
+    if "\n" in text or "\r" in text:
+        text = re.sub(r"\s*[\r\n]+\s*", " ", text)
+        repairs.append(f"{what}: line breaks collapsed")
+    return text
+
+
+def repair_llm_record(raw: object) -> Repaired:
     """Validate one generated record, repairing mechanical faults.
 
     Raises:
@@ -219,6 +242,7 @@ def repair_record(raw: object) -> Repaired:
     instruction = rec.get("instruction")
     if not isinstance(instruction, str) or not instruction.strip():
         raise Drop("missing instruction")
+    instruction = _one_line(instruction, "instruction", repairs)
     _fields_from_text(rec, repairs)
     thought = repair_thought(rec.get("thought"), repairs)
     src = repair_agent(rec.get("src"), repairs)
@@ -227,11 +251,11 @@ def repair_record(raw: object) -> Repaired:
     if rec.get("_quantize_anchor") and repair_anchor(rec["_quantize_anchor"], []) != anchor:
         raise Drop("QUANTIZE anchor differs from SLIP anchor")
     payload = repair_payload(rec.get("payload"), repairs)
-    answer = format_tqt(thought, SlipMessage(src=src, dst=dst, anchor=anchor, payload=tuple(payload)))
-    try:  # the protocol parser is the judge: a repair that does not yield a valid answer is a drop
-        parse_tqt(answer)
-    except SlipParseError as exc:
+    try:  # the record model and the protocol parser are the judges: a repair that fails them is a drop
+        record = validate_record({"instruction": instruction, "thought": thought, "src": src, "dst": dst,
+                                  "anchor": anchor, "payload": tuple(payload)})
+        record.answer()
+    except (RecordError, SlipParseError) as exc:
         # Values are masked so that the reason is a category that can be counted.
-        raise Drop("protocol: " + re.sub(r"'[^']*'|\d+", "...", str(exc))) from None
-    return Repaired(instruction=instruction.strip(), answer=answer, anchor=anchor,
-                    repairs=list(dict.fromkeys(repairs)))
+        raise Drop("invalid record: " + re.sub(r"'[^']*'|\d+", "...", str(exc).splitlines()[0])) from None
+    return Repaired(record=record, repairs=list(dict.fromkeys(repairs)))

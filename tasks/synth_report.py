@@ -1,8 +1,10 @@
 """Account for every requested record of a synthesis run and write the records and the report.
 
 Output folder (one per run):
-    synthetic.jsonl          ShareGPT rows (human instruction, gpt TQT answer) that tasks.data reads
-    rejects.jsonl            every dropped record with its id and reason (raw model output, when there was one)
+    synthetic.jsonl          ShareGPT rows shaped like data/slipstream-tqt.jsonl (system, human, gpt), the
+                             same rows the template synthesizer writes; tasks.data and tasks.formats read them
+    ledger.jsonl             one line per requested record: id, kept/repaired/dropped, the repairs or the
+                             drop reason, its row in synthetic.jsonl, the model's raw record for drops
     responses.jsonl          each batch's raw answer (or error), tokens, retries and whether it came from cache
     synthesis-report.json    counts, reasons, repairs, retries, tokens and cost (estimated and used)
     synthesis-report.md      the same for people; also a Prefect artifact `synthesis-report`
@@ -13,15 +15,17 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from prefect import get_run_logger, task
 
 from tasks.data import normalise
+from tasks.dedupe import NearIndex, word_set
 from tasks.recipe import REPO_ROOT
 from tasks.runfs import atomic_write_json, atomic_write_jsonl, atomic_write_text, mark_complete
-from tasks.synth_repair import Drop, extract_items, repair_record
+from tasks.synth_repair import Drop, Repaired, extract_items, repair_llm_record
 
 
 class SynthesisAccountingError(RuntimeError):
@@ -49,22 +53,19 @@ def _missing_reason(text: str, items: list, finish_reason: str | None) -> str:
     return reason + (" (cut at max_tokens)" if finish_reason == "length" else "")
 
 
-@task(name="assemble-records")
-def assemble_records(specs: list, outcomes: list[dict], source: str) -> dict:
-    """Validate, repair, dedupe (normalised prompt) and count every requested record; drop echoes of the
-    prompt's own example.
+@dataclass
+class _Candidate:
+    id: str
+    repaired: Repaired
+    fixes: list[str]
+    raw: object
+    examples: set[str]
 
-    Raises:
-        SynthesisAccountingError: the counts do not add up (an internal invariant).
-    """
-    rows, rejects, dropped, repairs, anchors = [], [], Counter(), Counter(), Counter()
-    kept = repaired = surplus = 0
-    seen: set[str] = set()
 
-    def drop(record_id: str, reason: str, raw: object = None) -> None:
-        dropped[reason] += 1
-        rejects.append({"id": record_id, "reason": reason, "record": raw})
-
+def _candidates(specs: list, outcomes: list[dict], drop) -> tuple[list[_Candidate], int]:
+    """Pass 1: every requested slot becomes a candidate record or a drop with its reason; also returns how
+    many records came back beyond the number asked for (ignored)."""
+    found, surplus = [], 0
     for spec, out in zip(specs, outcomes, strict=True):
         ids = [f"b{spec.index:04d}-r{slot:03d}" for slot in range(spec.count)]
         if "error" in out:
@@ -80,35 +81,64 @@ def assemble_records(specs: list, outcomes: list[dict], source: str) -> dict:
                 drop(record_id, _missing_reason(out["text"], items, out["finish_reason"]))
                 continue
             try:
-                rec = repair_record(items[slot])
+                rec = repair_llm_record(items[slot])
             except Drop as exc:
                 drop(record_id, str(exc), items[slot])
                 continue
-            if normalise(rec.instruction) in examples:
-                drop(record_id, "copies the prompt's example", items[slot])
-                continue
-            if normalise(rec.instruction) in seen:
-                drop(record_id, "duplicate prompt", items[slot])
-                continue
-            seen.add(normalise(rec.instruction))
-            fixes = text_repairs + rec.repairs
-            repairs.update(fixes)
-            anchors[rec.anchor] += 1
-            kept, repaired = (kept, repaired + 1) if fixes else (kept + 1, repaired)
-            rows.append({"conversations": [{"from": "human", "value": rec.instruction},
-                                           {"from": "gpt", "value": rec.answer}],
-                         "meta": {"id": record_id, "anchor": rec.anchor, "source": source, "repairs": fixes}})
+            found.append(_Candidate(record_id, rec, text_repairs + rec.repairs, items[slot], examples))
+    return found, surplus
+
+
+@task(name="assemble-records")
+def assemble_records(specs: list, outcomes: list[dict], source: str, near_duplicate_jaccard: float) -> dict:
+    """Validate, repair and deduplicate (exact normalised prompt, then word-set Jaccard as tasks.dedupe
+    does) every requested record, dropping echoes of the prompt's own example; count each outcome.
+
+    Raises:
+        SynthesisAccountingError: the counts do not add up (an internal invariant).
+    """
+    rows, ledger, dropped, repairs, anchors = [], [], Counter(), Counter(), Counter()
+
+    def drop(record_id: str, reason: str, raw: object = None) -> None:
+        dropped[reason] += 1
+        ledger.append({"id": record_id, "status": "dropped", "reason": reason, "raw": raw})
+
+    candidates, surplus = _candidates(specs, outcomes, drop)
+    # Rarest words first in the near-duplicate index's global order (short posting lists), as tasks.dedupe.
+    counts = Counter(w for c in candidates for w in word_set(c.repaired.instruction))
+    near = NearIndex(near_duplicate_jaccard, {w: i for i, (w, _) in enumerate(sorted(counts.items(),
+                                                                                      key=lambda kv: (kv[1], kv[0])))})
+    seen: set[str] = set()
+    for c in candidates:
+        key, words = normalise(c.repaired.instruction), word_set(c.repaired.instruction)
+        if key in c.examples:
+            drop(c.id, "copies the prompt's example", c.raw)
+        elif key in seen:
+            drop(c.id, "duplicate prompt", c.raw)
+        elif near.best_match(words):
+            drop(c.id, f"near-duplicate prompt (Jaccard >= {near_duplicate_jaccard:g})", c.raw)
+        else:
+            seen.add(key)
+            near.add(words, c.id)
+            repairs.update(c.fixes)
+            anchors[c.repaired.anchor] += 1
+            ledger.append({"id": c.id, "status": "repaired" if c.fixes else "kept", "row": len(rows),
+                           "anchor": c.repaired.anchor, "repairs": c.fixes})
+            rows.append(c.repaired.record.to_sharegpt())
+    ledger.sort(key=lambda entry: entry["id"])
+    status = Counter(entry["status"] for entry in ledger)
     requested = sum(s.count for s in specs)
-    if kept + repaired + sum(dropped.values()) != requested:
-        raise SynthesisAccountingError(f"{requested} requested but {kept} kept + {repaired} repaired + "
-                                       f"{sum(dropped.values())} dropped")
+    if len(ledger) != requested or len({e["id"] for e in ledger}) != requested:
+        raise SynthesisAccountingError(f"{requested} requested but the ledger has {len(ledger)} entries "
+                                       f"({dict(status)})")
     fresh = [o for o in outcomes if not o["cached"]]
     retry_causes = Counter(r["cause"] for o in fresh for r in o["retries"])
-    return {"rows": rows, "rejects": rejects, "responses": outcomes,
-            "counts": {"requested": requested, "kept": kept, "repaired": repaired,
-                       "dropped": sum(dropped.values()), "written": len(rows)},
+    return {"rows": rows, "ledger": ledger, "responses": outcomes, "source": source,
+            "counts": {"requested": requested, "kept": status["kept"], "repaired": status["repaired"],
+                       "dropped": status["dropped"], "written": len(rows)},
             "dropped_by_reason": dict(dropped.most_common()), "repairs_by_kind": dict(repairs.most_common()),
-            "anchors": dict(anchors.most_common()), "surplus_ignored": surplus,
+            "anchors": dict(anchors.most_common()),
+            "surplus_ignored": surplus,
             "batches": {"total": len(outcomes), "failed": sum("error" in o for o in outcomes),
                         "from_cache": len(outcomes) - len(fresh)},
             "retries": {"total": sum(retry_causes.values()), "by_cause": dict(retry_causes.most_common())},
@@ -155,9 +185,9 @@ def write_synthesis(out_dir: Path, config: dict, endpoint: dict, estimate: dict,
     t = result["tokens"]
     usd = (t["prompt"] * estimate["input_cost_per_mtok"] + t["completion"] * estimate["output_cost_per_mtok"]) / 1e6
     report = {"endpoint": endpoint, "config": config, "estimate": estimate, "usd_used": round(usd, 4),
-              **{k: v for k, v in result.items() if k not in ("rows", "rejects", "responses")}}
+              **{k: v for k, v in result.items() if k not in ("rows", "ledger", "responses")}}
     atomic_write_jsonl(out_dir / "synthetic.jsonl", result["rows"])
-    atomic_write_jsonl(out_dir / "rejects.jsonl", result["rejects"])
+    atomic_write_jsonl(out_dir / "ledger.jsonl", result["ledger"])
     atomic_write_jsonl(out_dir / "responses.jsonl", result["responses"])
     atomic_write_json(out_dir / "synthesis-report.json", report)
     markdown = render_markdown(report)
@@ -169,4 +199,24 @@ def write_synthesis(out_dir: Path, config: dict, endpoint: dict, estimate: dict,
         "(~$%.4f); %d retries; %s", c["requested"], c["kept"], c["repaired"], c["dropped"], t["prompt"],
         t["completion"], usd, report["retries"]["total"], out_dir)
     mark_complete(out_dir, {"counts": c})
+    return report
+
+
+@task(name="write-template-synthesis")
+def write_template_synthesis(out_dir: Path, config: dict, rows: list[dict]) -> dict:
+    """Records of the template synthesizer (tasks/synth_templates.py) in the same folder layout: every
+    requested record is made or the generator raises, so all are kept."""
+    from prefect.artifacts import create_markdown_artifact
+
+    counts = {"requested": config["n"], "kept": len(rows), "repaired": 0, "dropped": 0, "written": len(rows)}
+    report = {"method": "templates", "config": config, "counts": counts}
+    atomic_write_jsonl(out_dir / "synthetic.jsonl", rows)
+    atomic_write_jsonl(out_dir / "ledger.jsonl", [{"id": f"t{i:06d}", "status": "kept", "row": i}
+                                                  for i in range(len(rows))])
+    atomic_write_json(out_dir / "synthesis-report.json", report)
+    markdown = (f"# Synthesis report: templates\n\n**{counts['requested']} requested = {counts['kept']} kept** "
+                f"(tasks/synth_templates.py, seed {config['seed']}).\n")
+    atomic_write_text(out_dir / "synthesis-report.md", markdown)
+    create_markdown_artifact(markdown=markdown, key="synthesis-report", description=str(out_dir))
+    mark_complete(out_dir, {"counts": counts})
     return report

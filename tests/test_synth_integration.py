@@ -7,6 +7,7 @@ happen and are visible in Prefect, the cache prevents repeated requests, and the
 
 import json
 import logging
+from collections import Counter
 
 import pytest
 
@@ -81,13 +82,15 @@ def test_200_records_under_injected_faults_are_accounted_for_retried_and_cached(
         c = report["counts"]
         assert c["requested"] == 200 == c["kept"] + c["repaired"] + c["dropped"]
         assert sum(report["dropped_by_reason"].values()) == c["dropped"]
-        rows, rejects = read_jsonl(tmp_path / "run1" / "synthetic.jsonl"), read_jsonl(tmp_path / "run1" / "rejects.jsonl")
-        ids = [r["meta"]["id"] for r in rows] + [r["id"] for r in rejects]
-        assert len(ids) == len(set(ids)) == 200 and len(rows) == c["written"] == c["kept"] + c["repaired"]
-        prompts = [normalise(r["conversations"][0]["value"]) for r in rows]
+        rows, ledger = read_jsonl(tmp_path / "run1" / "synthetic.jsonl"), read_jsonl(tmp_path / "run1" / "ledger.jsonl")
+        assert len(ledger) == len({e["id"] for e in ledger}) == 200
+        assert Counter(e["status"] for e in ledger) == Counter({k: c[k] for k in ("kept", "repaired", "dropped")})
+        assert all(e["reason"] for e in ledger if e["status"] == "dropped")
+        assert len(rows) == c["written"] == c["kept"] + c["repaired"]
+        prompts = [normalise(r["conversations"][1]["value"]) for r in rows]
         assert len(prompts) == len(set(prompts))
         for row in rows:
-            parse_tqt(row["conversations"][1]["value"])
+            parse_tqt(row["conversations"][2]["value"])
 
         # Faults were injected and retried; each attempt is one request at the proxy.
         assert proxy.stats["fault_429"] and proxy.stats["fault_500"] and proxy.stats["fault_timeout"]
@@ -141,6 +144,19 @@ def test_an_azure_deployment_endpoint_works_through_the_same_interface(llama, tm
     report = _report(tmp_path / "azure")
     assert report["endpoint"]["provider"] == "azure" and report["tokens"]["completion"] > 0
     assert report["counts"]["requested"] == 2
+
+
+def test_the_template_method_runs_the_template_generator_in_the_same_flow(tmp_path):
+    from flows.synthesize import synthesize
+    from tasks.data import load_examples
+    from tasks.synth_llm import SynthesisConfig
+
+    state = synthesize(config=SynthesisConfig(method="templates", n=40, seed=3), output_dir=str(tmp_path / "t"),
+                       return_state=True)
+    assert state.is_completed(), state.message
+    assert _report(tmp_path / "t")["counts"] == {"requested": 40, "kept": 40, "repaired": 0, "dropped": 0,
+                                                 "written": 40}
+    assert len(load_examples(tmp_path / "t" / "synthetic.jsonl")) == 40
 
 
 class _Collect(logging.Handler):

@@ -16,7 +16,7 @@ from conftest import REPO
 from tasks.llm_client import backoff_delay, endpoint_identity, parse_retry_after, to_request_error
 from tasks.protocol import parse_tqt
 from tasks.synth_llm import PROMPT_TEMPLATE, BatchSpec, SynthesisConfig, _batch_cache_key, plan_batches
-from tasks.synth_repair import Drop, extract_items, repair_record
+from tasks.synth_repair import Drop, extract_items, repair_llm_record as repair_record
 from tasks.synth_report import assemble_records
 
 GOOD = {"instruction": "Ask the reviewer to check the auth module", "thought": "I need feedback first",
@@ -221,29 +221,35 @@ def test_every_requested_record_is_accounted_for_and_duplicates_are_dropped():
     import json
 
     rec = dict(GOOD)
+    long = "Please ask the code reviewer to check the new auth module before the release"
     batch0 = json.dumps([rec, {**rec, "instruction": "ask THE reviewer  to check the auth module"},
                          {**rec, "instruction": "Other task", "anchor": "request_task"}, {"anchor": "x"},
                          {**rec, "instruction": "Copy  THE example"}])
-    batch1 = '```json\n[' + json.dumps({**rec, "instruction": "Third"}) + ',]\n```'
+    batch1 = '```json\n[' + json.dumps({**rec, "instruction": long}) + ", " + \
+        json.dumps({**rec, "instruction": long + " today"}) + ',]\n```'
     specs = [_spec(0, 5, prompt='Answer like [{"instruction": "Copy the example", "thought": "t"}]'),
              _spec(1, 4), _spec(2, 4), _spec(3, 3)]
     outcomes = [_ok(0, batch0), _ok(1, batch1, finish="length"),
                 {"index": 2, "error": "HTTP 429 after 5 retries", "retries": [{"cause": "HTTP 429"}] * 5,
                  "prompt_tokens": 0, "completion_tokens": 0, "cached": False},
                 _ok(3, json.dumps([rec] * 5), cached=True)]
-    result = assemble_records.fn(specs, outcomes, "llm:test/m")
-    counts = result["counts"]
-    assert counts == {"requested": 16, "kept": 1, "repaired": 2, "dropped": 13, "written": 3}
-    assert result["dropped_by_reason"] == {"request failed: HTTP 429 after 5 retries": 4,
-                                           "not returned (cut at max_tokens)": 3, "duplicate prompt": 4,
-                                           "missing instruction": 1, "copies the prompt's example": 1}
+    result = assemble_records.fn(specs, outcomes, "llm:test/m", 0.9)
+    assert result["counts"] == {"requested": 16, "kept": 1, "repaired": 2, "dropped": 13, "written": 3}
+    assert result["dropped_by_reason"] == {"request failed: HTTP 429 after 5 retries": 4, "duplicate prompt": 4,
+                                           "not returned (cut at max_tokens)": 2, "missing instruction": 1,
+                                           "copies the prompt's example": 1,
+                                           "near-duplicate prompt (Jaccard >= 0.9)": 1}
     assert result["repairs_by_kind"] == {"anchor: case/spacing fixed": 1, "json: code fence stripped": 1,
                                          "json: trailing commas removed": 1}
     assert result["surplus_ignored"] == 2
     assert result["retries"] == {"total": 7, "by_cause": {"HTTP 429": 7}}   # the cached batch's are not this run's
     assert result["tokens"]["prompt"] == 20 and result["tokens"]["cached_prompt"] == 10
-    ids = [r["id"] for r in result["rejects"]] + [r["meta"]["id"] for r in result["rows"]]
-    assert len(ids) == len(set(ids)) == 16
+    ledger = result["ledger"]
+    assert [e["id"] for e in ledger] == sorted({e["id"] for e in ledger}) and len(ledger) == 16
+    kept = [e for e in ledger if e["status"] != "dropped"]
+    assert [result["rows"][e["row"]]["conversations"][1]["value"] for e in kept] == \
+        [GOOD["instruction"], "Other task", long]
+    assert all(r["conversations"][0]["from"] == "system" for r in result["rows"])
 
 
 def test_rows_written_by_synthesis_load_as_a_dataset(tmp_path):
@@ -253,7 +259,7 @@ def test_rows_written_by_synthesis_load_as_a_dataset(tmp_path):
     from tasks.runfs import atomic_write_jsonl
 
     text = json.dumps([GOOD, {**GOOD, "instruction": "Hand the deploy over to ops", "anchor": "handoff"}])
-    result = assemble_records.fn([_spec(0, 2)], [_ok(0, text)], "llm:test/m")
+    result = assemble_records.fn([_spec(0, 2)], [_ok(0, text)], "llm:test/m", 0.9)
     atomic_write_jsonl(tmp_path / "synthetic.jsonl", result["rows"])
     examples = load_examples(tmp_path / "synthetic.jsonl")
     assert [e.anchor for e in examples] == ["RequestReview", "MetaHandoff"]
@@ -275,10 +281,3 @@ def test_cost_is_estimated_from_prompt_size_batches_and_block_prices_and_can_sto
         assert est["usd"] == round((est["prompt_tokens"] * 0.27 + est["completion_tokens"] * 1.10) / 1e6, 4)
         with pytest.raises(ValueError, match="exceeds max_cost_usd"):
             estimate_cost.fn(block, specs, cfg.model_copy(update={"max_cost_usd": 0.001}))
-
-
-def test_the_template_method_is_a_marked_hook_until_issue_3a_is_merged(tmp_path):
-    from flows.synthesize import synthesize_from_templates
-
-    with pytest.raises(NotImplementedError, match="method 'templates' is not wired yet"):
-        synthesize_from_templates(SynthesisConfig(method="templates"), tmp_path)
