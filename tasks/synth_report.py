@@ -106,8 +106,8 @@ def assemble_records(specs: list, outcomes: list[dict], source: str, near_duplic
     candidates, surplus = _candidates(specs, outcomes, drop)
     # Rarest words first in the near-duplicate index's global order (short posting lists), as tasks.dedupe.
     counts = Counter(w for c in candidates for w in word_set(c.repaired.instruction))
-    near = NearIndex(near_duplicate_jaccard, {w: i for i, (w, _) in enumerate(sorted(counts.items(),
-                                                                                      key=lambda kv: (kv[1], kv[0])))})
+    order = sorted(counts.items(), key=lambda kv: (kv[1], kv[0]))
+    near = NearIndex(near_duplicate_jaccard, {w: i for i, (w, _) in enumerate(order)})
     seen: set[str] = set()
     for c in candidates:
         key, words = normalise(c.repaired.instruction), word_set(c.repaired.instruction)

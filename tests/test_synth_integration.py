@@ -72,7 +72,8 @@ def test_200_records_under_injected_faults_are_accounted_for_retried_and_cached(
     with FaultProxy(_upstream(llama), fault_rate=0.3, seed=FAULT_SEED, retry_after=1,
                     hang_s=CLIENT_TIMEOUT_S + 5) as proxy:
         OpenAICompatibleEndpoint(base_url=proxy.url, model=llama.model, timeout_s=CLIENT_TIMEOUT_S,
-                                 input_cost_per_mtok=0.27, output_cost_per_mtok=1.1).save("faulty-llama", overwrite=True)
+                                 input_cost_per_mtok=0.27, output_cost_per_mtok=1.1).save("faulty-llama",
+                                                                                          overwrite=True)
         cfg = _config("faulty-llama")
         state = synthesize(config=cfg, output_dir=str(tmp_path / "run1"), return_state=True)
         assert state.is_completed(), state.message
@@ -117,7 +118,8 @@ def test_200_records_under_injected_faults_are_accounted_for_retried_and_cached(
         rerun = _report(tmp_path / "run2")
         assert rerun["batches"]["from_cache"] == 4 and rerun["counts"] == report["counts"]
         assert rerun["tokens"]["prompt"] == 0 and rerun["retries"]["total"] == 0
-        assert (tmp_path / "run2" / "synthetic.jsonl").read_text() == (tmp_path / "run1" / "synthetic.jsonl").read_text()
+        first, again = (tmp_path / run / "synthetic.jsonl" for run in ("run1", "run2"))
+        assert again.read_text() == first.read_text()
 
         # A changed prompt template is a different request: batch 0 (same size and seed) is asked again.
         proxy.reset_stats()
@@ -182,7 +184,8 @@ def test_a_planted_key_appears_in_no_log_artifact_or_output_file(llama, tmp_path
         lg.addHandler(collect)
         lg.setLevel(logging.DEBUG)
     try:
-        with FaultProxy(_upstream(llama), fault_rate=0.0) as ok, FaultProxy(_upstream(llama), echo_key_401=True) as echo:
+        with FaultProxy(_upstream(llama), fault_rate=0.0) as ok, \
+                FaultProxy(_upstream(llama), echo_key_401=True) as echo:
             given = OpenAICompatibleEndpoint(base_url=ok.url, model=llama.model, api_key=PLANTED_KEY, timeout_s=300)
             OpenAICompatibleEndpoint(base_url=echo.url, model=llama.model, api_key=PLANTED_KEY,
                                      timeout_s=300).save("planted-echo", overwrite=True)
