@@ -201,6 +201,12 @@ def train(recipe: Recipe, run_dir: Path, base_dir: Path) -> dict:
         train_sampling_strategy="group_by_length",  # similar lengths share a batch: less padding
         ddp_find_unused_parameters=False if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         disable_tqdm=True)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and args.n_gpu > 1:
+        # One process seeing several GPUs would wrap the model in nn.DataParallel, which PEFT models do
+        # not survive; train on the first GPU and say how to use them all.
+        log.warning("%d GPUs visible to one process: training on the first only; set "
+                    "training.accelerate_config: ddp to use all of them", args.n_gpu)
+        args._n_gpu = 1
     trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
                          train_dataset=Dataset.from_list(tokenized),
                          eval_dataset=Dataset.from_list(val_tok) if val_tok else None,
