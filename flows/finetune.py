@@ -30,7 +30,7 @@ from tasks.train import train_adapter
 
 @flow(name="finetune", log_prints=True)
 def finetune(recipe: str = "slipstream", overrides: dict | None = None, output_root: str = str(REPO_ROOT / "runs"),
-             run_name: str | None = None) -> str:
+             run_name: str | None = None, resume_from: str | None = None) -> str:
     """Fine-tune, export, serve, evaluate and gate one recipe; returns the run folder.
 
     Args:
@@ -38,9 +38,11 @@ def finetune(recipe: str = "slipstream", overrides: dict | None = None, output_r
         overrides: dotted recipe fields to override, e.g. {"training.max_steps": 5}.
         output_root: where run folders are created (each run gets its own).
         run_name: the run folder's name (default: <recipe>-<UTC timestamp>).
+        resume_from: an earlier run folder that did not complete: its stages run again in it, and
+            training restarts from its last checkpoint instead of from scratch.
     """
     cfg = validate_recipe(recipe, overrides or {})
-    run_dir = create_run_folder(output_root, cfg, run_name)
+    run_dir = create_run_folder(output_root, cfg, run_name, resume_from)
     base_dir = bootstrap_base_model(cfg.model)
     write_splits(run_dir, prepare_splits(cfg.data, cfg.model.system_prompt))
     base = evaluate_hf_model(run_dir, "base", base_dir, cfg.eval)

@@ -112,8 +112,22 @@ def stage_timer(run_dir: Path, stage: str) -> Iterator[None]:
 
 
 @task(name="create-run-folder")
-def create_run_folder(output_root: str, recipe, run_name: str | None = None) -> Path:
-    """A fresh, isolated run folder holding the fully resolved recipe (what the trainer will read)."""
+def create_run_folder(output_root: str, recipe, run_name: str | None = None, resume_from: str | None = None) -> Path:
+    """A fresh, isolated run folder holding the fully resolved recipe (what the trainer will read), or
+    an earlier run that did not complete, to resume (training restarts from its last checkpoint).
+
+    Raises:
+        ValueError: the folder to resume is complete, missing, or was made with another recipe.
+    """
+    if resume_from:
+        run_dir = Path(resume_from).resolve()
+        if not (run_dir / "recipe.json").exists():
+            raise ValueError(f"resume_from {run_dir}: not a run folder (no recipe.json)")
+        if is_complete(run_dir):
+            raise ValueError(f"resume_from {run_dir}: that run completed; start a new one")
+        if (run_dir / "recipe.json").read_text() != recipe.model_dump_json(indent=2):
+            raise ValueError(f"resume_from {run_dir}: made with a different recipe; resume with the same one")
+        return run_dir
     run_dir = new_run_dir(output_root, recipe.name, run_name)
     atomic_write_text(run_dir / "recipe.json", recipe.model_dump_json(indent=2))
     return run_dir.resolve()

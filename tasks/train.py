@@ -213,7 +213,13 @@ def train(recipe: Recipe, run_dir: Path, base_dir: Path) -> dict:
                          callbacks=[_progress_callback()])
     lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     start = time.time()
-    result = trainer.train()
+    from transformers.trainer_utils import get_last_checkpoint
+
+    # A resumed run (flow parameter resume_from) picks up its optimizer, scheduler and data order here.
+    last = get_last_checkpoint(str(run_dir / "checkpoints")) if (run_dir / "checkpoints").is_dir() else None
+    if last:
+        print(f"[train] resuming from {last}", flush=True)
+    result = trainer.train(resume_from_checkpoint=last)
     seconds = time.time() - start
     changed = sum(int(not torch.equal(lora_before[n], p.detach()))
                   for n, p in model.named_parameters() if n in lora_before)

@@ -51,3 +51,21 @@ def test_stage_timer_records_failures_and_complete_marker(tmp_path):
     assert not is_complete(run)
     mark_complete(run, {"gates": []})
     assert is_complete(run)
+
+
+def test_resume_refuses_complete_or_foreign_runs(tmp_path):
+    from tasks.recipe import Recipe
+    from tasks.runfs import create_run_folder
+
+    recipe = Recipe(name="r")
+    run = create_run_folder.fn(str(tmp_path), recipe, "first")
+    assert create_run_folder.fn(str(tmp_path), recipe, resume_from=str(run)) == run
+    other = Recipe(name="r")
+    other.training.learning_rate = 0.5
+    with pytest.raises(ValueError, match="different recipe"):
+        create_run_folder.fn(str(tmp_path), other, resume_from=str(run))
+    mark_complete(run, {})
+    with pytest.raises(ValueError, match="that run completed"):
+        create_run_folder.fn(str(tmp_path), recipe, resume_from=str(run))
+    with pytest.raises(ValueError, match="not a run folder"):
+        create_run_folder.fn(str(tmp_path), recipe, resume_from=str(tmp_path / "nope"))

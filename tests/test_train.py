@@ -58,3 +58,25 @@ def test_accelerate_configs_resolve_and_unknown_names_fail(tmp_path):
     cmd = training_command(recipe, tmp_path, tmp_path)
     assert cmd[1:4] == ["-m", "accelerate.commands.launch", "--config_file"]
     assert cmd[-5:-3] == ["-m", "tasks.train"]
+
+
+def test_training_resumes_from_the_last_checkpoint(tmp_path, base_model_dir, tiny_rows):
+    """A crash after step 2 loses nothing: the next attempt restarts from checkpoint-2, not from step 0."""
+    from tasks.recipe import Recipe
+    from tasks.runfs import atomic_write_jsonl, new_run_dir
+    from tasks.train import train
+
+    recipe = Recipe(name="resume")
+    recipe.training.batch_size = 4
+    recipe.training.logging_steps = 1
+    recipe.training.save_steps = 2
+    recipe.training.max_steps = 2
+    run_dir = new_run_dir(tmp_path, "resume")
+    atomic_write_jsonl(run_dir / "data" / "train.jsonl", tiny_rows[:8])
+    atomic_write_jsonl(run_dir / "data" / "val.jsonl", [])
+    train(recipe, run_dir, base_model_dir)   # stands in for the attempt that died after its checkpoint
+    assert (run_dir / "checkpoints" / "checkpoint-2").is_dir()
+    recipe.training.max_steps = 4
+    stats = train(recipe, run_dir, base_model_dir)
+    logged_steps = [h["step"] for h in stats["history"] if "loss" in h]
+    assert stats["steps"] == 4 and logged_steps == [3, 4]
