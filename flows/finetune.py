@@ -5,7 +5,8 @@ Run it:
     prefect deployment run finetune/slipstream                   # through a Prefect server and worker
 
 Stages: validate recipe → run folder → base model → data splits → baseline eval → LoRA training →
-merge → GGUF export → llama.cpp server eval → gates → report. The flow only wires tasks.
+merge → GGUF export → Modelfile → template check → merged eval → llama.cpp server eval → parity of
+every format → gates → deploy → model card → publish → report. The flow only wires tasks.
 """
 
 from __future__ import annotations
@@ -19,12 +20,17 @@ from prefect import flow
 
 from tasks.bootstrap import bootstrap_base_model
 from tasks.data import prepare_splits, write_splits
+from tasks.deploy import deploy_model
 from tasks.evaluate import evaluate_hf_model, serve_and_evaluate_gguf
 from tasks.export import export_gguf, merge_lora_adapter
 from tasks.gates import check_gates, enforce_gates
+from tasks.model_card import publish_release, write_model_card
+from tasks.modelfile import write_modelfile
+from tasks.parity import evaluate_parity
 from tasks.recipe import REPO_ROOT, RecipeError, load_recipe, validate_recipe
 from tasks.report import write_report
 from tasks.runfs import create_run_folder
+from tasks.template_check import verify_chat_template
 from tasks.train import train_adapter
 
 
@@ -49,11 +55,17 @@ def finetune(recipe: str = "slipstream", overrides: dict | None = None, output_r
     training = train_adapter(cfg, run_dir, base_dir)
     merged_dir = merge_lora_adapter(run_dir, base_dir)
     ggufs = export_gguf(run_dir, base_dir, cfg.export)
+    write_modelfile(run_dir, cfg, ggufs)
+    template_gate = verify_chat_template(run_dir, cfg)
     merged = evaluate_hf_model(run_dir, "merged", merged_dir, cfg.eval)
     served_label = f"gguf-{cfg.export.serve_type}"
     served = serve_and_evaluate_gguf(run_dir, served_label, ggufs[cfg.export.serve_type], cfg.eval, cfg.deploy)
+    evaluate_parity(run_dir, base_dir, cfg, ggufs)
     results = {"base": base, "merged": merged, served_label: served}
-    gates = check_gates(cfg, results, served_label)
+    gates = [*check_gates(cfg, results, served_label), template_gate]
+    deploy_model(run_dir, cfg, gates)
+    write_model_card(run_dir, cfg, results, training)
+    publish_release(run_dir, cfg, gates)
     write_report(cfg, run_dir, results, gates, training)
     enforce_gates(gates)
     return str(run_dir)

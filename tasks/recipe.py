@@ -87,8 +87,13 @@ class DataConfig(_Strict):
 
 class ExportConfig(_Strict):
     gguf_types: list[Literal["f16", "bf16", "q8_0", "q4_k_m"]] = Field(default_factory=lambda: ["f16", "q8_0"])
-    lora_gguf: bool = True
+    lora_gguf: bool = Field(True, description="Also export the adapter as a GGUF LoRA (and the f16 base GGUF "
+                            "it applies to).")
     serve_type: Literal["f16", "bf16", "q8_0", "q4_k_m"] = Field("q8_0", description="GGUF evaluated via the server.")
+    parity_rows: int = Field(40, ge=0, description="Test rows for the parity table (every exported format on the "
+                             "same rows); 0 = no parity evaluation.")
+    template_samples: int = Field(3, ge=1, le=50, description="Test conversations the template check renders "
+                                  "(plus one two-turn conversation made from them).")
 
     @model_validator(mode="after")
     def check_serve_type_exported(self) -> "ExportConfig":
@@ -109,10 +114,45 @@ class EvalConfig(_Strict):
 
 
 class DeployConfig(_Strict):
-    target: Literal["llamacpp", "none"] = "llamacpp"
+    target: Literal["llamacpp", "ollama", "none"] = Field(
+        "llamacpp", description="'llamacpp': a managed llama-server; 'ollama': create the model on an Ollama "
+        "server through the `ollama` client; deployment happens only when every gate passed.")
+    artifact: Literal["merged", "adapter"] = Field(
+        "merged", description="What the Modelfile deploys: FROM the merged GGUF (export.serve_type), or FROM the "
+        "base + ADAPTER the LoRA GGUF (no merge).")
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, lt=65536, description="0 = pick a free port.")
     parallel: int = Field(2, gt=0, description="llama-server slots (concurrent requests).")
+    keep_running: bool = Field(False, description="llamacpp: leave the server running after the flow "
+                               "(stop it with `python -m tasks.serve stop RUN_DIR`).")
+    ollama_host: str = Field("http://127.0.0.1:11434", description="Ollama server URL.")
+    ollama_model: str | None = Field(None, description="Ollama model name; default slipway-<recipe name>.")
+    ollama_base: str | None = Field(None, description="artifact 'adapter': an Ollama model to use as FROM "
+                                    "(checked against the adapter's base via /api/show); default: the exported "
+                                    "f16 base GGUF.")
+    allow_qlora_adapter: bool = Field(False, description="artifact 'adapter': accept an adapter trained on a "
+                                      "4-bit base (QLoRA) on an unquantized base.")
+
+
+class ReleaseConfig(_Strict):
+    """Model card, dataset card and where to publish them with the artifacts."""
+
+    hub_model_repo: str | None = Field(None, description="Hugging Face model repo id (user/name) to push to.")
+    hub_dataset_repo: str | None = Field(None, description="Hugging Face dataset repo id for the dataset card "
+                                         "and splits.")
+    hub_token_block: str | None = Field(None, description="Name of the HuggingFaceHubCredentials block "
+                                        "(blocks/hub.py) holding the token; pushing needs it.")
+    private: bool = Field(True, description="Create Hub repos as private.")
+    folder: str | None = Field(None, description="Also copy the release into this local folder (a publish "
+                               "target that needs no network).")
+    license: str = Field("apache-2.0", description="License of the released weights (the base model's).")
+
+    @model_validator(mode="after")
+    def check_hub_token(self) -> "ReleaseConfig":
+        if (self.hub_model_repo or self.hub_dataset_repo) and not self.hub_token_block:
+            raise ValueError("hub_model_repo/hub_dataset_repo need hub_token_block (the HF token is read from "
+                             "a Prefect block, never from the recipe)")
+        return self
 
 
 class Recipe(_Strict):
@@ -127,6 +167,13 @@ class Recipe(_Strict):
     export: ExportConfig = ExportConfig()
     eval: EvalConfig = EvalConfig()
     deploy: DeployConfig = DeployConfig()
+    release: ReleaseConfig = ReleaseConfig()
+
+    @model_validator(mode="after")
+    def check_adapter_deployment(self) -> "Recipe":
+        if self.deploy.artifact == "adapter" and not self.export.lora_gguf:
+            raise ValueError("deploy.artifact 'adapter' needs export.lora_gguf: true")
+        return self
 
 
 class RecipeError(ValueError):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from prefect import task
 
+from tasks.deploy import report_sections as export_report_sections
 from tasks.recipe import Recipe
 from tasks.runfs import atomic_write_json, atomic_write_text, mark_complete
 
@@ -87,6 +88,7 @@ def render_report(recipe: Recipe, run_dir: Path, results: dict[str, dict], gates
     lines += [f"| {g['name']} | {'PASS' if g['passed'] else '**FAIL**'} | {g['threshold']} | {g['observed']} |"
               for g in gates]
     lines += _data_lines(run_dir)
+    lines += [""] + export_report_sections(run_dir)  # parity, template check, deployment (tasks/deploy.py)
     mask = training.get("mask", {})
     lines += ["", "## Training", "",
               "| setting | value |", "|---|---|",
