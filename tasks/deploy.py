@@ -149,8 +149,10 @@ def deploy_ollama(run_dir: Path, recipe: Recipe, max_new_tokens: int) -> dict:
         client.create(model=name, from_=from_, files=files or None, adapters=adapters, template=modelfile.template,
                       system=modelfile.system, parameters=params, stream=False)
         shown = client.show(name)
-        if shown.template != modelfile.template or (shown.system or None) != modelfile.system:
-            raise DeployError(f"ollama show {name}: the stored TEMPLATE/SYSTEM differ from the Modelfile's")
+        stored = Modelfile.parse(shown.modelfile or "", strict=False)
+        if (shown.template, stored.system, stored.stop) != (modelfile.template, modelfile.system, modelfile.stop):
+            raise DeployError(f"ollama show {name}: the stored TEMPLATE / SYSTEM / stop differ from deploy/Modelfile "
+                              f"(stop {stored.stop} vs {modelfile.stop})")
         row = _test_row(run_dir)
         # No system message: the Modelfile's SYSTEM must fill it in, as it will for users.
         reply = client.chat(model=name, messages=row["messages"][1:-1], stream=False,

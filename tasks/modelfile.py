@@ -203,11 +203,15 @@ class Modelfile:
         return [v for k, v in self.parameters if k == "stop"]
 
     @classmethod
-    def parse(cls, text: str) -> "Modelfile":
+    def parse(cls, text: str, strict: bool = True) -> "Modelfile":
         """Read a Modelfile: instructions are case-insensitive; values are bare, "quoted" or \"\"\"multi-line\"\"\".
 
+        Args:
+            strict: refuse instructions Slipway does not write (False for `ollama show` output, which
+                may carry newer ones).
+
         Raises:
-            ModelfileError: an unknown instruction, an unclosed quote, or no FROM.
+            ModelfileError: an unknown instruction (strict), an unclosed quote, or no FROM.
         """
         values: dict[str, str] = {}
         params: list[tuple[str, str]] = []
@@ -228,7 +232,7 @@ class Modelfile:
                 params.append((key, raw[1:-1] if len(raw) >= 2 and raw[0] == raw[-1] == '"' else raw))
             elif name in ("FROM", "ADAPTER", "TEMPLATE", "SYSTEM", "LICENSE"):
                 values[name] = value
-            elif name not in ("MESSAGE", "REQUIRES"):
+            elif strict and name not in ("MESSAGE", "REQUIRES"):
                 raise ModelfileError(f"Modelfile: unknown instruction {name}")
         if "FROM" not in values:
             raise ModelfileError("Modelfile: no FROM instruction")

@@ -35,7 +35,7 @@ GATE_NAME = "template-verified"
 
 
 class TemplateCheckError(RuntimeError):
-    """The check could not run (e.g. the server cannot tokenize); distinct from a check that ran and failed."""
+    """llama-server refused a request of the check (e.g. it cannot tokenize the text); a failed check."""
 
 
 @dataclass(frozen=True)
@@ -98,8 +98,11 @@ def check_gguf_template(base: str, samples: list[Sample], pieces) -> list[dict]:
     """The GGUF's embedded template, applied and tokenized by llama-server, against the training tokens."""
     out = []
     for s in samples:
-        prompt = _post(base, "/apply-template", {"messages": s.messages[:-1]})["prompt"]
-        diff = first_difference(s.prompt_ids, _tokenize(base, prompt), pieces)
+        try:
+            prompt = _post(base, "/apply-template", {"messages": s.messages[:-1]})["prompt"]
+            diff = first_difference(s.prompt_ids, _tokenize(base, prompt), pieces)
+        except TemplateCheckError as exc:   # e.g. a GGUF vocabulary llama.cpp cannot tokenize with
+            diff = str(exc)
         out.append({"check": "gguf chat template", "sample": s.name, "passed": diff is None, "detail": diff or
                     f"{len(s.prompt_ids)} tokens identical"})
     return out
@@ -118,6 +121,8 @@ def check_modelfile_template(base: str, samples: list[Sample], modelfile: Modelf
                 diff = first_difference(s.prompt_ids, _tokenize(base, text), pieces)
             except GoTemplateError as exc:
                 diff = f"TEMPLATE does not render: {exc}"
+            except TemplateCheckError as exc:
+                diff = str(exc)
             out.append({"check": "Modelfile TEMPLATE", "sample": s.name + suffix, "passed": diff is None,
                         "detail": diff or f"{len(s.prompt_ids)} tokens identical"})
     return out
@@ -163,6 +168,9 @@ def deployed_artifact(run_dir: Path, modelfile: Modelfile) -> tuple[Path, Path |
     """The GGUF (and LoRA) that the Modelfile deploys, resolved against the Modelfile's folder."""
     here = run_dir / "deploy"
     model = (here / modelfile.from_).resolve()
+    if not model.exists() and modelfile.adapter:
+        # FROM an Ollama model: deploy checks it is the adapter's base; serve that base from the export.
+        model = run_dir / "gguf" / "base-f16.gguf"
     if not model.exists():
         raise TemplateCheckError(f"Modelfile FROM {modelfile.from_!r} is not a local GGUF ({model}); "
                                  "the template check needs the file to serve")
