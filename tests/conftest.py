@@ -68,3 +68,26 @@ def trained_run(tmp_path_factory, base_model_dir, tiny_rows):
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in open(path) if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def exported_run(trained_run, base_model_dir, tmp_path_factory):
+    """A copy of `trained_run` after the real export (merge, f16/q8_0/q4_k_m GGUF, LoRA + base GGUF, manifest)
+    and its Modelfile: (run_dir, recipe, ggufs). A copy, so tests that rewrite a run's gguf/ never meet."""
+    import shutil
+
+    from tasks.export import export_gguf, merge_lora_adapter
+    from tasks.modelfile import write_modelfile
+    from tasks.recipe import ExportConfig, Recipe
+    from tasks.runfs import new_run_dir
+
+    source, _ = trained_run
+    run_dir = new_run_dir(tmp_path_factory.mktemp("exported"), "tiny")
+    for sub in ("lora", "data"):
+        shutil.copytree(source / sub, run_dir / sub, dirs_exist_ok=True)
+    recipe = Recipe(name="tiny", export=ExportConfig(gguf_types=["f16", "q8_0", "q4_k_m"], parity_rows=2))
+    (run_dir / "recipe.json").write_text(recipe.model_dump_json())
+    merge_lora_adapter.fn(run_dir, base_model_dir)
+    ggufs = export_gguf.fn(run_dir, base_model_dir, recipe.export)
+    write_modelfile.fn(run_dir, recipe, ggufs)
+    return run_dir, recipe, ggufs
