@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Part of the cache key: bump when the conversion changes, so stale cached folders are not reused.
-CONVERTER_VERSION = 3
+CONVERTER_VERSION = 2
 
 
 def embedded_gguf_path() -> Path:
@@ -75,11 +75,6 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
     tokenizer.pad_token = eos
     tokenizer.clean_up_tokenization_spaces = False  # destructive for byte-level BPE
     model.generation_config.eos_token_id = config.eos_token_id
-    # transformers' GGUF loader builds a byte-level BPE with `byte_fallback` on. It never fires for a
-    # byte-level vocabulary (every byte has a token), so training tokens are unchanged, but llama.cpp's
-    # converter reads the flag as "SentencePiece" and writes a vocabulary llama.cpp cannot tokenize
-    # ordinary text with ("unordered_map::at"). Off, the export is the 'gpt2'/'smollm' BPE it really is.
-    tokenizer.backend_tokenizer.model.byte_fallback = False
     model.generation_config.pad_token_id = config.eos_token_id
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
