@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Part of the cache key: bump when the conversion changes, so stale cached folders are not reused.
-CONVERTER_VERSION = 2
+CONVERTER_VERSION = 3
 
 
 def embedded_gguf_path() -> Path:
