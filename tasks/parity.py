@@ -60,7 +60,8 @@ def evaluate_variant(run_dir: Path, v: dict, rows: list[dict], max_new_tokens: i
     atomic_write_jsonl(run_dir / "metrics" / f"predictions-parity-{v['label']}.jsonl", records)
     return {"label": v["label"], "runner": v["runner"], "artifact": str(v["model"]) + (f" + {v['lora'].name}" if v["lora"] else ""),
             "bytes": _size(v), **{k: summary[k] for k in ("strict_parse", "anchor_accuracy", "src_dst_accuracy",
-                                                          "rows", "tokens_per_second")}}
+                                                          "rows", "generated_tokens",
+                                                          "tokens_per_second")}}
 
 
 @task(name="evaluate-parity")

@@ -207,6 +207,14 @@ def serve_forever(server: ManagedLlamaServer, check_every: float = 5.0) -> None:
         print("llama-server stopped", flush=True)
 
 
+def pid_alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie (exited, waiting to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
 def stop_recorded(record_path: Path) -> bool:
     """Stop the server a deployment left running (deploy/llamacpp.json); only that pid, only if it is llama-server."""
     record = json.loads(record_path.read_text())
@@ -217,12 +225,14 @@ def stop_recorded(record_path: Path) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
     except FileNotFoundError:
         cmdline = ""
-    if Path(cmdline).name == "llama-server":
+    if Path(cmdline).name == "llama-server" and pid_alive(pid):
         os.kill(pid, signal.SIGTERM)
-        for _ in range(50):
-            if not Path(f"/proc/{pid}").exists():
+        for _ in range(75):
+            if not pid_alive(pid):
                 break
             time.sleep(0.2)
+        else:
+            os.kill(pid, signal.SIGKILL)
     record["running"] = False
     from tasks.runfs import atomic_write_json
     atomic_write_json(record_path, record)
