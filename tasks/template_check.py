@@ -183,7 +183,8 @@ def gate(result: dict) -> dict:
     failed = sum(not c["passed"] for c in result["checks"])
     return {"name": GATE_NAME, "passed": result["passed"],
             "threshold": "deployed prompt tokens == training tokens; end-of-turn token stops generation",
-            "observed": f"{n - failed}/{n} checks passed" + (f"; {result['first_failure']}" if failed else "")}
+            # escaped: gate records are rendered as Markdown table rows (report, Prefect artifact)
+            "observed": f"{n - failed}/{n} checks passed" + (f"; {_cell(result['first_failure'])}" if failed else "")}
 
 
 def check_run(run_dir: Path, n_samples: int = 3) -> dict:
@@ -208,6 +209,10 @@ def verify_chat_template(run_dir: Path, recipe: Recipe) -> dict:
     return gate(result)
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")   # a literal | inside a Markdown table cell (<|im_end|>)
+
+
 def render_section(run_dir: Path) -> list[str]:
     """Report lines for metrics/template-check.json (empty when the run has none)."""
     path = run_dir / "metrics" / "template-check.json"
@@ -220,7 +225,7 @@ def render_section(run_dir: Path) -> list[str]:
              + f", {result['samples']} sample conversations: **{'PASS' if result['passed'] else 'FAIL'}**", "",
              "| check | sample | verdict | detail |", "|---|---|---|---|"]
     lines += [f"| {c['check']} | {c['sample']} | {'PASS' if c['passed'] else '**FAIL**'} | "
-              f"{c['detail'].replace('|', '/')} |" for c in result["checks"]]
+              f"{_cell(c['detail'])} |" for c in result["checks"]]
     return lines + [""]
 
 
