@@ -18,7 +18,8 @@ from pathlib import Path
 from prefect import task
 
 from tasks.evaluate import generate_openai
-from tasks.modelfile import Modelfile, ModelfileRefused, base_identity, gguf_metadata
+from tasks.adapter_guard import ModelfileRefused, base_identity, gguf_metadata
+from tasks.modelfile import Modelfile
 from tasks.recipe import DeployConfig, Recipe
 from tasks.runfs import atomic_write_json, stage_timer
 from tasks.serve import ManagedLlamaServer

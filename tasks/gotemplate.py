@@ -1,16 +1,10 @@
-"""Render an Ollama Modelfile TEMPLATE the way Ollama does, without Ollama.
+"""The part of Go's `text/template` language that chat templates (Ollama's TEMPLATE) use.
 
-Ollama renders a chat with Go's `text/template` (option missingkey=zero) over the request's messages:
-SYSTEM from the Modelfile is prepended when the first message is not a system message, consecutive
-messages of one role are merged with a blank line, and a template that never names `.Messages` is run
-once per turn in the legacy System/Prompt/Response style, with everything from the last
-`{{ .Response }}` on cut away (ollama `server/routes.go` ChatHandler, `template/template.go` Execute,
-collate and deleteNode).
-
-This module implements the part of Go's template language that chat templates use: text, `{{- -}}`
-trimming, comments, `if`/`else if`/`else`, `range` (with `$i, $m :=`), `with`, variables, fields,
-parenthesised pipelines, `|`, and the functions and, or, not, eq, ne, lt, le, gt, ge, len, index, slice,
-print, json. Anything else is refused with `GoTemplateError` naming it, never rendered approximately.
+Text, `{{- -}}` trimming, comments, `if`/`else if`/`else`, `range` (with `$i, $m :=`), `with`,
+variables, fields, parenthesised pipelines, `|`, and the functions and, or, not, eq, ne, lt, le, gt, ge,
+len, index, slice, print, json, executed with option missingkey=zero as Ollama does. Anything else is
+refused with `GoTemplateError` naming it, never rendered approximately. Ollama's own rules around the
+template (SYSTEM, collation, legacy templates) are in tasks.ollama_prompt.
 """
 
 from __future__ import annotations
@@ -303,10 +297,10 @@ def _field(v: Any, names: list[str]):
         if isinstance(v, dict):
             # missingkey=zero on map[string]any: a missing key is the zero value (nil)
             v = v.get(name, _NO_VALUE)
-        elif isinstance(v, Message):
-            if name not in Message.FIELDS:
-                raise GoTemplateError(f"can't evaluate field {name} in type api.Message")
-            v = getattr(v, Message.FIELDS[name])
+        elif hasattr(v, "FIELDS"):   # a struct: only its exported fields exist
+            if name not in v.FIELDS:
+                raise GoTemplateError(f"can't evaluate field {name} in type {type(v).__name__}")
+            v = getattr(v, v.FIELDS[name])
         elif v is None or v is _NO_VALUE:
             raise GoTemplateError(f"nil pointer evaluating .{name}")
         else:
@@ -413,27 +407,10 @@ class _Exec:
 
 
 def execute(nodes: list, data: Any) -> str:
-    """Run parsed nodes over `data` (dicts, lists, `Message`s, strings, numbers, bools)."""
+    """Run parsed nodes over `data` (dicts, lists, structs with FIELDS, strings, numbers, bools)."""
     ex = _Exec(data)
     ex.run(nodes, data)
     return "".join(ex.out)
-
-
-# ---------------------------------------------------------------------------------- Ollama's semantics
-
-@dataclass
-class Message:
-    """The fields of Ollama's api.Message that a template can read (.Role, .Content, ...)."""
-
-    role: str
-    content: str
-    thinking: str = ""
-    images: list = field(default_factory=list)
-    tool_calls: list = field(default_factory=list)
-    tool_name: str = ""
-
-    FIELDS = {"Role": "role", "Content": "content", "Thinking": "thinking", "Images": "images",
-              "ToolCalls": "tool_calls", "ToolName": "tool_name"}
 
 
 def identifiers(nodes: list) -> set[str]:
@@ -469,7 +446,7 @@ def identifiers(nodes: list) -> set[str]:
     return names
 
 
-def _cut_at_response(nodes: list) -> list:
+def cut_at_response(nodes: list) -> list:
     """Ollama's deleteNode: drop the first `.Response` field and every node after it, in tree order."""
     cut = False
 
@@ -491,61 +468,3 @@ def _cut_at_response(nodes: list) -> list:
         return kept
 
     return walk(nodes)
-
-
-def collate(messages: list[Message]) -> tuple[str, list[Message]]:
-    """Ollama's collate: all system contents joined by a blank line, and same-role runs merged."""
-    system = [m.content for m in messages if m.role == "system"]
-    merged: list[Message] = []
-    for m in messages:
-        if merged and merged[-1].role == m.role and m.role != "tool":
-            merged[-1] = Message(m.role, merged[-1].content + "\n\n" + m.content)
-        else:
-            merged.append(Message(m.role, m.content))
-    return "\n\n".join(system), merged
-
-
-def render_ollama_chat(template: str, messages: list[dict], system: str | None) -> str:
-    """The prompt text Ollama builds for /api/chat with these messages and this Modelfile.
-
-    Args:
-        template: the Modelfile TEMPLATE.
-        messages: the request's chat messages ({"role", "content"}).
-        system: the Modelfile SYSTEM (prepended when the first message is not a system message).
-
-    Raises:
-        GoTemplateError: the template is outside the supported subset or fails to execute.
-    """
-    msgs = [Message(m["role"], m["content"]) for m in messages]
-    if msgs and msgs[0].role != "system" and system:
-        msgs.insert(0, Message("system", system))
-    nodes = parse(template)
-    names = identifiers(nodes)
-    if "messages" not in names and "response" not in names:
-        nodes = nodes + [Action(Pipe([], False, [[("field", ["Response"])]]))]
-    joined_system, collated = collate(msgs)
-    if "messages" in names:
-        return execute(nodes, {"System": joined_system, "Messages": collated, "Tools": None, "Response": "",
-                               "Think": False, "IsThinkSet": False})
-    # Legacy templates run once per turn; the last (open) turn stops before {{ .Response }}.
-    out, sys_, prompt, response = [], "", "", ""
-
-    def turn(ns: list) -> None:
-        nonlocal sys_, prompt, response
-        out.append(execute(ns, {"System": sys_, "Prompt": prompt, "Response": response,
-                                "Think": False, "IsThinkSet": False}))
-        sys_, prompt, response = "", "", ""
-
-    for m in collated:
-        if m.role == "system":
-            if prompt or response:
-                turn(nodes)
-            sys_ = m.content
-        elif m.role == "user":
-            if response:
-                turn(nodes)
-            prompt = m.content
-        elif m.role == "assistant":
-            response = m.content
-    turn(_cut_at_response(nodes))
-    return "".join(out)

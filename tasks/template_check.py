@@ -24,7 +24,8 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.gotemplate import GoTemplateError, render_ollama_chat
+from tasks.gotemplate import GoTemplateError
+from tasks.ollama_prompt import render_ollama_chat
 from tasks.modelfile import Modelfile
 from tasks.recipe import Recipe
 from tasks.runfs import atomic_write_json, stage_timer

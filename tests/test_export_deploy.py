@@ -218,7 +218,8 @@ def test_ollama_adapter_deploy_and_its_registry_base_check(exported_run, upstrea
 
     from ollama_api_server import ollama_api_server
     from tasks.deploy import deploy_ollama
-    from tasks.modelfile import ModelfileRefused, write_modelfile
+    from tasks.adapter_guard import ModelfileRefused
+    from tasks.modelfile import write_modelfile
 
     run_dir, recipe, ggufs = exported_run
     alt = _linked_run(run_dir, tmp_path, "FROM x\n")
@@ -310,7 +311,7 @@ def test_model_card_dataset_card_and_publishing_to_a_folder(exported_run, traine
     meta = yaml.safe_load(card.split("---")[1])
     assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["library_name"] == "peft"
     assert meta["datasets"] == ["anthonym21/slipstream-tqt"] and meta["license"] == "apache-2.0"
-    for text in ("## Training Details", f"| Method | LoRA (rank={recipe.lora.r}", f"| Training Examples | 8 |",
+    for text in ("## Training Details", f"| Method | LoRA (rank={recipe.lora.r}", "| Training Examples | 8 |",
                  "## Available Formats", "`gguf/model-q4_k_m.gguf`", "## Usage", "PeftModel.from_pretrained",
                  "llama-server -m gguf/model-q8_0.gguf --jinja", "ollama create slipway-tiny-smollm2-135m-instruct",
                  "## Evaluation", "| merged | transformers | 50.0% |"):

@@ -1,8 +1,9 @@
-"""Ollama's TEMPLATE rendering: Go text/template semantics and Ollama's message handling."""
+"""Ollama's TEMPLATE rendering: Go text/template semantics (tasks.gotemplate) and Ollama's message rules (tasks.ollama_prompt)."""
 
 import pytest
 
-from tasks.gotemplate import GoTemplateError, collate, Message, parse, execute, render_ollama_chat
+from tasks.gotemplate import GoTemplateError, execute, parse
+from tasks.ollama_prompt import Message, collate, render_ollama_chat
 
 CHAT = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"},
         {"role": "user", "content": "Bye"}]

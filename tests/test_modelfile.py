@@ -5,9 +5,10 @@ import shutil
 
 import pytest
 
-from tasks.gotemplate import render_ollama_chat
-from tasks.modelfile import (Modelfile, ModelfileError, ModelfileRefused, base_identity, build_modelfile,
-                             check_adapter_deployable, gguf_metadata, quantized_training_reason)
+from tasks.ollama_prompt import render_ollama_chat
+from tasks.adapter_guard import (ModelfileRefused, base_identity, check_adapter_deployable, gguf_metadata,
+                                 quantized_training_reason)
+from tasks.modelfile import Modelfile, ModelfileError, build_modelfile
 from tasks.recipe import Recipe
 
 
