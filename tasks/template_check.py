@@ -5,7 +5,7 @@ For a few sample conversations from the test split (and one two-turn conversatio
   * llama.cpp: the GGUF's embedded chat template, applied by llama-server (`POST /apply-template`) and
     tokenized by it (`POST /tokenize`, special tokens added and parsed as for a chat request), must equal
     the prompt tokens `tasks.train.tokenize_row` produced in training;
-  * Ollama: the Modelfile TEMPLATE, rendered with Ollama's semantics (tasks.gotemplate; SYSTEM filled in
+  * Ollama: the Modelfile TEMPLATE, rendered with Ollama's rules (tasks.ollama_prompt; SYSTEM filled in
     when the conversation has none) and tokenized by the same server, must equal them too;
   * stop: forcing the training end-of-turn token as the first generated token must end the generation
     (`stop_type` "eos", nothing emitted), and the Modelfile's `PARAMETER stop` must name that token.
@@ -25,8 +25,8 @@ from pathlib import Path
 from prefect import task
 
 from tasks.gotemplate import GoTemplateError
-from tasks.ollama_prompt import render_ollama_chat
 from tasks.modelfile import Modelfile
+from tasks.ollama_prompt import render_ollama_chat
 from tasks.recipe import Recipe
 from tasks.runfs import atomic_write_json, stage_timer
 from tasks.serve import llama_server
@@ -178,6 +178,10 @@ def deployed_artifact(run_dir: Path, modelfile: Modelfile) -> tuple[Path, Path |
     return model, (here / modelfile.adapter).resolve() if modelfile.adapter else None
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")   # a literal | inside a Markdown table cell (<|im_end|>)
+
+
 def gate(result: dict) -> dict:
     """The gate record (same shape as tasks.gates.Gate.as_dict())."""
     n = len(result["checks"])
@@ -208,10 +212,6 @@ def verify_chat_template(run_dir: Path, recipe: Recipe) -> dict:
     with stage_timer(run_dir, "template-check"):
         result = check_run(run_dir, recipe.export.template_samples)
     return gate(result)
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|")   # a literal | inside a Markdown table cell (<|im_end|>)
 
 
 def render_section(run_dir: Path) -> list[str]:
