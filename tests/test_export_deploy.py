@@ -183,7 +183,7 @@ def upstream(exported_run, tmp_path_factory):
 def _ollama_recipe(recipe, url, **deploy):
     recipe = recipe.model_copy(deep=True)
     recipe.deploy = recipe.deploy.model_copy(update={"target": "ollama", "ollama_host": url, **deploy})
-    recipe.eval.max_new_tokens = 24
+    recipe.eval.max_new_tokens = 16
     return recipe
 
 
@@ -209,7 +209,7 @@ def test_ollama_deploy_uploads_by_digest_creates_shows_and_chats(exported_run, u
     # The Modelfile TEMPLATE (SYSTEM filled in by Ollama's rules) prompts the model exactly like the GGUF's
     # own template does through llama.cpp's chat API: the same greedy answer.
     row = json.loads((run_dir / "data" / "test.jsonl").read_text().splitlines()[0])
-    direct, _ = generate_openai(upstream + "/v1", "x", [row], 24, concurrency=1)
+    direct, _ = generate_openai(upstream + "/v1", "x", [row], 16, concurrency=1)
     assert record["test_chat"]["answer"] == direct[0]
 
 
@@ -283,7 +283,7 @@ def test_parity_answers_from_every_format_on_the_same_rows(exported_run, base_mo
 
     run_dir, recipe, ggufs = exported_run
     recipe = recipe.model_copy(deep=True)
-    recipe.eval.max_new_tokens = 24
+    recipe.eval.max_new_tokens = 16
     result = evaluate_parity.fn(run_dir, base_model_dir, recipe, ggufs)
     labels = [v["label"] for v in result["variants"]]
     assert labels == ["base+adapter", "merged", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "gguf-lora"]
