@@ -93,3 +93,8 @@ def test_eval_format_trains_through_the_shared_split(tmp_path):
     assert all(r["task"] == "structured" and r["messages"][-1]["role"] == "assistant" for r in test)
     train_prompts = {r["messages"][-2]["content"] for r in prepared["rows"]["train"]}
     assert not train_prompts & {r["messages"][-2]["content"] for r in test}
+
+
+def test_seed_003_verify_set_is_a_keyword_eval_file():
+    rows = load_eval_file(REPO / "data" / "gerbil-verify.jsonl", "keyword")
+    assert len(rows) == 12 and all(r.keywords and r.expected is None for r in rows)
