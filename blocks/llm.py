@@ -7,10 +7,11 @@ client is built. Register the types once with `prefect block register --module b
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 
 # Documented OpenAI-compatible base URLs of the providers the seeds use (Anthropic's is its
 # OpenAI SDK compatibility endpoint). Tests point `base_url` at a local server instead.
@@ -37,6 +38,9 @@ class OpenAICompatibleEndpoint(Block):
     input_cost_per_mtok: float = Field(0.0, ge=0, description="USD per million prompt tokens (cost estimates).")
     output_cost_per_mtok: float = Field(0.0, ge=0, description="USD per million completion tokens.")
     timeout_s: float = Field(60.0, gt=0)
+    extra_body: dict = Field(default_factory=dict, description="Extra JSON fields sent with every request, "
+                             "e.g. llama.cpp's greedy sampler settings {'top_k': 1, 'repeat_penalty': 1.0}; "
+                             "leave empty for hosted APIs, which reject unknown fields.")
 
     def resolved_base_url(self) -> str:
         url = self.base_url or PROVIDER_BASE_URLS[self.provider]
@@ -66,6 +70,16 @@ class AzureOpenAIEndpoint(Block):
     input_cost_per_mtok: float = Field(0.0, ge=0)
     output_cost_per_mtok: float = Field(0.0, ge=0)
     timeout_s: float = Field(60.0, gt=0)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _resource_root(cls, value: str) -> str:
+        """Accept the resource root, or a URL copied from the portal that already ends in
+        /openai/deployments/<name>/... or /openai/v1: the client adds those paths itself."""
+        root = re.split(r"/openai(/|$)", value.rstrip("/"), maxsplit=1)[0]
+        if not re.match(r"^https?://[^/]+", root):
+            raise ValueError(f"endpoint {value!r}: expected https://<resource>.openai.azure.com")
+        return root
 
     @property
     def model(self) -> str:

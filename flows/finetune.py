@@ -4,9 +4,10 @@ Run it:
     python -m flows.finetune --recipe slipstream                 # locally (what `make demo` does)
     prefect deployment run finetune/slipstream                   # through a Prefect server and worker
 
-Stages: validate recipe → run folder → base model → data splits → baseline eval → LoRA training →
-merge → GGUF export → Modelfile → template check → merged eval → llama.cpp server eval → parity of
-every format → gates → deploy → model card → publish → report. The flow only wires tasks.
+Stages: validate recipe → run folder → base model → data splits → baseline eval (base SLM, and the LLM
+baseline when the recipe names one) → LoRA training → merge → GGUF export → Modelfile → template check →
+merged eval → llama.cpp server eval → parity of every format → gates → deploy → model card → publish →
+report. The flow only wires tasks.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from prefect import flow
 from tasks.bootstrap import bootstrap_base_model
 from tasks.data import prepare_splits, write_splits
 from tasks.deploy import deploy_model
-from tasks.evaluate import evaluate_hf_model, serve_and_evaluate_gguf
+from tasks.evaluate import evaluate_hf_model, evaluate_llm_baseline, serve_and_evaluate_gguf
 from tasks.export import export_gguf, merge_lora_adapter
 from tasks.gates import check_gates, enforce_gates
 from tasks.model_card import publish_release, write_model_card
@@ -50,8 +51,9 @@ def finetune(recipe: str = "slipstream", overrides: dict | None = None, output_r
     cfg = validate_recipe(recipe, overrides or {})
     run_dir = create_run_folder(output_root, cfg, run_name, resume_from)
     base_dir = bootstrap_base_model(cfg.model)
-    write_splits(run_dir, prepare_splits(cfg.data, cfg.model.system_prompt))
+    write_splits(run_dir, prepare_splits(cfg.data, cfg.model.system_prompt, cfg.task))
     base = evaluate_hf_model(run_dir, "base", base_dir, cfg.eval)
+    llm = evaluate_llm_baseline(run_dir, cfg, base_dir) if cfg.baseline.source != "none" else None
     training = train_adapter(cfg, run_dir, base_dir)
     merged_dir = merge_lora_adapter(run_dir, base_dir)
     ggufs = export_gguf(run_dir, base_dir, cfg.export)
@@ -59,10 +61,11 @@ def finetune(recipe: str = "slipstream", overrides: dict | None = None, output_r
     template_gate = verify_chat_template(run_dir, cfg)
     merged = evaluate_hf_model(run_dir, "merged", merged_dir, cfg.eval)
     served_label = f"gguf-{cfg.export.serve_type}"
-    served = serve_and_evaluate_gguf(run_dir, served_label, ggufs[cfg.export.serve_type], cfg.eval, cfg.deploy)
+    served = serve_and_evaluate_gguf(run_dir, served_label, ggufs[cfg.export.serve_type], cfg.eval, cfg.deploy,
+                                     tokenizer_dir=base_dir)
     evaluate_parity(run_dir, base_dir, cfg, ggufs)
-    results = {"base": base, "merged": merged, served_label: served}
-    gates = [*check_gates(cfg, results, served_label), template_gate]
+    results = {"base": base, "merged": merged, served_label: served} | ({cfg.baseline.label: llm} if llm else {})
+    gates = [*check_gates(cfg, results, served_label, training), template_gate]
     deploy_model(run_dir, cfg, gates)
     write_model_card(run_dir, cfg, results, training)
     publish_release(run_dir, cfg, gates)

