@@ -129,7 +129,7 @@ def model_card(recipe: Recipe, run_dir: Path, results: dict[str, dict], training
     if parity:
         lines += ["", f"Every format on the same {parity['rows']} test rows (drop = merged minus format, anchor accuracy):",
                   "", "| format | anchor acc. | drop |", "|---|---|---|"]
-        lines += [f"| {v['label']} | {_pct(v['anchor_accuracy'])} | {100 * v['drop']:+.1f} pts |" for v in parity["variants"]]
+        lines += [f"| {v['label']} | {_pct(v.get('anchor_accuracy'))} | {100 * v['drop']:+.1f} pts |" for v in parity["variants"]]
     if tcheck:
         n_ok = sum(c["passed"] for c in tcheck["checks"])
         lines += ["", f"Template check: {'passed' if tcheck['passed'] else 'FAILED'} ({n_ok}/{len(tcheck['checks'])} "

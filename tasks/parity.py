@@ -46,7 +46,7 @@ def _size(v: dict) -> int:
 
 
 def evaluate_variant(run_dir: Path, v: dict, rows: list[dict], max_new_tokens: int, batch_size: int,
-                     parallel: int) -> dict:
+                     parallel: int, metric: str = METRIC) -> dict:
     """One row of the parity table: generate greedily with the variant's runner and score."""
     if v["runner"].startswith("transformers"):
         (answers, tokens), seconds = timed(generate_hf, v["model"], rows, max_new_tokens, batch_size,
@@ -59,7 +59,9 @@ def evaluate_variant(run_dir: Path, v: dict, rows: list[dict], max_new_tokens: i
     summary, records = evaluate_answers(rows, answers, seconds, tokens)
     atomic_write_jsonl(run_dir / "metrics" / f"predictions-parity-{v['label']}.jsonl", records)
     return {"label": v["label"], "runner": v["runner"], "artifact": str(v["model"]) + (f" + {v['lora'].name}" if v["lora"] else ""),
-            "bytes": _size(v), **{k: summary[k] for k in ("strict_parse", "anchor_accuracy", "src_dst_accuracy",
+            "bytes": _size(v), metric: summary.get(metric),
+            # Slipstream columns; other task types (Fledgling tracks) have none of them and show '–'.
+            **{k: summary.get(k) for k in ("strict_parse", "anchor_accuracy", "src_dst_accuracy",
                                                           "rows", "generated_tokens",
                                                           "tokens_per_second")}}
 
@@ -72,20 +74,21 @@ def evaluate_parity(run_dir: Path, base_dir: Path, recipe: Recipe, ggufs: dict[s
     if not rows:
         return {}
     with stage_timer(run_dir, "parity"):
+        metric = recipe.primary_metric
         table = [evaluate_variant(run_dir, v, rows, recipe.eval.max_new_tokens, recipe.eval.batch_size,
-                                  recipe.deploy.parallel)
+                                  recipe.deploy.parallel, metric)
                  for v in parity_variants(run_dir, base_dir, ggufs)]
     ref = next(r for r in table if r["label"] == REFERENCE)
     for r in table:
-        r["drop"] = round(ref[METRIC] - r[METRIC], 4)
-    result = {"rows": len(rows), "reference": REFERENCE, "metric": METRIC,
+        r["drop"] = round(ref[metric] - r[metric], 4)
+    result = {"rows": len(rows), "reference": REFERENCE, "metric": metric,
               "chosen": f"gguf-{recipe.export.serve_type}", "max_drop": recipe.eval.max_quant_drop, "variants": table}
     atomic_write_json(run_dir / "metrics" / "parity.json", result)
     return result
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
 
 
 def render_section(run_dir: Path) -> list[str]:
@@ -99,11 +102,13 @@ def render_section(run_dir: Path) -> list[str]:
              f"{p['reference']} {p['metric'].replace('_', ' ')} minus the form's (the chosen artifact "
              f"`{p['chosen']}` may drop at most {_pct(p['max_drop'])} on the full test split: gate "
              "quantization-verified).", "",
-             "| form | runner | size | strict parse | anchor acc. | src/dst acc. | drop | tokens/s |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"| form | runner | size | {p['metric'].replace('_', ' ')} | strict parse | anchor acc. | src/dst acc. "
+             "| drop | tokens/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in p["variants"]:
         name = f"**{r['label']}**" if r["label"] == p["chosen"] else r["label"]
-        lines.append(f"| {name} | {r['runner']} | {r['bytes'] / 1e6:.0f} MB | {_pct(r['strict_parse'])} | "
+        lines.append(f"| {name} | {r['runner']} | {r['bytes'] / 1e6:.0f} MB | {_pct(r.get(p['metric']))} | "
+                     f"{_pct(r['strict_parse'])} | "
                      f"{_pct(r['anchor_accuracy'])} | {_pct(r['src_dst_accuracy'])} | {100 * r['drop']:+.1f} pts | "
                      f"{r['tokens_per_second'] or '–'} |")
     return lines + [""]

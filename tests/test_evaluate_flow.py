@@ -87,7 +87,8 @@ def test_fledgling_decision_flow_runs_end_to_end(track, metric, tmp_path, base_m
     ft_run = tmp_path / "runs" / f"{track}-eval-finetune"
     assert finetune["run_dir"] == str(ft_run) and is_complete(ft_run) and (ft_run / "report.md").exists()
     assert [g["name"] for g in finetune["gates"]] == ["baseline-established", "model-performance",
-                                                      "loss-converged", "quantization-verified"]
+                                                      "loss-converged", "quantization-verified",
+                                                      "template-verified"]
     assert final == decide(recipe, results, finetune["gates_passed"]).as_dict()
     assert results["fine-tuned"]["runner"] == "llama.cpp server" and results["fine-tuned"]["rows"] == 3
     ft_report = (ft_run / "report.md").read_text()
