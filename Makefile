@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 llama: $(STAMP)
-	$(PY) -m tasks.llamacpp build
+	$(PY) -m tasks.llamacpp.build build
 
 demo: setup
 	$(PY) -m flows.finetune --recipe slipstream

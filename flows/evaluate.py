@@ -24,15 +24,15 @@ from pathlib import Path
 
 from prefect import flow
 
-from tasks.bootstrap import bootstrap_base_model
-from tasks.data import prepare_splits, write_splits
-from tasks.decision import decide_swap
-from tasks.evaluate import evaluate_llm_baseline
-from tasks.fledgling import (configure_tracing, evaluate_slm, locate_finetuned, require_llm_baseline,
+from tasks.models.bootstrap import bootstrap_base_model
+from tasks.data.prepare import prepare_splits, write_splits
+from tasks.eval.decision import decide_swap
+from tasks.eval.evaluate import evaluate_llm_baseline
+from tasks.eval.fledgling import (configure_tracing, evaluate_slm, locate_finetuned, require_llm_baseline,
                              trigger_finetune, write_eval_file_rows)
 from tasks.recipe import REPO_ROOT, RecipeError, load_recipe, validate_recipe
-from tasks.report import write_eval_report
-from tasks.runfs import create_run_folder
+from tasks.release.report import write_eval_report
+from tasks.run import create_run_folder
 
 
 @flow(name="evaluate", log_prints=True)
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import yaml
 
-    from tasks.evalfile import EvalFileError, load_eval_file
+    from tasks.data.evalfile import EvalFileError, load_eval_file
 
     overrides = {field: yaml.safe_load(value) for field, _, value in (s.partition("=") for s in args.set)}
     try:  # fail before Prefect starts, with one message and no traceback

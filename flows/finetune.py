@@ -19,20 +19,20 @@ from pathlib import Path
 
 from prefect import flow
 
-from tasks.bootstrap import bootstrap_base_model
-from tasks.data import prepare_splits, write_splits
-from tasks.deploy import deploy_model
-from tasks.evaluate import evaluate_hf_model, evaluate_llm_baseline, serve_and_evaluate_gguf
-from tasks.export import export_gguf, merge_lora_adapter
-from tasks.gates import check_gates, enforce_gates
-from tasks.model_card import publish_release, write_model_card
-from tasks.modelfile import write_modelfile
-from tasks.parity import evaluate_parity
+from tasks.models.bootstrap import bootstrap_base_model
+from tasks.data.prepare import prepare_splits, write_splits
+from tasks.release.deploy import deploy_model
+from tasks.eval.evaluate import evaluate_hf_model, evaluate_llm_baseline, serve_and_evaluate_gguf
+from tasks.export.convert import export_gguf, merge_lora_adapter
+from tasks.eval.gates import check_gates, enforce_gates
+from tasks.release.model_card import publish_release, write_model_card
+from tasks.ollama.modelfile import write_modelfile
+from tasks.eval.parity import evaluate_parity
 from tasks.recipe import REPO_ROOT, RecipeError, load_recipe, validate_recipe
-from tasks.report import write_report
-from tasks.runfs import create_run_folder
-from tasks.template_check import verify_chat_template
-from tasks.train import train_adapter
+from tasks.release.report import write_report
+from tasks.run import create_run_folder
+from tasks.export.template_check import verify_chat_template
+from tasks.train.worker import train_adapter
 
 
 @flow(name="finetune", log_prints=True)

@@ -23,9 +23,9 @@ from pydantic import ValidationError
 
 from blocks.llm import AzureOpenAIEndpoint, OpenAICompatibleEndpoint
 from tasks.llm_client import endpoint_identity
-from tasks.synth_llm import SynthesisConfig, estimate_cost, load_endpoint, plan_batches, request_all
-from tasks.synth_report import assemble_records, create_output_dir, write_synthesis, write_template_synthesis
-from tasks.synth_templates import synthesize_from_templates
+from tasks.synth.llm import SynthesisConfig, estimate_cost, load_endpoint, plan_batches, request_all
+from tasks.synth.report import assemble_records, create_output_dir, write_synthesis, write_template_synthesis
+from tasks.synth.templates import synthesize_from_templates
 
 
 @flow(name="synthesize", log_prints=True)

@@ -2,7 +2,7 @@
 Anthropic's OpenAI-compatible endpoint, any local OpenAI-compatible server).
 
 Every call goes through the official `openai` client with `max_retries=0`: retrying is the caller's job
-(tasks/synth_llm.py), so each retry can honour `Retry-After`, be counted and show up in Prefect.
+(tasks/synth/llm.py), so each retry can honour `Retry-After`, be counted and show up in Prefect.
 Errors come back as `APIRequestError`, whose message is built here from the status code and the
 server's error text with the API key redacted; the openai exception (which carries the request, its
 headers and the raw body) is never chained, so no traceback or log line can echo the key.

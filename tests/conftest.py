@@ -27,7 +27,7 @@ def gpu_test(n: int = 1):
 
 @pytest.fixture(scope="session")
 def base_model_dir() -> Path:
-    from tasks.bootstrap import resolve_base_model
+    from tasks.models.bootstrap import resolve_base_model
     from tasks.recipe import ModelConfig
 
     return resolve_base_model(ModelConfig())
@@ -36,7 +36,7 @@ def base_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_rows() -> list[dict]:
     """Twelve real Slipstream rows (tests/assets/slipstream-tiny.jsonl) as chat rows."""
-    from tasks.data import load_examples, to_messages
+    from tasks.data.prepare import load_examples, to_messages
     from tasks.recipe import ModelConfig
 
     system = ModelConfig().system_prompt
@@ -47,8 +47,8 @@ def tiny_rows() -> list[dict]:
 def trained_run(tmp_path_factory, base_model_dir, tiny_rows):
     """A run folder after a real 8-step LoRA training of SmolLM2 on 8 rows (one batch, seen 8 times)."""
     from tasks.recipe import Recipe
-    from tasks.runfs import atomic_write_jsonl, new_run_dir
-    from tasks.train import train
+    from tasks.run import atomic_write_jsonl, new_run_dir
+    from tasks.train.worker import train
 
     recipe = Recipe(name="tiny")
     recipe.training.epochs = 8
@@ -76,10 +76,10 @@ def exported_run(trained_run, base_model_dir, tmp_path_factory):
     and its Modelfile: (run_dir, recipe, ggufs). A copy, so tests that rewrite a run's gguf/ never meet."""
     import shutil
 
-    from tasks.export import export_gguf, merge_lora_adapter
-    from tasks.modelfile import write_modelfile
+    from tasks.export.convert import export_gguf, merge_lora_adapter
+    from tasks.ollama.modelfile import write_modelfile
     from tasks.recipe import ExportConfig, Recipe
-    from tasks.runfs import new_run_dir
+    from tasks.run import new_run_dir
 
     source, _ = trained_run
     run_dir = new_run_dir(tmp_path_factory.mktemp("exported"), "tiny")

@@ -13,7 +13,7 @@ against this real HTTP server on 127.0.0.1. It implements the documented endpoin
   POST /api/show                 modelfile, template, system, parameters, details, model_info (read from
                                  the stored GGUF's metadata with the `gguf` package)
   POST /api/chat                 it does NOT run a model. With `upstream` (a llama-server root URL) it
-                                 renders the stored TEMPLATE with Ollama's semantics (tasks.gotemplate)
+                                 renders the stored TEMPLATE with Ollama's semantics (tasks.ollama.gotemplate)
                                  and asks that server's /completion for the answer, using the stored stop
                                  strings and the request's options; without one it answers 501.
   GET  /api/tags, DELETE /api/delete
@@ -237,7 +237,7 @@ class _Handler(BaseHTTPRequestHandler):
                          "modified_at": m["modified_at"]})
 
     def _chat(self, body: dict) -> None:
-        from tasks.ollama_prompt import render_ollama_chat
+        from tasks.ollama.prompt import render_ollama_chat
 
         name = _name(body.get("model", ""))
         m = self.state.models.get(name)

@@ -1,0 +1,224 @@
+"""Data preparation: read and validate the source JSONL, deduplicate, split without prompt leakage, format.
+
+Splits are made over *unique normalised prompts*, so a prompt that occurs twice in the source can never
+land in both train and test. Each row becomes chat `messages` with the recipe's system prompt.
+Two source formats: Slipstream ShareGPT conversations (`sharegpt`), and the eval-file format of any task
+type (`eval`, tasks/data/evalfile.py), whose expected answers become the assistant turns to train on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import task
+
+from tasks.protocol import SlipParseError, parse_tqt
+from tasks.recipe import REPO_ROOT, DataConfig
+
+_ROLE_MAP = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+class DatasetError(ValueError):
+    """A source row that is not usable; the message names file, line and rule."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One validated source row."""
+
+    prompt: str
+    answer: str
+    anchor: str
+    line: int
+    row: object = None   # the validated EvalRow, for data.format 'eval'
+
+
+def normalise(text: str) -> str:
+    """Case- and whitespace-insensitive key used for dedupe and leakage checks."""
+    return re.sub(r"\s+", " ", text.strip().lower())
+
+
+def _row_to_example(obj: object, where: str, line: int) -> Example:
+    if not isinstance(obj, dict) or "conversations" not in obj:
+        raise DatasetError(f"{where}: expected an object with a 'conversations' list")
+    turns = obj["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise DatasetError(f"{where}: 'conversations' must be a non-empty list")
+    roles, texts = [], []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise DatasetError(f"{where}: turn {i} is not an object")
+        speaker = turn.get("from", turn.get("role"))
+        text = turn.get("value", turn.get("content"))
+        if speaker not in _ROLE_MAP or not isinstance(text, str):
+            raise DatasetError(f"{where}: turn {i} needs from/value (or role/content) with a known role, "
+                               f"got {speaker!r}")
+        roles.append(_ROLE_MAP[speaker])
+        texts.append(text)
+    if roles[-2:] != ["user", "assistant"]:
+        raise DatasetError(f"{where}: the last two turns must be user then assistant, got {roles[-2:]}")
+    try:
+        parsed = parse_tqt(texts[-1])
+    except SlipParseError as exc:
+        raise DatasetError(f"{where}: assistant answer is not a valid TQT answer: {exc}") from None
+    return Example(prompt=texts[-2].strip(), answer=texts[-1].strip(), anchor=parsed.slip.anchor, line=line)
+
+
+def load_examples(path: Path) -> list[Example]:
+    """Read a ShareGPT JSONL file, validating every line.
+
+    Raises:
+        DatasetError: '<file>:<line>: <rule>' for the first bad line (not JSON, wrong shape, bad answer).
+    """
+    path = Path(path)
+    if not path.is_absolute():
+        path = REPO_ROOT / path
+    if not path.exists():
+        raise DatasetError(f"{path}: dataset file not found")
+    examples = []
+    with open(path, encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DatasetError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            examples.append(_row_to_example(obj, where, line_no))
+    if not examples:
+        raise DatasetError(f"{path}: no rows")
+    return examples
+
+
+def load_eval_examples(path: Path, task: str) -> list[Example]:
+    """Read an eval-format file (tasks/data/evalfile.py) as training examples; rows without an answer are refused.
+
+    Raises:
+        DatasetError: '<file>:<line>: <reason>' for the first bad line.
+    """
+    from tasks.data.evalfile import EvalFileError, gold_answer, load_eval_file
+
+    path = Path(path)
+    if not path.is_absolute():
+        path = REPO_ROOT / path
+    try:
+        rows = load_eval_file(path, task)
+    except EvalFileError as exc:
+        raise DatasetError(str(exc)) from None
+    examples = []
+    for row in rows:
+        answer = gold_answer(row)
+        if answer is None:
+            raise DatasetError(f"{path}: row {row.id!r} has no 'expected' answer to train on")
+        prompt = row.prompt if row.prompt is not None else row.messages[-1].content
+        group = row.expected["name"] if task == "toolcall" else (row.json_schema or {}).get("title", "")
+        line = int(row.id.removeprefix("line-")) if row.id.startswith("line-") else 0
+        examples.append(Example(prompt=prompt.strip(), answer=answer, anchor=group, line=line, row=row))
+    return examples
+
+
+def dedupe(examples: list[Example]) -> tuple[list[Example], int]:
+    """Drop exact duplicates (same normalised prompt and answer); keep first occurrence."""
+    seen, kept = set(), []
+    for ex in examples:
+        key = (normalise(ex.prompt), normalise(ex.answer))
+        if key not in seen:
+            seen.add(key)
+            kept.append(ex)
+    return kept, len(examples) - len(kept)
+
+
+def split_examples(examples: list[Example], cfg: DataConfig) -> dict[str, list[Example]]:
+    """Seeded train/val/test split over unique normalised prompts (no prompt shared across splits)."""
+    groups: dict[str, list[Example]] = {}
+    for ex in examples:
+        groups.setdefault(normalise(ex.prompt), []).append(ex)
+    keys = sorted(groups)
+    random.Random(cfg.seed).shuffle(keys)
+    n_test = max(1, round(len(keys) * cfg.test_ratio))
+    n_val = round(len(keys) * cfg.val_ratio)
+    parts = {"test": keys[:n_test], "val": keys[n_test:n_test + n_val], "train": keys[n_test + n_val:]}
+    return {name: [ex for k in part for ex in groups[k]] for name, part in parts.items()}
+
+
+def to_messages(ex: Example, system_prompt: str) -> dict:
+    """A chat row with the recipe's system prompt; `anchor` kept for evaluation."""
+    if ex.row is not None:
+        from tasks.data.evalfile import to_chat_row
+        return to_chat_row(ex.row, system_prompt)
+    return {"messages": [{"role": "system", "content": system_prompt},
+                         {"role": "user", "content": ex.prompt},
+                         {"role": "assistant", "content": ex.answer}],
+            "anchor": ex.anchor}
+
+
+def fingerprint(path: Path) -> str:
+    """Content hash of the source file, part of the data-preparation cache key."""
+    path = Path(path) if Path(path).is_absolute() else REPO_ROOT / path
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _prepare_cache_key(context, parameters) -> str:
+    """Inputs that decide the splits: the data section, the system prompt, the task type, the source and
+    eval-file bytes, and the code that prepares them (this module, tasks/data/dedupe.py, tasks/data/formats.py, and
+    tasks/data/evalfile.py, which renders eval-format rows)."""
+    cfg: DataConfig = parameters["cfg"]
+    here = Path(__file__).parent
+    code = hashlib.sha256(b"".join((here / f).read_bytes()
+                                   for f in ("prepare.py", "dedupe.py", "formats.py", "evalfile.py")))
+    key = json.dumps([cfg.model_dump(), parameters["system_prompt"], parameters.get("task", "slipstream"),
+                      fingerprint(cfg.source), [fingerprint(f) for f in cfg.eval_files], code.hexdigest()[:12]])
+    return "prepare-splits-" + hashlib.sha256(key.encode()).hexdigest()
+
+
+@task(name="prepare-splits", cache_key_fn=_prepare_cache_key, persist_result=True)
+def prepare_splits(cfg: DataConfig, system_prompt: str, task: str = "slipstream") -> dict:
+    """Validate, dedupe and split the source; returns chat rows per split and what was removed.
+
+    Exact and near-duplicate prompts, and prompts of `cfg.eval_files`, leave the source before the split
+    (so no such pair straddles train and test); training rows that still match a test/val prompt are
+    removed after it.
+    """
+    from tasks.data.dedupe import eval_prompts_from_file, merge_contamination, remove_contaminated, remove_duplicates
+
+    examples = load_eval_examples(Path(cfg.source), task) if cfg.format == "eval" else load_examples(Path(cfg.source))
+    unique, dup_report = remove_duplicates(examples, cfg.near_duplicate_jaccard)
+    external = {f: eval_prompts_from_file(f if Path(f).is_absolute() else REPO_ROOT / f) for f in cfg.eval_files}
+    unique, from_files = remove_contaminated(unique, external, cfg.near_duplicate_jaccard)
+    splits = split_examples(unique, cfg)
+    held_out = {f"{name} split": [ex.prompt for ex in splits[name]] for name in ("test", "val")}
+    splits["train"], from_splits = remove_contaminated(splits["train"], held_out, cfg.near_duplicate_jaccard)
+    contamination = merge_contamination(from_files, from_splits)
+    rows = {name: [to_messages(ex, system_prompt) for ex in part] for name, part in splits.items()}
+    if cfg.train_rows:
+        rows["train"] = rows["train"][:cfg.train_rows]
+    if cfg.eval_rows:
+        rows["test"] = rows["test"][:cfg.eval_rows]
+    test_prompts = {normalise(r["messages"][-2]["content"]) for r in rows["test"]}
+    leaked = sum(normalise(r["messages"][-2]["content"]) in test_prompts for r in rows["train"])
+    if leaked:  # an invariant of split_examples; checked because a leak would inflate every number
+        raise DatasetError(f"{leaked} training prompts also occur in the test split")
+    return {"rows": rows, "stats": {"source_rows": len(examples),
+                                    "duplicates_removed": dup_report["exact_duplicates"]["removed"],
+                                    "near_duplicates_removed": dup_report["near_duplicates"]["removed"],
+                                    "contaminated_removed": contamination["removed"],
+                                    **{f"{k}_rows": len(v) for k, v in rows.items()},
+                                    "dedupe": dup_report, "contamination": contamination}}
+
+
+@task(name="write-splits")
+def write_splits(run_dir: Path, prepared: dict) -> dict:
+    """Write data/{train,val,test}.jsonl and data/stats.json into the run folder."""
+    from tasks.run import atomic_write_json, atomic_write_jsonl, stage_timer
+
+    with stage_timer(run_dir, "data"):
+        for name, rows in prepared["rows"].items():
+            atomic_write_jsonl(run_dir / "data" / f"{name}.jsonl", rows)
+        atomic_write_json(run_dir / "data" / "stats.json", prepared["stats"])
+    return prepared["stats"]

@@ -1,0 +1,127 @@
+"""Tasks of the Fledgling `evaluate` flow: rows from an eval file, the SLM evaluations, the fine-tune leg.
+
+The decision rule itself is tasks/eval/decision.py; the reports are tasks/release/report.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import task
+
+from tasks import tracing
+from tasks.data.evalfile import load_eval_file, to_chat_row
+from tasks.eval.evaluate import eval_gguf, eval_hf
+from tasks.recipe import Recipe
+from tasks.run import atomic_write_json, atomic_write_jsonl, is_complete, slipway_home
+
+
+@task(name="configure-tracing")
+def configure_tracing(langfuse_block: str | None = None) -> bool:
+    """Langfuse from a saved `LangfuseCredentials` block, else from LANGFUSE_* variables; off without keys."""
+    if langfuse_block:
+        from blocks.tracing import LangfuseCredentials
+        return tracing.configure(LangfuseCredentials.load(langfuse_block))
+    return tracing.configure()
+
+
+@task(name="require-llm-baseline")
+def require_llm_baseline(recipe: Recipe) -> None:
+    """The evaluate flow compares against an LLM: a recipe without one is refused before any work.
+
+    Raises:
+        ValueError: baseline.source is 'none'.
+    """
+    if recipe.baseline.source == "none":
+        raise ValueError(f"recipe {recipe.name!r}: the evaluate flow needs a baseline section (source 'block' "
+                         "naming an endpoint block, or 'local-gguf'); see recipes/fledgling-structured.yaml")
+
+
+@task(name="write-eval-file-rows")
+def write_eval_file_rows(run_dir: Path, recipe: Recipe, eval_file: str) -> dict:
+    """A user's eval file (validated line by line) as the run's test rows: data/test.jsonl, data/stats.json.
+
+    Raises:
+        EvalFileError: naming the file and line of the first bad row.
+    """
+    rows = [to_chat_row(r, recipe.model.system_prompt) for r in load_eval_file(eval_file, recipe.task)]
+    if recipe.data.eval_rows:
+        rows = rows[:recipe.data.eval_rows]
+    atomic_write_jsonl(run_dir / "data" / "test.jsonl", rows)
+    stats = {"source": str(eval_file), "test_rows": len(rows)}
+    atomic_write_json(run_dir / "data" / "stats.json", stats)
+    return stats
+
+
+def ensure_base_gguf(base_dir: Path) -> Path:
+    """The base SLM as an f16 GGUF, converted once and cached beside the converted HF folder."""
+    from tasks.export.convert import convert_hf_to_gguf
+
+    target = slipway_home() / "models" / f"{Path(base_dir).name}-f16.gguf"
+    return target if target.exists() else convert_hf_to_gguf(Path(base_dir), target, "f16")   # atomic
+
+
+@task(name="evaluate-slm")
+def evaluate_slm(run_dir: Path, label: str, recipe: Recipe, base_dir: Path, finetuned: dict | None = None) -> dict:
+    """The base SLM (finetuned None) or a fine-tuned one, with the recipe's SLM runner.
+
+    transformers runs the merged folder (or base + LoRA adapter); llama.cpp serves the run's quantized
+    GGUF (or the base GGUF + the GGUF LoRA): what a local deployment would answer with.
+    """
+    ev = recipe.eval
+    if ev.slm_runner == "transformers":
+        model_dir = Path(finetuned["model_dir"]) if finetuned and finetuned["model_dir"] else base_dir
+        adapter = Path(finetuned["adapter_dir"]) if finetuned and finetuned.get("adapter_dir") else None
+        return eval_hf(run_dir, label, model_dir, ev, adapter_dir=adapter, tokenizer_dir=base_dir)
+    if finetuned and finetuned.get("gguf"):
+        return eval_gguf(run_dir, label, Path(finetuned["gguf"]), ev, recipe.deploy, tokenizer_dir=base_dir)
+    lora = Path(finetuned["lora_gguf"]) if finetuned else None
+    return eval_gguf(run_dir, label, ensure_base_gguf(base_dir), ev, recipe.deploy, tokenizer_dir=base_dir,
+                     lora_path=lora)
+
+
+@task(name="locate-finetuned")
+def locate_finetuned(run_dir: str, state: str = "given") -> dict:
+    """What a finetune run folder offers to evaluate (merged / adapter / GGUFs) and its gate verdicts.
+
+    Raises:
+        FileNotFoundError: the folder has neither a merged model nor a LoRA adapter.
+    """
+    run = Path(run_dir)
+    merged, lora = run / "merged", run / "lora"
+    if not (merged / "config.json").exists() and not (lora / "adapter_config.json").exists():
+        raise FileNotFoundError(f"{run}: no merged model (merged/config.json) or adapter (lora/adapter_config.json)")
+    serve_type = json.loads((run / "recipe.json").read_text())["export"]["serve_type"] \
+        if (run / "recipe.json").exists() else "q8_0"
+    gguf, lora_gguf = run / "gguf" / f"model-{serve_type}.gguf", run / "gguf" / "lora-f16.gguf"
+    gates = json.loads((run / "COMPLETE").read_text()).get("gates", []) if is_complete(run) else []
+    has_merged = (merged / "config.json").exists()
+    return {"run_dir": str(run), "state": state, "model_dir": str(merged) if has_merged else None,
+            "adapter_dir": None if has_merged else str(lora), "gguf": str(gguf) if gguf.exists() else None,
+            "lora_gguf": str(lora_gguf) if lora_gguf.exists() else None, "gates": gates,
+            # None: a folder without gate verdicts (an adapter trained outside the finetune flow)
+            "gates_passed": all(g["passed"] for g in gates) if gates else None}
+
+
+@task(name="trigger-finetune")
+def trigger_finetune(recipe: str, overrides: dict, output_root: str, run_name: str,
+                     deployment: str | None = None) -> dict:
+    """Run the finetune flow with the track's recipe (a subflow, or a deployment on a GPU worker, whose
+    `output_root` must then be shared storage); returns its run folder and final state. Failed gates are a
+    verdict, not an error: the folder is complete and the decision reads them.
+
+    Raises:
+        RuntimeError: the finetune run stopped before writing its report.
+    """
+    params = {"recipe": recipe, "overrides": overrides, "output_root": output_root, "run_name": run_name}
+    if deployment:
+        from prefect.deployments import run_deployment
+        state = run_deployment(name=deployment, parameters=params, timeout=None, as_subflow=True).state
+    else:
+        from flows.finetune import finetune
+        state = finetune(**params, return_state=True)
+    run = Path(output_root) / run_name
+    if not is_complete(run):
+        raise RuntimeError(f"finetune run {run} ended {state.name} before its report: {state.message}")
+    return {"run_dir": str(run), "state": state.name}

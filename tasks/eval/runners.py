@@ -1,0 +1,245 @@
+"""Model runners behind one interface: `runner.run(requests) -> completions`, greedy by default.
+
+    HFRunner        a local transformers model (optionally with a LoRA adapter), batched left-padded generation
+    EndpointRunner  anything with an OpenAI chat-completions API, configured by a Prefect Block:
+                    `OpenAICompatibleEndpoint` (vLLM, llama.cpp's server, Ollama's /v1, OpenAI, Together, ...)
+                    or `AzureOpenAIEndpoint` (deployment-based with api-version, or the v1 endpoint);
+                    concurrent requests from a thread pool
+    llama_cpp_runner  llama.cpp: starts `llama-server` on a GGUF and yields an EndpointRunner on it
+
+A runner reports each call to an optional observer (`tasks.tracing`) as it starts and ends, so latency is
+measured around the real call: per request for endpoints, per batch for HF (every row of a batch waits
+for the whole batch). llama.cpp in-process (llama-cpp-python) is not offered: its wheel compiles for ~10
+minutes here and the server runs the same engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
+
+from tasks.data.evalfile import prompt_messages, task_of
+
+# llama.cpp's default samplers (top_k 40, repeat_penalty 1.1, ...) change a tiny model's greedy answer.
+LLAMA_CPP_GREEDY = {"top_k": 1, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0}
+
+
+@dataclass(frozen=True)
+class Request:
+    """One chat request: the prompt turns plus what a native structured/tool-call API needs."""
+
+    row_id: str
+    messages: list[dict]
+    json_schema: dict | None = None
+    tools: list[dict] | None = None
+
+
+@dataclass
+class Completion:
+    text: str
+    latency_s: float
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    tool_calls: list[dict] | None = None
+    error: str | None = None
+
+    def as_call(self) -> dict:
+        return {"latency_s": self.latency_s, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "error": self.error}
+
+
+class Observer(Protocol):
+    """Called around each model call (tracing); `start` returns a handle with `end(...)`."""
+
+    def start(self, request: Request): ...
+    def end(self, handle, request: Request, completion: Completion) -> None: ...
+
+
+class Runner(Protocol):
+    label: str
+    model: str
+    kind: str
+
+    def run(self, requests: list[Request], observer: Observer | None = None,
+            progress: Callable[[int, int], None] | None = None) -> list[Completion]: ...
+
+
+def requests_from_rows(rows: list[dict]) -> list[Request]:
+    """Chat rows (tasks.data.evalfile.to_chat_row / tasks.data.prepare.to_messages) to requests."""
+    return [Request(row_id=str(r.get("id", i)), messages=prompt_messages(r),
+                    json_schema=r.get("schema") if task_of(r) == "structured" else None,
+                    tools=r.get("tools") if task_of(r) == "toolcall" else None)
+            for i, r in enumerate(rows)]
+
+
+@dataclass
+class HFRunner:
+    """Greedy, batched generation with transformers; prompts sorted by length so batches pad little."""
+
+    model_dir: Path
+    label: str
+    max_new_tokens: int
+    batch_size: int = 8
+    adapter_dir: Path | None = None
+    model: str = ""
+    kind: str = "transformers"
+    _loaded: tuple | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        self.model = self.model or Path(self.model_dir).name + (f"+{Path(self.adapter_dir).parent.name}-lora"
+                                                               if self.adapter_dir else "")
+
+    def load(self):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if self._loaded is None:
+            tokenizer = AutoTokenizer.from_pretrained(self.model_dir, padding_side="left")
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+            if self.adapter_dir is not None:
+                from peft import PeftModel
+                model = PeftModel.from_pretrained(model, self.adapter_dir)
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            self._loaded = (model.to(device).eval(), tokenizer, device)
+        return self._loaded
+
+    def run(self, requests, observer=None, progress=None):
+        import torch
+
+        model, tokenizer, device = self.load()
+        eos_ids = list({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} - {None})
+        prompts = [tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=False)
+                   for r in requests]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        out: list[Completion | None] = [None] * len(requests)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            handles = {i: observer.start(requests[i]) for i in idx} if observer else {}
+            began = time.perf_counter()
+            batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
+                              add_special_tokens=False).to(device)
+            with torch.inference_mode():
+                generated = model.generate(**batch, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                           eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id)
+            latency = time.perf_counter() - began
+            new = generated[:, batch["input_ids"].shape[1]:]
+            for row, (i, seq) in enumerate(zip(idx, new)):
+                kept = [t for t in seq.tolist() if t != tokenizer.pad_token_id and t not in eos_ids]
+                out[i] = Completion(text=tokenizer.decode(kept, skip_special_tokens=True), latency_s=latency,
+                                    prompt_tokens=int(batch["attention_mask"][row].sum()),
+                                    completion_tokens=len(kept))
+                if observer:
+                    observer.end(handles[i], requests[i], out[i])
+            if progress:
+                progress(min(start + self.batch_size, len(order)), len(order))
+        return out
+
+
+class EndpointError(RuntimeError):
+    """Most calls to the endpoint failed."""
+
+
+class EndpointConfigError(EndpointError):
+    """The endpoint refused the configuration (bad key, URL, deployment, request shape): retrying cannot help."""
+
+
+@dataclass
+class EndpointRunner:
+    """Chat completions through an endpoint Block's own client, `concurrency` requests at a time.
+
+    Greedy: temperature 0 and a fixed seed; the block's `extra_body` adds server-specific sampler fields.
+    `structured_output='json_schema'` sends the row's schema as `response_format` (OpenAI/Azure structured
+    outputs, llama.cpp grammar); `tool_calling='native'` sends `tools` and reads `tool_calls`. Otherwise
+    the schema and tools are only in the prompt, exactly as the SLM sees them.
+    """
+
+    endpoint: object
+    label: str
+    max_new_tokens: int
+    concurrency: int = 4
+    structured_output: str = "prompt"
+    tool_calling: str = "prompt"
+    kind: str = ""
+    model: str = ""
+
+    def __post_init__(self):
+        self.model = self.model or self.endpoint.model
+        self.kind = self.kind or type(self.endpoint).__name__
+
+    def _body(self, request: Request) -> dict:
+        body: dict = {"model": self.endpoint.model, "messages": request.messages, "temperature": 0.0,
+                      "max_tokens": self.max_new_tokens, "seed": 0}
+        if self.structured_output == "json_schema" and (request.json_schema or request.tools):
+            schema = request.json_schema or {"anyOf": [
+                {"type": "object", "properties": {"name": {"const": t["name"]}, "arguments": t["parameters"]},
+                 "required": ["name", "arguments"]} for t in request.tools]}
+            body["response_format"] = {"type": "json_schema",
+                                       "json_schema": {"name": "answer", "schema": schema, "strict": False}}
+        if self.tool_calling == "native" and request.tools:
+            body["tools"] = [{"type": "function", "function": t} for t in request.tools]
+        extra = getattr(self.endpoint, "extra_body", None)
+        if extra:
+            body["extra_body"] = dict(extra)
+        return body
+
+    def run(self, requests, observer=None, progress=None):
+        import openai
+
+        client = self.endpoint.client(max_retries=3)   # I/O: the client retries 408/429/5xx, honouring Retry-After
+        done = 0
+
+        def one(request: Request) -> Completion:
+            nonlocal done
+            handle = observer.start(request) if observer else None
+            began = time.perf_counter()
+            try:
+                resp = client.chat.completions.create(**self._body(request))
+                msg = resp.choices[0].message
+                calls = [{"name": c.function.name, "arguments": c.function.arguments}
+                         for c in (msg.tool_calls or [])] or None
+                completion = Completion(text=msg.content or "", latency_s=time.perf_counter() - began,
+                                        prompt_tokens=resp.usage.prompt_tokens if resp.usage else None,
+                                        completion_tokens=resp.usage.completion_tokens if resp.usage else None,
+                                        tool_calls=calls)
+            except openai.APIStatusError as exc:
+                if exc.status_code in (400, 401, 403, 404):   # configuration, not bad luck: stop at once
+                    raise EndpointConfigError(f"{self.label}: {type(self.endpoint).__name__} refused the request "
+                                        f"({exc.status_code}): {exc.message}") from None
+                completion = Completion("", time.perf_counter() - began, error=f"{exc.status_code}: {exc.message}")
+            except openai.APIConnectionError as exc:
+                completion = Completion("", time.perf_counter() - began, error=f"connection: {exc}")
+            if observer:
+                observer.end(handle, request, completion)
+            done += 1
+            if progress:
+                progress(done, len(requests))
+            return completion
+
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            results = list(pool.map(one, requests))
+        failed = [c for c in results if c.error]
+        if results and len(failed) > len(results) // 2:
+            raise EndpointError(f"{self.label}: {len(failed)}/{len(results)} calls failed; first: {failed[0].error}")
+        return results
+
+
+@contextlib.contextmanager
+def llama_cpp_runner(gguf_path: Path, log_path: Path, label: str, max_new_tokens: int, parallel: int = 2,
+                     host: str = "127.0.0.1", port: int = 0, model: str | None = None,
+                     lora_path: Path | None = None, **runner_kwargs) -> Iterator[EndpointRunner]:
+    """llama.cpp's OpenAI-compatible server on a GGUF for the block's duration, with an EndpointRunner on it."""
+    from blocks.llm import OpenAICompatibleEndpoint
+    from tasks.llamacpp.serve import llama_server
+
+    with llama_server(Path(gguf_path), log_path, alias=label, host=host, port=port, parallel=parallel,
+                      lora_path=lora_path) as server:
+        endpoint = OpenAICompatibleEndpoint(base_url=server.base_url, model=server.model, timeout_s=300,
+                                            extra_body=LLAMA_CPP_GREEDY)
+        yield EndpointRunner(endpoint, label, max_new_tokens, concurrency=parallel, kind="llama.cpp server",
+                             model=model or Path(gguf_path).name, **runner_kwargs)

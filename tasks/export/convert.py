@@ -1,0 +1,204 @@
+"""Export: merge the adapter into a 16-bit HF folder, convert to GGUF with llama.cpp's own converter,
+quantize with llama.cpp's own quantizer, convert the adapter to a GGUF LoRA (and the base it applies to),
+and write a manifest with the size and sha256 of every artifact.
+
+Everything comes from the one pinned llama.cpp located by `tasks.llamacpp.build` (set up once by `make setup`;
+nothing is fetched or built here). What llama.cpp cannot do is refused before it starts, with one
+message: a missing tool, or an architecture its converter does not know.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+from prefect import task
+
+from tasks.llamacpp import build as llamacpp
+from tasks.recipe import ExportConfig
+from tasks.run import atomic_dir, atomic_write_json, stage_timer
+
+# GGUF types produced by the converter directly vs. by llama-quantize from the f16 file.
+CONVERTER_TYPES = {"f16", "bf16"}
+QUANTIZE_TYPES = {"q8_0": "Q8_0", "q4_k_m": "Q4_K_M"}
+
+
+class ExportError(RuntimeError):
+    """A conversion step failed or cannot run; the message names the step and what to do."""
+
+
+def merge_adapter(base_dir: Path, lora_dir: Path, out_dir: Path, dtype: str = "bfloat16") -> Path:
+    """Fold the LoRA weights into the base and save a 16-bit HF folder (with the training tokenizer)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, lora_dir).merge_and_unload()
+    merged = merged.to(getattr(torch, dtype))
+    tokenizer = AutoTokenizer.from_pretrained(lora_dir)
+    with atomic_dir(out_dir) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return out_dir
+
+
+@lru_cache(maxsize=1)
+def converter_architectures() -> frozenset[str]:
+    """HF architectures the pinned convert_hf_to_gguf.py registers (read from its source, no import)."""
+    names: set[str] = set()
+    for path in (llamacpp.source_dir() / "conversion").glob("*.py"):
+        for m in re.finditer(r"@ModelBase\.register\(([^)]*)\)", path.read_text()):
+            names.update(re.findall(r"\"([^\"]+)\"", m.group(1)))
+    return frozenset(names)
+
+
+def preflight(hf_dir: Path, need_quantizer: bool) -> None:
+    """Refuse, with one message, an export llama.cpp cannot do.
+
+    Raises:
+        ExportError: a converter or the quantizer is not set up, or the model's architecture is unknown
+            to the pinned converter.
+    """
+    try:
+        llamacpp.script("convert_hf_to_gguf.py")
+        llamacpp.script("convert_lora_to_gguf.py")
+        if need_quantizer:
+            llamacpp.tool("llama-quantize")
+    except llamacpp.LlamaCppMissing as exc:
+        raise ExportError(f"llama.cpp {llamacpp.LLAMA_CPP_PYTHON_VERSION} is not set up: {exc}") from None
+    archs = json.loads((hf_dir / "config.json").read_text()).get("architectures") or []
+    unknown = [a for a in archs if a not in converter_architectures()]
+    if not archs or unknown:
+        raise ExportError(f"{hf_dir}: architecture {archs or '(none in config.json)'} is not supported by "
+                          f"llama.cpp's converter (llama-cpp-python {llamacpp.LLAMA_CPP_PYTHON_VERSION}, "
+                          f"{len(converter_architectures())} architectures known); no GGUF can be made")
+
+
+def _run_tool(step: str, cmd: list[str], env: dict | None = None) -> None:
+    """Run a llama.cpp tool; on failure raise one ExportError with the tail of its output."""
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
+        if "not supported" in tail.lower() and "architecture" in tail.lower():
+            raise ExportError(f"{step}: llama.cpp does not support this model architecture:\n{tail}")
+        raise ExportError(f"{step} failed (exit {proc.returncode}):\n{tail}")
+
+
+def _converter_env() -> dict:
+    # The converters import the `gguf` package that sits beside them (gguf-py), so the writer matches
+    # the llama.cpp version that will read the file.
+    env = dict(os.environ)
+    env.pop("NO_LOCAL_GGUF", None)
+    return env
+
+
+def convert_hf_to_gguf(hf_dir: Path, out_file: Path, outtype: str) -> Path:
+    """HF folder -> GGUF (f16/bf16) with llama.cpp's convert_hf_to_gguf.py; atomic.
+
+    Raises:
+        ExportError: the converter is missing, the architecture is unsupported, or conversion failed.
+    """
+    preflight(hf_dir, need_quantizer=False)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_name(out_file.name + ".part")
+    _run_tool(f"convert_hf_to_gguf ({outtype})",
+              [sys.executable, llamacpp.script("convert_hf_to_gguf.py"), hf_dir, "--outfile", tmp,
+               "--outtype", outtype], env=_converter_env())
+    os.replace(tmp, out_file)
+    return out_file
+
+
+def quantize_gguf(src: Path, out_file: Path, qtype: str, threads: int | None = None) -> Path:
+    """f16 GGUF -> quantized GGUF with llama-quantize; atomic."""
+    try:
+        quantizer = llamacpp.tool("llama-quantize")
+    except llamacpp.LlamaCppMissing as exc:
+        raise ExportError(str(exc)) from None
+    tmp = out_file.with_name(out_file.name + ".part")
+    _run_tool(f"llama-quantize ({qtype})", [quantizer, src, tmp, QUANTIZE_TYPES[qtype], str(threads or os.cpu_count())])
+    os.replace(tmp, out_file)
+    return out_file
+
+
+def convert_lora_to_gguf(lora_dir: Path, base_dir: Path, out_file: Path) -> Path:
+    """PEFT adapter -> GGUF LoRA (f16) with llama.cpp's convert_lora_to_gguf.py, offline via --base.
+
+    Raises:
+        ExportError: the adapter was trained on another base than `base_dir`, or conversion failed.
+    """
+    trained_on = json.loads((lora_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if trained_on and Path(trained_on).exists() and Path(trained_on).resolve() != Path(base_dir).resolve():
+        raise ExportError(f"{lora_dir} was trained on {trained_on}, not on {base_dir}: converting it against "
+                          "another base would produce an adapter for the wrong model")
+    preflight(base_dir, need_quantizer=False)
+    tmp = out_file.with_name(out_file.name + ".part")
+    _run_tool("convert_lora_to_gguf",
+              [sys.executable, llamacpp.script("convert_lora_to_gguf.py"), lora_dir, "--base", base_dir,
+               "--outfile", tmp, "--outtype", "f16"], env=_converter_env())
+    os.replace(tmp, out_file)
+    return out_file
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(run_dir: Path, artifacts: dict[str, Path]) -> dict:
+    """Size and sha256 of every exported artifact (each file of a folder), in gguf/manifest.json."""
+    manifest = {}
+    for name, path in artifacts.items():
+        path = Path(path)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        entry = {"path": str(path.relative_to(run_dir)), "bytes": sum(f.stat().st_size for f in files),
+                 "sha256": sha256_file(files[0]) if not path.is_dir() else None,
+                 "files": {str(f.relative_to(run_dir)): sha256_file(f) for f in files} if path.is_dir() else None}
+        if path.suffix == ".gguf":
+            # model-q8_0.gguf -> q8_0; every GGUF here was written by the one pinned llama.cpp
+            entry.update(format="gguf", type=path.stem.split("-")[-1],
+                         tool=f"llama.cpp (llama-cpp-python {llamacpp.LLAMA_CPP_PYTHON_VERSION})")
+        manifest[name] = entry
+    atomic_write_json(run_dir / "gguf" / "manifest.json", manifest)
+    return manifest
+
+
+@task(name="merge-adapter")
+def merge_lora_adapter(run_dir: Path, base_dir: Path) -> Path:
+    """run/merged: base + adapter folded into one 16-bit HF model."""
+    with stage_timer(run_dir, "merge"):
+        return merge_adapter(base_dir, run_dir / "lora", run_dir / "merged")
+
+
+@task(name="export-gguf")
+def export_gguf(run_dir: Path, base_dir: Path, cfg: ExportConfig) -> dict[str, str]:
+    """run/gguf: the merged model in every requested GGUF type, the adapter as GGUF (plus the f16 base it
+    applies to), and a manifest; returns {type or "lora"/"base": path}.
+
+    Raises:
+        ExportError: one message for a missing tool, an unsupported architecture or a failed step.
+    """
+    with stage_timer(run_dir, "export"):
+        preflight(run_dir / "merged", need_quantizer=any(t in QUANTIZE_TYPES for t in cfg.gguf_types))
+        out = run_dir / "gguf"
+        files: dict[str, Path] = {}
+        # f16 is the quantizer's input, so it is always made (and kept: it is the reference GGUF).
+        for outtype in ["f16"] + [t for t in cfg.gguf_types if t == "bf16"]:
+            files[outtype] = convert_hf_to_gguf(run_dir / "merged", out / f"model-{outtype}.gguf", outtype)
+        for qtype in (t for t in cfg.gguf_types if t in QUANTIZE_TYPES):
+            files[qtype] = quantize_gguf(files["f16"], out / f"model-{qtype}.gguf", qtype)
+        if cfg.lora_gguf:
+            files["lora"] = convert_lora_to_gguf(run_dir / "lora", base_dir, out / "lora-f16.gguf")
+            # The ADAPTER deployment and the adapter's parity row need the base it applies to, as GGUF.
+            files["base"] = convert_hf_to_gguf(base_dir, out / "base-f16.gguf", "f16")
+        write_manifest(run_dir, {**files, "merged": run_dir / "merged", "adapter": run_dir / "lora"})
+    return {name: str(path) for name, path in files.items()}

@@ -1,0 +1,110 @@
+"""Locate (and, at set-up time, build) one pinned llama.cpp: converters, quantizer and server.
+
+llama.cpp comes from the llama-cpp-python sdist on PyPI (a package registry, so it works offline from
+the hubs): its `vendor/llama.cpp/` holds `convert_hf_to_gguf.py` (+ `conversion/`, `gguf-py/`),
+`convert_lora_to_gguf.py`, and the sources of `llama-quantize` and `llama-server`. The llama-cpp-python
+wheel ships none of those, so `python -m tasks.llamacpp.build build` (run by `make setup`) extracts the sdist
+and compiles just the two tools into `$SLIPWAY_HOME/llama.cpp-<version>/`. Nothing is built at run time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from tasks.run import slipway_home
+
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # vendors ggml-org/llama.cpp@0c1e57098
+TOOLS = ("llama-server", "llama-quantize")
+
+
+class LlamaCppMissing(FileNotFoundError):
+    """The pinned llama.cpp tools are not set up; the message says how to set them up."""
+
+
+def home() -> Path:
+    return Path(os.environ.get("SLIPWAY_LLAMA_CPP", slipway_home() / f"llama.cpp-{LLAMA_CPP_PYTHON_VERSION}"))
+
+
+def source_dir() -> Path:
+    return home() / "src"
+
+
+def tool(name: str) -> Path:
+    """Path of a built llama.cpp binary.
+
+    Raises:
+        LlamaCppMissing: not built yet.
+    """
+    path = home() / "bin" / name
+    if not path.exists():
+        raise LlamaCppMissing(f"{name} not found at {path}: run `make setup` "
+                              f"(python -m tasks.llamacpp.build build) once")
+    return path
+
+
+def script(name: str) -> Path:
+    """Path of one of llama.cpp's Python converters (convert_hf_to_gguf.py, convert_lora_to_gguf.py)."""
+    path = source_dir() / name
+    if not path.exists():
+        raise LlamaCppMissing(f"{name} not found at {path}: run `make setup` (python -m tasks.llamacpp.build build)")
+    return path
+
+
+def _run(cmd: list[str], **kw) -> None:
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    subprocess.run(cmd, check=True, **kw)
+
+
+def build(jobs: int | None = None) -> Path:
+    """Download the pinned sdist from PyPI, extract vendor/llama.cpp, compile the tools; idempotent."""
+    target = home()
+    if all((target / "bin" / t).exists() for t in TOOLS) and (target / "src" / "convert_hf_to_gguf.py").exists():
+        print(f"llama.cpp {LLAMA_CPP_PYTHON_VERSION} already built at {target}")
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target) as tmp:
+        tmp = Path(tmp)
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
+              f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", str(tmp)])
+        sdist = next(tmp.glob("llama_cpp_python-*.tar.gz"))
+        with tarfile.open(sdist) as tar:
+            tar.extractall(tmp, filter="data")
+        vendored = next(tmp.glob("llama_cpp_python-*/vendor/llama.cpp"))
+        if (target / "src").exists():
+            shutil.rmtree(target / "src")
+        shutil.move(str(vendored), target / "src")
+    build_dir = target / "build"
+    _run(["cmake", "-S", str(target / "src"), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
+          "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+          "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF",
+          # The web UI would be fetched from the network; the OpenAI-compatible API does not need it.
+          "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_UI=OFF"], stdout=subprocess.DEVNULL)
+    _run(["cmake", "--build", str(build_dir), "-j", str(jobs or os.cpu_count() or 2), "--target", *TOOLS])
+    (target / "bin").mkdir(exist_ok=True)
+    for name in TOOLS:
+        shutil.copy2(build_dir / "bin" / name, target / "bin" / name)
+    shutil.rmtree(build_dir, ignore_errors=True)  # ~400 MB of objects; the static binaries are enough
+    print(f"llama.cpp {LLAMA_CPP_PYTHON_VERSION} built at {target}")
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Set up the pinned llama.cpp tools.")
+    parser.add_argument("command", choices=["build", "where"])
+    args = parser.parse_args(argv)
+    if args.command == "build":
+        build()
+    else:
+        print(home())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""Deploy what the run's Modelfile names, once every gate passed.
+
+  llamacpp (default, runs here)  a managed llama-server on the GGUF (and LoRA) the Modelfile deploys:
+                                 health check, a test chat through the `openai` client, then stopped,
+                                 or left running with deploy.keep_running (`python -m tasks.llamacpp.serve stop`).
+  ollama                         through the official `ollama` client: upload each GGUF as a blob by its
+                                 sha256 (checked against the export manifest), create the model with
+                                 files / adapters / template / system / parameters, read it back with
+                                 show, and run a test chat.
+Writes deploy/<target>.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import task
+
+from tasks.eval.evaluate import generate_openai
+from tasks.ollama.adapter_guard import ModelfileRefused, base_identity, gguf_metadata
+from tasks.ollama.modelfile import Modelfile
+from tasks.recipe import DeployConfig, Recipe
+from tasks.run import atomic_write_json, stage_timer
+from tasks.llamacpp.serve import ManagedLlamaServer
+from tasks.export.template_check import deployed_artifact
+
+
+class DeployError(RuntimeError):
+    """A deployment step failed; the message names the step and the server's answer."""
+
+
+def _test_row(run_dir: Path) -> dict:
+    with open(run_dir / "data" / "test.jsonl") as fh:
+        return json.loads(next(line for line in fh if line.strip()))
+
+
+def model_name(recipe: Recipe) -> str:
+    return recipe.deploy.ollama_model or f"slipway-{recipe.name}".lower().replace("_", "-")
+
+
+def deploy_llamacpp(run_dir: Path, recipe: Recipe, max_new_tokens: int) -> dict:
+    """Serve the Modelfile's artifact with a managed llama-server and answer one test chat."""
+    cfg = recipe.deploy
+    modelfile = Modelfile.parse((run_dir / "deploy" / "Modelfile").read_text())
+    model, lora = deployed_artifact(run_dir, modelfile)
+    server = ManagedLlamaServer(model, run_dir / "deploy" / "llama-server.log", alias=model_name(recipe),
+                                host=cfg.host, port=cfg.port, parallel=cfg.parallel, lora_path=lora)
+    server.start()
+    try:
+        row = _test_row(run_dir)
+        answers, tokens = generate_openai(server.base_url, server.alias, [row], max_new_tokens, concurrency=1)
+        record = {"target": "llamacpp", "base_url": server.base_url, "model": server.alias, "artifact": str(model),
+                  "lora": str(lora) if lora else None, "pid": server.process.pid, "command": server.command(),
+                  "running": cfg.keep_running, "log": str(server.log_path),
+                  "test_chat": {"prompt": row["messages"][-2]["content"], "answer": answers[0], "tokens": tokens}}
+    finally:
+        if not cfg.keep_running:
+            server.stop()
+    atomic_write_json(run_dir / "deploy" / "llamacpp.json", record)
+    return record
+
+
+def _parameters(modelfile: Modelfile) -> dict:
+    """Modelfile PARAMETER lines as the typed mapping /api/create takes (stop is a list)."""
+    out: dict = {}
+    for key, value in modelfile.parameters:
+        if key == "stop":
+            out.setdefault("stop", []).append(value)
+            continue
+        try:
+            out[key] = int(value)
+        except ValueError:
+            try:
+                out[key] = float(value)
+            except ValueError:
+                out[key] = value
+    return out
+
+
+def push_blob(client, path: Path, sha256: str) -> str:
+    """Upload one file as a blob; the digest must be the one the export manifest recorded.
+
+    Raises:
+        DeployError: the server rejected the upload, or the file changed since it was exported and checked.
+    """
+    import ollama
+
+    try:
+        digest = client.create_blob(path)
+    except ollama.ResponseError as exc:
+        raise DeployError(f"Ollama rejected blob {path.name} (HTTP {exc.status_code}): {exc.error}") from None
+    if digest != f"sha256:{sha256}":
+        raise DeployError(f"{path.name} changed since export: the manifest has sha256:{sha256}, the file is "
+                          f"{digest}; re-export before deploying")
+    return digest
+
+
+def _manifest_digests(run_dir: Path) -> dict[Path, str]:
+    manifest = json.loads((run_dir / "gguf" / "manifest.json").read_text())
+    return {(run_dir / a["path"]).resolve(): a["sha256"] for a in manifest.values() if a.get("sha256")}
+
+
+def check_registry_base(client, base: str, trained_base_gguf: Path) -> None:
+    """An ADAPTER on an Ollama model: that model must be the base the adapter was trained on.
+
+    Raises:
+        ModelfileRefused: an identity field differs (architecture, size, dimensions).
+    """
+    shown = client.show(base)
+    want = base_identity(gguf_metadata(trained_base_gguf)[0])
+    got = base_identity(dict(shown.modelinfo or {}))
+    for key, value in want.items():
+        if key in got and got[key] != value:
+            raise ModelfileRefused(f"ADAPTER refused: the adapter's base does not match FROM {base!r}: {key} is "
+                                   f"{value!r} for the base it was trained on, {got[key]!r} in Ollama")
+
+
+def deploy_ollama(run_dir: Path, recipe: Recipe, max_new_tokens: int) -> dict:
+    """Create the model on an Ollama server from the run's Modelfile and answer one test chat.
+
+    Raises:
+        DeployError: a rejected blob, a changed artifact, or a create/show/chat the server refused.
+        ModelfileRefused: the FROM model is not the adapter's base.
+    """
+    import ollama
+
+    cfg: DeployConfig = recipe.deploy
+    client = ollama.Client(host=cfg.ollama_host, timeout=600)
+    here = run_dir / "deploy"
+    modelfile = Modelfile.parse((here / "Modelfile").read_text())
+    digests = _manifest_digests(run_dir)
+
+    def upload(rel: str) -> tuple[str, str]:
+        path = (here / rel).resolve()
+        if path not in digests:
+            raise DeployError(f"{rel}: not an exported artifact of this run (no sha256 in gguf/manifest.json)")
+        return path.name, push_blob(client, path, digests[path])
+
+    files, from_ = {}, None
+    if (here / modelfile.from_).resolve().exists():
+        files = dict([upload(modelfile.from_)])
+    else:
+        from_ = modelfile.from_
+        check_registry_base(client, from_, run_dir / "gguf" / "base-f16.gguf")
+    adapters = dict([upload(modelfile.adapter)]) if modelfile.adapter else None
+    name = model_name(recipe)
+    params = _parameters(modelfile)
+    try:
+        client.create(model=name, from_=from_, files=files or None, adapters=adapters, template=modelfile.template,
+                      system=modelfile.system, parameters=params, stream=False)
+        shown = client.show(name)
+        stored = Modelfile.parse(shown.modelfile or "", strict=False)
+        if (shown.template, stored.system, stored.stop) != (modelfile.template, modelfile.system, modelfile.stop):
+            raise DeployError(f"ollama show {name}: the stored TEMPLATE / SYSTEM / stop differ from deploy/Modelfile "
+                              f"(stop {stored.stop} vs {modelfile.stop})")
+        row = _test_row(run_dir)
+        # No system message: the Modelfile's SYSTEM must fill it in, as it will for users.
+        reply = client.chat(model=name, messages=row["messages"][1:-1], stream=False,
+                            options={"num_predict": max_new_tokens})
+    except ollama.ResponseError as exc:
+        raise DeployError(f"Ollama at {cfg.ollama_host} refused the deployment of {name} "
+                          f"(HTTP {exc.status_code}): {exc.error}") from None
+    record = {"target": "ollama", "host": cfg.ollama_host, "model": name, "from": from_, "files": files,
+              "adapters": adapters or {}, "parameters": params, "details": dict(shown.details or {}),
+              "test_chat": {"prompt": row["messages"][-2]["content"], "answer": reply.message.content,
+                            "done_reason": reply.done_reason}}
+    atomic_write_json(run_dir / "deploy" / "ollama.json", record)
+    return record
+
+
+def _transient(task, task_run, state) -> bool:
+    """Retry only on connection trouble; a refused or rejected deployment will not change by retrying."""
+    exc = state.result(raise_on_failure=False)
+    return isinstance(exc, (ConnectionError, TimeoutError, OSError)) and not isinstance(exc, FileNotFoundError)
+
+
+@task(name="deploy-model", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient)
+def deploy_model(run_dir: Path, recipe: Recipe, gates: list[dict]) -> dict:
+    """Deploy to recipe.deploy.target when every gate passed; otherwise record why nothing was deployed."""
+    target = recipe.deploy.target
+    failed = [g["name"] for g in gates if not g["passed"]]
+    if target == "none" or failed:
+        record = {"target": target, "skipped": f"gates failed: {', '.join(failed)}" if failed else "deploy.target none"}
+        atomic_write_json(run_dir / "deploy" / "deploy.json", record)
+        return record
+    with stage_timer(run_dir, f"deploy-{target}"):
+        deploy = deploy_llamacpp if target == "llamacpp" else deploy_ollama
+        record = deploy(run_dir, recipe, recipe.eval.max_new_tokens)
+    atomic_write_json(run_dir / "deploy" / "deploy.json", record)
+    return record
+
+
+def render_section(run_dir: Path) -> list[str]:
+    """Report lines for deploy/deploy.json (empty when the run has none)."""
+    path = run_dir / "deploy" / "deploy.json"
+    if not path.exists():
+        return []
+    d = json.loads(path.read_text())
+    lines = ["## Deployment", ""]
+    if d.get("skipped"):
+        return lines + [f"Not deployed ({d['target']}): {d['skipped']}.", ""]
+    where = d.get("base_url") or f"{d.get('host')} model `{d.get('model')}`"
+    lines += [f"Target **{d['target']}** at {where}; Modelfile `deploy/Modelfile`.", "",
+              f"Test chat: `{d['test_chat']['prompt'][:80]}` →", "", "```", d["test_chat"]["answer"].strip(), "```", ""]
+    if d["target"] == "llamacpp":
+        lines += ["Serve it again: `python -m tasks.llamacpp.serve run " + str(run_dir) + "`", ""]
+    return lines
+
+
+def report_sections(run_dir: Path) -> list[str]:
+    """The report's export sections: parity table, template check, deployment (each empty when absent)."""
+    from tasks.eval import parity
+    from tasks.export import template_check
+
+    return parity.render_section(run_dir) + template_check.render_section(run_dir) + render_section(run_dir)

@@ -1,0 +1,232 @@
+"""Run reports: Markdown (file + Prefect artifact), metrics/eval.json and a PNG chart, from the run's metrics.
+
+`write_report` closes a finetune run (then writes the COMPLETE marker, last, so a run folder only looks
+complete when every stage finished); `write_eval_report` closes an evaluate (Fledgling) run. Both show,
+per model: the task's metrics, per-anchor / per-field / per-function accuracy, latency, tokens and the
+estimated cost per 1,000 requests; Slipstream runs also show SLIP message tokens against the instruction.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+from prefect import task
+
+from tasks.release.deploy import report_sections as export_report_sections
+from tasks.eval.metrics import BREAKDOWN, METRICS
+from tasks.recipe import Recipe
+from tasks.run import atomic_write_json, atomic_write_text, mark_complete
+
+REPORT_METRICS = METRICS["slipstream"]   # kept for callers that predate task types
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x, fmt: str = "{}") -> str:
+    return "–" if x is None else fmt.format(x)
+
+
+def plot_comparison(results: dict[str, dict], path: Path, task: str = "slipstream") -> None:
+    """Grouped bars per metric for each model, and each model's median latency beside them."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(results)
+    metrics = METRICS[task][:4]
+    width = 0.8 / len(labels)
+    fig, (ax, lat) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110, gridspec_kw={"width_ratios": [3, 1]})
+    for i, label in enumerate(labels):
+        values = [100 * (results[label].get(key) or 0) for key, _ in metrics]
+        bars = ax.bar([m + i * width for m in range(len(metrics))], values, width, label=label)
+        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    ax.set_xticks([m + width * (len(labels) - 1) / 2 for m in range(len(metrics))], [n for _, n in metrics])
+    ax.set_ylabel("% of test rows")
+    ax.set_ylim(0, 105)
+    ax.set_title(f"{task}: models on the same test rows")
+    ax.legend(fontsize=8)
+    lat.bar(labels, [results[k].get("latency_p50_s") or 0 for k in labels], color="gray")
+    lat.set_title("median latency (s)")
+    lat.tick_params(axis="x", labelrotation=30, labelsize=8)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _data_lines(run_dir: Path) -> list[str]:
+    """What data preparation removed and kept (data/stats.json), when the run folder has it."""
+    path = Path(run_dir) / "data" / "stats.json"
+    if not path.exists():
+        return []
+    stats = json.loads(path.read_text())
+    sources = (stats.get("contamination") or {}).get("by_source") or {}
+    lines = ["", "## Data", "", "| step | rows |", "|---|---|",
+             f"| source rows | {stats.get('source_rows')} |",
+             f"| exact duplicate prompts removed | {stats.get('duplicates_removed', 0)} |",
+             f"| near duplicates removed (Jaccard ≥ {(stats.get('dedupe') or {}).get('threshold', '–')}) | "
+             f"{stats.get('near_duplicates_removed', 0)} |",
+             f"| training rows matching an eval prompt removed | {stats.get('contaminated_removed', 0)}"
+             + (" (" + ", ".join(f"{k}: {v}" for k, v in sources.items()) + ")" if sources else "") + " |"]
+    lines += [f"| {name} rows | {stats[f'{name}_rows']} |" for name in ("train", "val", "test")
+              if f"{name}_rows" in stats]
+    return lines
+
+
+def results_section(task: str, results: dict[str, dict]) -> list[str]:
+    """Metrics, per-group accuracy, latency/tokens/cost and (Slipstream) token-reduction tables."""
+    cols = METRICS[task]
+    lines = ["| model | runner | " + " | ".join(n for _, n in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for label, res in results.items():
+        lines.append(f"| {label} | {res.get('runner')} | " + " | ".join(_pct(res.get(k)) for k, _ in cols) + " |")
+    lines += ["", "![comparison](metrics/eval-chart.png)", "", "### Latency, tokens and cost", "",
+              "| model | rows | failed calls | latency p50 / p95 (s) | requests/s | tokens/s | prompt tok/req "
+              "| completion tok/req | est. USD per 1k requests | price basis |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for label, res in results.items():
+        cost = res.get("cost") or {}
+        lines.append(f"| {label} | {res.get('rows')} | {res.get('failed_calls', 0)} | "
+                     f"{_num(res.get('latency_p50_s'))} / {_num(res.get('latency_p95_s'))} | "
+                     f"{_num(res.get('requests_per_second'))} | {_num(res.get('tokens_per_second'))} | "
+                     f"{_num(res.get('mean_prompt_tokens'))} | {_num(res.get('mean_completion_tokens'))} | "
+                     f"{_num(cost.get('usd_per_1k_requests'), '${:.4f}')} | {cost.get('basis', '–')} |")
+    breakdown = BREAKDOWN[task]
+    groups = sorted({g for res in results.values() for g in (res.get(breakdown) or {})}) if breakdown else []
+    if groups:
+        title = {"per_anchor": "anchor", "per_field": "field", "per_function": "function"}[breakdown]
+        lines += ["", f"### Accuracy per {title} (rows where it is the gold {title})", "",
+                  f"| {title} | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
+        lines += [f"| {g} | " + " | ".join(_pct((res.get(breakdown) or {}).get(g)) for res in results.values()) + " |"
+                  for g in groups]
+    if task == "slipstream":
+        lines += ["", "### SLIP message tokens vs the natural-language instruction", "",
+                  "Counted with the SLM's own tokenizer (not tiktoken: it needs a download): the gold answers' "
+                  "messages on every test row, each model's on the rows whose answer parsed. The seeds' \"82% "
+                  "fewer tokens\" is measured against JSON; both are shown.", "",
+                  "| messages | rows | instruction tokens | SLIP tokens | same message as JSON | "
+                  "reduction vs instruction | reduction vs JSON |", "|---|---|---|---|---|---|---|"]
+        gold = next((res["gold_slip_tokens"] for res in results.values() if res.get("gold_slip_tokens")), None)
+        rows = ([("gold answers", gold)] if gold else []) + [(label, res.get("slip_tokens") or {})
+                                                             for label, res in results.items()]
+        for label, t in rows:
+            lines.append(f"| {label} | {t.get('rows', 0)} | {t.get('instruction', '–')} | {t.get('slip', '–')} | "
+                         f"{t.get('json', '–')} | {_pct(t.get('reduction_vs_instruction'))} | "
+                         f"{_pct(t.get('reduction_vs_json'))} |")
+    return lines
+
+
+def gates_section(gates: list[dict]) -> list[str]:
+    lines = ["| gate | verdict | threshold | observed |", "|---|---|---|---|"]
+    return lines + [f"| {g['name']} | {'PASS' if g['passed'] else '**FAIL**'} | {g['threshold']} | {g['observed']} |"
+                    for g in gates]
+
+
+def write_eval_json(run_dir: Path, results: dict[str, dict], task: str) -> None:
+    """metrics/eval.json (every model's summary) and the chart."""
+    metrics = run_dir / "metrics"
+    atomic_write_json(metrics / "eval.json", results)
+    plot_comparison(results, metrics / "eval-chart.png", task)
+
+
+def render_report(recipe: Recipe, run_dir: Path, results: dict[str, dict], gates: list[dict],
+                  training: dict, timings: dict, manifest: dict) -> str:
+    """The finetune run's Markdown report; every number comes from the run folder's metrics."""
+    verdict = "PASSED" if all(g["passed"] for g in gates) else "FAILED"
+    lines = [f"# Slipway run `{run_dir.name}` — gates {verdict}", "",
+             f"Recipe **{recipe.name}** ({recipe.task}) · base model **{recipe.model.name}** · "
+             f"{training.get('train_rows')} training rows · test rows: "
+             f"{next(iter(results.values()))['rows']} · primary metric `{recipe.primary_metric}` · finished "
+             f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}", "",
+             "## Results on the test split", ""]
+    lines += results_section(recipe.task, results)
+    lines += ["", "## Gates", ""] + gates_section(gates)
+    lines += _data_lines(run_dir)
+    lines += [""] + export_report_sections(run_dir)  # parity, template check, deployment (tasks/release/deploy.py)
+    mask = training.get("mask", {})
+    lines += ["", "## Training", "",
+              "| setting | value |", "|---|---|",
+              f"| LoRA | r={recipe.lora.r}, alpha={recipe.lora.alpha}, dropout={recipe.lora.dropout}, "
+              f"{len(recipe.lora.target_modules)} target modules |",
+              f"| schedule | {training.get('steps')} steps, {recipe.training.epochs} epochs, "
+              f"lr {recipe.training.learning_rate} {recipe.training.lr_scheduler}, "
+              f"batch {recipe.training.batch_size}×{recipe.training.grad_accum} |",
+              f"| loss | {training.get('first_loss')} → {training.get('final_loss')} "
+              f"(val {training.get('eval_loss')}) |",
+              f"| mask | {mask.get('label_tokens')} of {mask.get('tokens')} tokens trained on "
+              f"({_pct(mask.get('label_token_share'))}); assistant share of labels "
+              f"{_pct(mask.get('assistant_share_of_labels'))} |",
+              f"| device | {training.get('device')} ({training.get('mixed_precision')}), "
+              f"world size {training.get('world_size')} |",
+              f"| adapter tensors changed | {training.get('trainable_tensors_changed')} / "
+              f"{training.get('trainable_tensors')} |", "",
+              "![loss curve](metrics/loss-curve.png)", "", "## Stage timings", "",
+              "| stage | seconds | status |", "|---|---|---|"]
+    lines += [f"| {stage} | {t['seconds']} | {t['status']} |" for stage, t in timings.items()]
+    lines += [f"| **total** | {sum(t['seconds'] for t in timings.values()):.1f} | |", "",
+              "## Artifacts", "", "| artifact | path | size | sha256 |", "|---|---|---|---|"]
+    lines += [f"| {name} | `{a['path']}` | {a['bytes'] / 1e6:.1f} MB | {(a['sha256'] or '(folder)')[:16]} |"
+              for name, a in manifest.items()]
+    lines += ["", "Per-row predictions: `metrics/predictions-<model>.jsonl`; numbers: `metrics/eval.json`.", ""]
+    return "\n".join(lines)
+
+
+def _publish(recipe: Recipe, run_dir: Path, markdown: str, kind: str) -> Path:
+    from prefect.artifacts import create_markdown_artifact
+
+    report = atomic_write_text(run_dir / "report.md", markdown)
+    create_markdown_artifact(key=f"{kind}-{recipe.name}".lower().replace("_", "-"), markdown=markdown,
+                             description=f"Slipway {kind} for {run_dir.name}")
+    return report
+
+
+@task(name="write-report")
+def write_report(recipe: Recipe, run_dir: Path, results: dict[str, dict], gates: list[dict],
+                 training: dict) -> Path:
+    """report.md, metrics/eval.json, the chart, a Prefect Markdown artifact, then the COMPLETE marker."""
+    write_eval_json(run_dir, results, recipe.task)
+    timings = json.loads((run_dir / "metrics" / "timings.json").read_text())
+    manifest_path = run_dir / "gguf" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    markdown = render_report(recipe, run_dir, results, gates, training, timings, manifest)
+    report = _publish(recipe, run_dir, markdown, "report")
+    mark_complete(run_dir, {"report": str(report), "gates": gates})
+    return report
+
+
+def render_eval_report(recipe: Recipe, run_dir: Path, results: dict[str, dict], decisions: list[dict],
+                       finetune: dict | None, source: str) -> str:
+    """The evaluate (Fledgling) run's Markdown report: the comparison and the decision trail."""
+    final = decisions[-1]
+    lines = [f"# Slipway evaluation `{run_dir.name}` — decision: **{final['action']}**", "",
+             f"Recipe **{recipe.name}** · task **{recipe.task}** · test rows: {next(iter(results.values()))['rows']} "
+             f"from `{source}` · primary metric `{final['metric']}` · swap margin {final['margin']:.2f} · finished "
+             f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}", "", "## Decision", "",
+             "| step | decision | reason |", "|---|---|---|"]
+    lines += [f"| {i + 1} | {d['action']} | {d['reason']} |" for i, d in enumerate(decisions)]
+    if finetune:
+        verdict = {True: "gates passed", False: "gates FAILED", None: "no gate verdicts recorded"}[finetune["gates_passed"]]
+        lines += ["", f"Fine-tuned model: `{finetune['run_dir']}` (flow state {finetune['state']}, {verdict})."]
+        if finetune.get("gates"):
+            lines += ["", "### Fine-tune gates", ""] + gates_section(finetune["gates"])
+    lines += ["", "## Results", ""] + results_section(recipe.task, results)
+    lines += ["", "Per-row predictions: `metrics/predictions-<model>.jsonl`; numbers: `metrics/eval.json`; "
+              "the decision: `metrics/decision.json`.", ""]
+    return "\n".join(lines)
+
+
+@task(name="write-eval-report")
+def write_eval_report(recipe: Recipe, run_dir: Path, results: dict[str, dict], decisions: list[dict],
+                      finetune: dict | None = None, source: str = "") -> Path:
+    """report.md, metrics/eval.json, metrics/decision.json, the chart, a Prefect artifact, the COMPLETE marker."""
+    write_eval_json(run_dir, results, recipe.task)
+    atomic_write_json(run_dir / "metrics" / "decision.json", {"decisions": decisions, "finetune": finetune})
+    report = _publish(recipe, run_dir, render_eval_report(recipe, run_dir, results, decisions, finetune, source),
+                      "evaluation")
+    mark_complete(run_dir, {"report": str(report), "decision": decisions[-1]["action"]})
+    return report

@@ -1,0 +1,314 @@
+"""LoRA / QLoRA training with TRL's SFTTrainer (PEFT) or Unsloth, loss on the assistant turn only.
+
+Runs as its own process (`python -m tasks.train.worker RUN_DIR`, or under `accelerate launch` for DDP /
+DeepSpeed ZeRO-2) so that the CPU default, a single GPU and several GPUs share one code path.
+Writes:
+    RUN_DIR/checkpoints/       Trainer checkpoints every `save_steps` (a crash loses at most that much)
+    RUN_DIR/lora/              the final adapter (adapter_config.json, adapter_model.safetensors, tokenizer)
+    RUN_DIR/metrics/training-stats.json, RUN_DIR/metrics/loss-curve.png, RUN_DIR/metrics/mask-check.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from prefect import task
+
+from tasks.recipe import Recipe
+from tasks.run import atomic_dir, atomic_write_json
+
+log = logging.getLogger("slipway.train")
+
+
+class MaskError(RuntimeError):
+    """The loss mask leaves nothing to learn, or covers tokens outside the assistant turn."""
+
+
+def tokenize_row(row: dict, tokenizer, max_length: int) -> dict:
+    """Tokenize one chat row; completion_mask marks the assistant answer and its end-of-turn token."""
+    messages = row["messages"]
+    prompt_ids = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True,
+                                               return_dict=False)
+    full_ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+    if full_ids[:len(prompt_ids)] != prompt_ids:
+        raise MaskError("the chat template renders the prompt differently with and without the answer; "
+                        "cannot locate the assistant turn")
+    mask = [0] * len(prompt_ids) + [1] * (len(full_ids) - len(prompt_ids))
+    return {"input_ids": full_ids[:max_length], "completion_mask": mask[:max_length]}
+
+
+def check_mask(tokenized: list[dict], rows: list[dict], tokenizer) -> dict:
+    """Measure what the loss sees: share of tokens trained on, and that they are the assistant's.
+
+    Raises:
+        MaskError: zero trainable label tokens, or trained-on text that is not the assistant answer.
+    """
+    total = sum(len(t["input_ids"]) for t in tokenized)
+    trained = sum(sum(t["completion_mask"]) for t in tokenized)
+    if trained == 0:
+        raise MaskError("zero trainable label tokens: every row was masked (prompt longer than max_length?)")
+    in_answer, checked = 0, 0
+    for tok, row in zip(tokenized[:50], rows[:50]):
+        ids = [i for i, m in zip(tok["input_ids"], tok["completion_mask"]) if m]
+        text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        answer = row["messages"][-1]["content"].strip()
+        checked += 1
+        in_answer += answer.startswith(text) or text.startswith(answer)
+    share = in_answer / checked
+    if share < 1.0:
+        raise MaskError(f"only {share:.0%} of checked rows train on exactly the assistant answer")
+    truncated = sum(1 for t, r in zip(tokenized, rows) if len(t["input_ids"]) < len(
+        tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=False)))
+    return {"rows": len(tokenized), "tokens": total, "label_tokens": trained,
+            "label_token_share": round(trained / total, 4), "assistant_share_of_labels": share,
+            "rows_truncated": truncated}
+
+
+def load_model(recipe: Recipe, base_dir: Path):
+    """Base model + tokenizer with LoRA attached, through Unsloth or plain transformers + PEFT."""
+    import torch
+
+    dtype = getattr(torch, recipe.model.dtype)
+    lora = recipe.lora
+    if recipe.training.backend == "unsloth":
+        try:
+            import unsloth  # noqa: F401  (must be imported before transformers/peft to patch them)
+            from unsloth import FastLanguageModel
+        except ImportError as exc:
+            raise RuntimeError("training.backend 'unsloth' needs `pip install unsloth` (GPU machines)") from exc
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=str(base_dir), max_seq_length=recipe.training.max_length, dtype=dtype,
+            load_in_4bit=recipe.model.load_in_4bit)
+        model = FastLanguageModel.get_peft_model(
+            model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            target_modules=lora.target_modules, bias="none", random_state=recipe.training.seed,
+            use_gradient_checkpointing="unsloth" if recipe.training.gradient_checkpointing else False)
+        return model, tokenizer
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    kwargs: dict = {"dtype": dtype}
+    if recipe.model.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
+    if recipe.model.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=recipe.training.gradient_checkpointing)
+    model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                             target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def plot_loss(history: list[dict], path: Path) -> None:
+    """Loss (and learning rate) against step: a person reads this faster than the JSON."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if points:
+        ax.plot(*zip(*points), marker=".", label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), marker="o", label="val loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (assistant tokens)")
+    ax.set_title("Training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _progress_callback():
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        """One line per logging step with ETA, so long CPU runs show where they are."""
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.start = time.time()
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or not logs:
+                return
+            elapsed = time.time() - self.start
+            eta = elapsed / max(state.global_step, 1) * (state.max_steps - state.global_step)
+            parts = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items())
+            print(f"[train] step {state.global_step}/{state.max_steps} {parts} "
+                  f"elapsed={elapsed:.0f}s eta={eta:.0f}s", flush=True)
+
+    return Progress()
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    """'auto' -> 'bf16' where the hardware computes it natively, else 'no'."""
+    import torch
+
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    flags = open("/proc/cpuinfo").read() if Path("/proc/cpuinfo").exists() else ""
+    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no"
+
+
+def train(recipe: Recipe, run_dir: Path, base_dir: Path) -> dict:
+    """Fine-tune and save the adapter; returns the training stats written to metrics/."""
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    cfg = recipe.training
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu and cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    precision = resolve_mixed_precision(cfg.mixed_precision)
+    model, tokenizer = load_model(recipe, base_dir)
+    rows = [json.loads(line) for line in open(run_dir / "data" / "train.jsonl")]
+    val_rows = [json.loads(line) for line in open(run_dir / "data" / "val.jsonl")]
+    tokenized = [tokenize_row(r, tokenizer, cfg.max_length) for r in rows]
+    mask_report = check_mask(tokenized, rows, tokenizer)
+    log.info("mask check: %s", mask_report)
+    print(f"[train] mask check: {mask_report}", flush=True)
+    val_tok = [tokenize_row(r, tokenizer, cfg.max_length) for r in val_rows]
+    args = SFTConfig(
+        output_dir=str(run_dir / "checkpoints"), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio
+        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, gradient_checkpointing=cfg.gradient_checkpointing,
+        max_length=cfg.max_length, seed=cfg.seed, data_seed=cfg.seed, logging_steps=cfg.logging_steps,
+        save_steps=cfg.save_steps, save_total_limit=2, eval_strategy="epoch" if val_tok else "no",
+        bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not on_gpu,
+        completion_only_loss=True, report_to=[], dataloader_num_workers=0,
+        train_sampling_strategy="group_by_length",  # similar lengths share a batch: less padding
+        ddp_find_unused_parameters=False if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        disable_tqdm=True)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and args.n_gpu > 1:
+        # One process seeing several GPUs would wrap the model in nn.DataParallel, which PEFT models do
+        # not survive; train on the first GPU and say how to use them all.
+        log.warning("%d GPUs visible to one process: training on the first only; set "
+                    "training.accelerate_config: ddp to use all of them", args.n_gpu)
+        args._n_gpu = 1
+    trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
+                         train_dataset=Dataset.from_list(tokenized),
+                         eval_dataset=Dataset.from_list(val_tok) if val_tok else None,
+                         callbacks=[_progress_callback()])
+    lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    start = time.time()
+    from transformers.trainer_utils import get_last_checkpoint
+
+    # A resumed run (flow parameter resume_from) picks up its optimizer, scheduler and data order here.
+    last = get_last_checkpoint(str(run_dir / "checkpoints")) if (run_dir / "checkpoints").is_dir() else None
+    if last:
+        print(f"[train] resuming from {last}", flush=True)
+    result = trainer.train(resume_from_checkpoint=last)
+    seconds = time.time() - start
+    changed = sum(int(not torch.equal(lora_before[n], p.detach()))
+                  for n, p in model.named_parameters() if n in lora_before)
+    history = trainer.state.log_history
+    losses = [h["loss"] for h in history if "loss" in h]
+    stats = {"train_rows": len(rows), "steps": trainer.state.global_step, "epochs": cfg.epochs,
+             "seconds": round(seconds, 1), "train_loss": result.training_loss,
+             "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+             "eval_loss": next((h["eval_loss"] for h in reversed(history) if "eval_loss" in h), None),
+             "tokens_seen": mask_report["tokens"] * cfg.epochs if cfg.max_steps < 0 else None,
+             "trainable_tensors_changed": changed, "trainable_tensors": len(lora_before),
+             "trainable_params": sum(p.numel() for p in lora_before.values()),
+             "mask": mask_report, "device": "cuda" if on_gpu else "cpu", "mixed_precision": precision,
+             "world_size": int(os.environ.get("WORLD_SIZE", "1")), "history": history}
+    if trainer.is_world_process_zero():
+        with atomic_dir(run_dir / "lora") as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        atomic_write_json(run_dir / "metrics" / "training-stats.json", stats)
+        atomic_write_json(run_dir / "metrics" / "mask-check.json", mask_report)
+        plot_loss(history, run_dir / "metrics" / "loss-curve.png")
+    if stats["final_loss"] is not None and not math.isfinite(stats["final_loss"]):
+        raise RuntimeError(f"training diverged: final loss {stats['final_loss']}")
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Train a LoRA adapter for a prepared Slipway run folder.")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--base", type=Path, required=True, help="local HF folder of the base model")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    recipe = Recipe.model_validate_json((args.run_dir / "recipe.json").read_text())
+    train(recipe, args.run_dir, args.base)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+ACCELERATE_DIR = Path(__file__).resolve().parents[2] / "accelerate_config"
+
+
+def resolve_accelerate_config(name_or_path: str) -> Path:
+    """'ddp' -> accelerate_config/ddp.yaml; a path is returned as is.
+
+    Raises:
+        ValueError: neither a known name nor an existing file, listing the known names.
+    """
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    candidate = ACCELERATE_DIR / f"{name_or_path}.yaml"
+    if candidate.exists():
+        return candidate
+    known = sorted(p.stem for p in ACCELERATE_DIR.glob("*.yaml"))
+    raise ValueError(f"training.accelerate_config {name_or_path!r}: not a file and not one of {known}")
+
+
+def training_command(recipe: Recipe, run_dir: Path, base_dir: Path) -> list[str]:
+    """The process that trains: plain Python, or `accelerate launch` (DDP / DeepSpeed ZeRO-2)."""
+    args = ["-m", "tasks.train.worker", str(run_dir), "--base", str(base_dir)]
+    if recipe.training.accelerate_config:
+        config = resolve_accelerate_config(recipe.training.accelerate_config)
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *args]
+    return [sys.executable, *args]
+
+
+@task(name="train-adapter")  # no retries: a failed training step is a bug or a bad config, not bad luck
+def train_adapter(recipe: Recipe, run_dir: Path, base_dir: Path) -> dict:
+    """Run training in its own process, streaming its progress lines into the Prefect log."""
+    import subprocess
+
+    from prefect.logging import get_run_logger
+    from tasks.run import stage_timer
+
+    logger = get_run_logger()
+    cmd = training_command(recipe, run_dir, base_dir)
+    logger.info("training: %s", " ".join(cmd))
+    log_path = run_dir / "metrics" / "train.log"
+    with stage_timer(run_dir, "train"), open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                cwd=Path(__file__).resolve().parents[2])
+        for line in proc.stdout:
+            log.write(line)
+            if line.startswith("[train]"):
+                logger.info(line.rstrip())
+        if proc.wait() != 0:
+            tail = "\n".join(log_path.read_text().splitlines()[-15:])
+            raise RuntimeError(f"training failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+    return json.loads((run_dir / "metrics" / "training-stats.json").read_text())

@@ -1,0 +1,46 @@
+import json
+
+import pytest
+
+from tasks.data.prepare import DatasetError, dedupe, load_examples, normalise, split_examples
+from tasks.recipe import DataConfig
+from conftest import ASSETS, REPO
+
+
+def test_published_dataset_loads_and_validates():
+    examples = load_examples(REPO / "data" / "slipstream-tqt.jsonl")
+    assert len(examples) == 2283
+    unique, removed = dedupe(examples)
+    assert removed == len(examples) - len(unique) and removed > 0
+
+
+def test_line_that_is_not_json_is_named(tmp_path):
+    lines = (ASSETS / "slipstream-tiny.jsonl").read_text().splitlines()
+    lines.insert(3, '{"conversations": [oops')
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError, match=rf"^{bad}:4: not valid JSON"):
+        load_examples(bad)
+
+
+def test_answer_that_breaks_the_protocol_is_named(tmp_path):
+    row = json.loads((ASSETS / "slipstream-tiny.jsonl").read_text().splitlines()[0])
+    row["conversations"][-1]["value"] = "THOUGHT: hm\nSLIP: SLIP v1 a b NotAnAnchor"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(row) + "\n")
+    with pytest.raises(DatasetError, match=rf"{bad}:1: assistant answer .* unknown anchor"):
+        load_examples(bad)
+
+
+def test_split_is_seeded_and_shares_no_prompt():
+    examples, _ = dedupe(load_examples(REPO / "data" / "slipstream-tqt.jsonl"))
+    cfg = DataConfig(val_ratio=0.05, test_ratio=0.1, seed=7)
+    first, second = split_examples(examples, cfg), split_examples(examples, cfg)
+    assert [e.prompt for e in first["test"]] == [e.prompt for e in second["test"]]
+    prompts = {name: {normalise(e.prompt) for e in part} for name, part in first.items()}
+    assert not prompts["train"] & prompts["test"]
+    assert not prompts["train"] & prompts["val"]
+    assert not prompts["val"] & prompts["test"]
+    assert sum(len(p) for p in first.values()) == len(examples)
+    other = split_examples(examples, DataConfig(seed=8))
+    assert [e.prompt for e in other["test"]] != [e.prompt for e in first["test"]]

@@ -1,0 +1,73 @@
+import pytest
+
+from tasks.eval.gates import GateFailed, enforce_gates, evaluate_gates
+from tasks.recipe import Recipe, load_recipe
+from tasks.release.report import render_eval_report, render_report
+
+
+def results(base, merged, served, **extra):
+    row = lambda a: {"anchor_accuracy": a, "strict_parse": a, "src_dst_accuracy": 0.0, "anchor_loose": a,
+                     "payload_f1": a, "rows": 10, "runner": "x", "tokens_per_second": 1.0, "latency_p50_s": 0.5,
+                     "per_anchor": {"RequestReview": a}, "cost": {"usd_per_1k_requests": 0.01, "basis": "$0.05/h"},
+                     "slip_tokens": {"rows": 10, "instruction": 200, "slip": 80, "json": 240,
+                                     "reduction_vs_instruction": 0.6, "reduction_vs_json": 0.6667}}
+    return {"base": row(base), "merged": row(merged), "gguf-q8_0": row(served)} | {k: row(v) for k, v in extra.items()}
+
+
+def training(*losses):
+    return {"history": [{"step": i, "loss": x} for i, x in enumerate(losses)], "mask": {}}
+
+
+def test_gates_pass_and_fail_with_numbers():
+    recipe = Recipe(name="x")
+    passing = evaluate_gates(recipe, results(0.0, 0.5, 0.48), "gguf-q8_0", training(3.0, 2.0, 1.2))
+    assert [g.name for g in passing] == ["baseline-established", "model-performance", "loss-converged",
+                                         "quantization-verified"]
+    assert [g.passed for g in passing] == [True, True, True, True]
+    failing = evaluate_gates(recipe, results(0.1, 0.2, 0.05), "gguf-q8_0", training(3.0, 7.0, 2.5))
+    assert [g.passed for g in failing] == [True, False, False, False]
+    assert failing[1].observed == "0.200 - 0.100 = +0.100"
+    assert failing[2].observed == "first 3.000, final 2.500, max 7.000 over 3 logged steps"
+    with pytest.raises(GateFailed, match="model-performance failed: 0.200 - 0.100 = \\+0.100"):
+        enforce_gates.fn([g.as_dict() for g in failing])
+    enforce_gates.fn([g.as_dict() for g in passing])   # nothing raised
+
+
+def test_loss_gate_catches_nan_and_a_loss_that_did_not_drop():
+    recipe = Recipe(name="x")
+    nan = evaluate_gates(recipe, results(0, 1, 1), "gguf-q8_0", training(3.0, float("nan"), 1.0))[2]
+    flat = evaluate_gates(recipe, results(0, 1, 1), "gguf-q8_0", training(3.0, 3.1))[2]
+    assert not nan.passed and not flat.passed
+
+
+def test_baseline_gate_needs_the_llm_when_the_recipe_names_one():
+    recipe = load_recipe("slipstream", {"baseline.source": "local-gguf"})
+    missing = evaluate_gates(recipe, results(0.1, 0.5, 0.5), "gguf-q8_0")
+    assert not missing[0].passed and "llm: not measured" in missing[0].observed
+    present = evaluate_gates(recipe, results(0.1, 0.5, 0.5, llm=0.7), "gguf-q8_0")
+    assert present[0].passed and "llm: 0.700 on 10 rows" in present[0].observed
+    assert present[1].observed.endswith("; LLM baseline 0.700 (merged -0.200)")
+
+
+def test_report_shows_every_model_gate_and_stage(tmp_path):
+    recipe = Recipe(name="x")
+    gates = [g.as_dict() for g in evaluate_gates(recipe, results(0.0, 0.1, 0.1), "gguf-q8_0", training(2, 1))]
+    text = render_report(recipe, tmp_path, results(0.0, 0.1, 0.1), gates, {"mask": {}},
+                         {"train": {"seconds": 12.0, "status": "ok"}}, {})
+    assert "gates FAILED" in text and "**FAIL**" in text
+    for label in ("| base |", "| merged |", "| gguf-q8_0 |", "| train | 12.0 | ok |", "| loss-converged | PASS |",
+                  "| RequestReview | 0.0% | 10.0% | 10.0% |", "| base | 10 | 200 | 80 | 240 | 60.0% | 66.7% |",
+                  "$0.0100 | $0.05/h |"):
+        assert label in text
+
+
+def test_eval_report_shows_the_decision_trail(tmp_path):
+    recipe = load_recipe("slipstream", {"baseline.source": "local-gguf"})
+    res = {k: v for k, v in results(0.1, 0.5, 0.5, llm=0.7).items() if k in ("base", "llm")}
+    decisions = [{"action": "fine-tune", "reason": "short", "metric": "anchor_accuracy", "margin": 0.05},
+                 {"action": "keep-llm", "reason": "still short", "metric": "anchor_accuracy", "margin": 0.05}]
+    finetune = {"run_dir": "/runs/x-finetune", "state": "Failed", "gates_passed": False,
+                "gates": [{"name": "model-performance", "passed": False, "threshold": "t", "observed": "o"}]}
+    text = render_eval_report(recipe, tmp_path, res, decisions, finetune, "data/x.jsonl (test split)")
+    assert "decision: **keep-llm**" in text and "| 1 | fine-tune | short |" in text
+    assert "gates FAILED" in text and "| model-performance | **FAIL** | t | o |" in text
