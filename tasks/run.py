@@ -1,8 +1,9 @@
-"""Run folders and atomic writes.
+"""The run folder: one class that owns every path of a run, plus atomic writes.
 
 Every run writes into its own folder `runs/<recipe>-<timestamp>/`; a file appears under its final name
 only when complete (write to a temp name, fsync, rename), and `COMPLETE` is written last, so a crashed
-run never looks complete.
+run never looks complete. No other module joins a path inside a run folder by string: they ask
+`RunFolder` (tests/run/test_run_paths.py greps for it).
 """
 
 from __future__ import annotations
@@ -12,14 +13,208 @@ import json
 import os
 import shutil
 import tempfile
+import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 from prefect import task
 
 RUN_SUBDIRS = ("data", "checkpoints", "lora", "merged", "gguf", "metrics")
 COMPLETE_MARKER = "COMPLETE"
+Split = Literal["train", "val", "test"]
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """Where each artifact of one run lives. Paths only: it creates sub-folders, never files.
+
+    `os.fspath(run)` and `Path(run)` give the folder itself, so a RunFolder goes wherever a path did.
+    """
+
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    def __fspath__(self) -> str:
+        return str(self.root)
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    # --- the run as a whole -------------------------------------------------------------------------
+    @property
+    def recipe_json(self) -> Path:
+        """The fully resolved recipe the run used (what the training process reads)."""
+        return self.root / "recipe.json"
+
+    @property
+    def complete_marker(self) -> Path:
+        return self.root / COMPLETE_MARKER
+
+    @property
+    def report_md(self) -> Path:
+        return self.root / "report.md"
+
+    # --- data ---------------------------------------------------------------------------------------
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    def split(self, name: str) -> Path:
+        """data/{train,val,test}.jsonl (and any other named row file of the run, e.g. an eval file's rows)."""
+        return self.data_dir / f"{name}.jsonl"
+
+    @property
+    def data_stats(self) -> Path:
+        return self.data_dir / "stats.json"
+
+    # --- training -----------------------------------------------------------------------------------
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def lora_dir(self) -> Path:
+        """The PEFT adapter and the training tokenizer."""
+        return self.root / "lora"
+
+    @property
+    def training_stats(self) -> Path:
+        return self.metrics_dir / "training-stats.json"
+
+    @property
+    def mask_check(self) -> Path:
+        return self.metrics_dir / "mask-check.json"
+
+    @property
+    def loss_curve(self) -> Path:
+        return self.metrics_dir / "loss-curve.png"
+
+    @property
+    def train_log(self) -> Path:
+        return self.metrics_dir / "train.log"
+
+    # --- export ---------------------------------------------------------------------------------------
+    @property
+    def merged_dir(self) -> Path:
+        return self.root / "merged"
+
+    @property
+    def gguf_dir(self) -> Path:
+        return self.root / "gguf"
+
+    def gguf(self, kind: str) -> Path:
+        """gguf/model-{f16,q8_0,q4_k_m,...}.gguf: the merged model in one GGUF type."""
+        return self.gguf_dir / f"model-{kind}.gguf"
+
+    @property
+    def lora_gguf(self) -> Path:
+        return self.gguf_dir / "lora-f16.gguf"
+
+    @property
+    def base_gguf(self) -> Path:
+        """The base model the LoRA GGUF applies to (the no-merge ADAPTER deployment)."""
+        return self.gguf_dir / "base-f16.gguf"
+
+    @property
+    def gguf_manifest(self) -> Path:
+        return self.gguf_dir / "manifest.json"
+
+    # --- evaluation -------------------------------------------------------------------------------------
+    @property
+    def metrics_dir(self) -> Path:
+        return self.root / "metrics"
+
+    @property
+    def eval_summary(self) -> Path:
+        """metrics/eval.json: every model's summary."""
+        return self.metrics_dir / "eval.json"
+
+    def eval_metrics(self, label: str) -> Path:
+        return self.metrics_dir / f"eval-{label}.json"
+
+    def predictions(self, label: str) -> Path:
+        return self.metrics_dir / f"predictions-{label}.jsonl"
+
+    def server_log(self, label: str) -> Path:
+        """The log of the llama-server that served `label` during evaluation."""
+        return self.metrics_dir / f"llama-server-{label}.log"
+
+    @property
+    def eval_chart(self) -> Path:
+        return self.metrics_dir / "eval-chart.png"
+
+    @property
+    def timings(self) -> Path:
+        return self.metrics_dir / "timings.json"
+
+    @property
+    def parity(self) -> Path:
+        return self.metrics_dir / "parity.json"
+
+    @property
+    def template_check(self) -> Path:
+        return self.metrics_dir / "template-check.json"
+
+    @property
+    def decision(self) -> Path:
+        return self.metrics_dir / "decision.json"
+
+    # --- deployment and release ---------------------------------------------------------------------------
+    @property
+    def deploy_dir(self) -> Path:
+        return self.root / "deploy"
+
+    @property
+    def modelfile(self) -> Path:
+        return self.deploy_dir / "Modelfile"
+
+    @property
+    def deploy_record(self) -> Path:
+        """deploy/deploy.json: what was deployed where (or why not)."""
+        return self.deploy_dir / "deploy.json"
+
+    def deploy_target_record(self, target: str) -> Path:
+        """deploy/{llamacpp,ollama}.json: the target's own record (pid, command, model digest ...)."""
+        return self.deploy_dir / f"{target}.json"
+
+    @property
+    def deploy_server_log(self) -> Path:
+        return self.deploy_dir / "llama-server.log"
+
+    @property
+    def release_dir(self) -> Path:
+        return self.root / "release"
+
+    @property
+    def release_model_dir(self) -> Path:
+        return self.release_dir / "model"
+
+    @property
+    def release_dataset_dir(self) -> Path:
+        return self.release_dir / "dataset"
+
+    @property
+    def publish_record(self) -> Path:
+        return self.release_dir / "publish.json"
+
+    def resolve(self, relative: str | Path) -> Path:
+        """A path recorded relative to the run folder (manifests, Modelfile FROM lines) made absolute."""
+        return self.root / relative
+
+    def relative(self, path: str | Path) -> str:
+        return str(Path(path).relative_to(self.root))
+
+    def is_complete(self) -> bool:
+        return self.complete_marker.exists()
 
 
 def slipway_home() -> Path:
@@ -38,7 +233,7 @@ def new_run_dir(output_root: str | Path, recipe_name: str, run_name: str | None 
         n += 1
         run_dir = base.with_name(f"{base.name}-{n}")
     for sub in RUN_SUBDIRS:
-        (run_dir / sub).mkdir(parents=True)
+        run_dir.joinpath(sub).mkdir(parents=True)
     return run_dir
 
 
@@ -58,6 +253,16 @@ def atomic_write_text(path: Path, text: str) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def read_jsonl(path: str | Path, missing_ok: bool = False) -> list[dict]:
+    """Every non-blank line of a JSONL file the project wrote itself (user files go through the
+    validating readers in tasks/data, which name the bad line)."""
+    path = Path(path)
+    if missing_ok and not path.exists():
+        return []
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
 
 
 def atomic_write_json(path: Path, obj) -> Path:
@@ -84,27 +289,25 @@ def atomic_dir(target: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def mark_complete(run_dir: Path, summary: dict) -> None:
+def mark_complete(run_dir: Path | RunFolder, summary: dict) -> None:
     """Written last: its presence means every stage finished (gates may still have failed)."""
-    atomic_write_json(Path(run_dir) / COMPLETE_MARKER, summary)
+    atomic_write_json(RunFolder(Path(run_dir)).complete_marker, summary)
 
 
-def is_complete(run_dir: Path) -> bool:
-    return (Path(run_dir) / COMPLETE_MARKER).exists()
+def is_complete(run_dir: Path | RunFolder) -> bool:
+    return RunFolder(Path(run_dir)).is_complete()
 
 
 @contextlib.contextmanager
-def stage_timer(run_dir: Path, stage: str) -> Iterator[None]:
+def stage_timer(run_dir: Path | RunFolder, stage: str) -> Iterator[None]:
     """Record how long a stage took in metrics/timings.json (the report's timing table)."""
-    import time
-
     start = time.time()
     status = "failed"
     try:
         yield
         status = "ok"
     finally:
-        path = Path(run_dir) / "metrics" / "timings.json"
+        path = RunFolder(Path(run_dir)).timings
         timings = json.loads(path.read_text()) if path.exists() else {}
         timings[stage] = {"seconds": round(time.time() - start, 1), "status": status}
         atomic_write_json(path, timings)
@@ -120,14 +323,14 @@ def create_run_folder(output_root: str, recipe, run_name: str | None = None, res
         ValueError: the folder to resume is complete, missing, or was made with another recipe.
     """
     if resume_from:
-        run_dir = Path(resume_from).resolve()
-        if not (run_dir / "recipe.json").exists():
-            raise ValueError(f"resume_from {run_dir}: not a run folder (no recipe.json)")
-        if is_complete(run_dir):
-            raise ValueError(f"resume_from {run_dir}: that run completed; start a new one")
-        if (run_dir / "recipe.json").read_text() != recipe.model_dump_json(indent=2):
-            raise ValueError(f"resume_from {run_dir}: made with a different recipe; resume with the same one")
-        return run_dir
-    run_dir = new_run_dir(output_root, recipe.name, run_name)
-    atomic_write_text(run_dir / "recipe.json", recipe.model_dump_json(indent=2))
-    return run_dir.resolve()
+        run = RunFolder(Path(resume_from).resolve())
+        if not run.recipe_json.exists():
+            raise ValueError(f"resume_from {run}: not a run folder (no recipe.json)")
+        if run.is_complete():
+            raise ValueError(f"resume_from {run}: that run completed; start a new one")
+        if run.recipe_json.read_text() != recipe.model_dump_json(indent=2):
+            raise ValueError(f"resume_from {run}: made with a different recipe; resume with the same one")
+        return run.root
+    run = RunFolder(new_run_dir(output_root, recipe.name, run_name).resolve())
+    atomic_write_text(run.recipe_json, recipe.model_dump_json(indent=2))
+    return run.root
