@@ -206,6 +206,19 @@ class RunFolder:
     def publish_record(self) -> Path:
         return self.release_dir / "publish.json"
 
+    @property
+    def modelfile_record(self) -> Path:
+        """deploy/modelfile.json: the Modelfile's mode, FROM, ADAPTER and stop tokens."""
+        return self.deploy_dir / "modelfile.json"
+
+    def deployed(self, modelfile_path: str | Path) -> Path:
+        """A Modelfile FROM/ADAPTER path (written relative to deploy/) made absolute."""
+        return (self.deploy_dir / modelfile_path).resolve()
+
+    def relative_to_deploy(self, path: str | Path) -> str:
+        """How the Modelfile in deploy/ names a file of the run: `../gguf/model-q8_0.gguf`."""
+        return os.path.relpath(path, self.deploy_dir)
+
     def resolve(self, relative: str | Path) -> Path:
         """A path recorded relative to the run folder (manifests, Modelfile FROM lines) made absolute."""
         return self.root / relative
@@ -263,6 +276,14 @@ def read_jsonl(path: str | Path, missing_ok: bool = False) -> list[dict]:
         return []
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def read_json(path: str | Path, missing_ok: bool = False):
+    """A JSON file the project wrote itself; None when it is missing and `missing_ok`."""
+    path = Path(path)
+    if missing_ok and not path.exists():
+        return None
+    return json.loads(path.read_text())
 
 
 def atomic_write_json(path: Path, obj) -> Path:

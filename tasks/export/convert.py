@@ -22,7 +22,7 @@ from prefect import task
 
 from tasks.llamacpp import build as llamacpp
 from tasks.recipe import ExportConfig
-from tasks.run import atomic_dir, atomic_write_json, stage_timer
+from tasks.run import RunFolder, atomic_dir, atomic_write_json, stage_timer
 
 # GGUF types produced by the converter directly vs. by llama-quantize from the f16 file.
 CONVERTER_TYPES = {"f16", "bf16"}
@@ -154,51 +154,53 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(run_dir: Path, artifacts: dict[str, Path]) -> dict:
+def write_manifest(run_dir: RunFolder | Path, artifacts: dict[str, Path]) -> dict:
     """Size and sha256 of every exported artifact (each file of a folder), in gguf/manifest.json."""
+    run = RunFolder(run_dir)
     manifest = {}
     for name, path in artifacts.items():
         path = Path(path)
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        entry = {"path": str(path.relative_to(run_dir)), "bytes": sum(f.stat().st_size for f in files),
+        entry = {"path": run.relative(path), "bytes": sum(f.stat().st_size for f in files),
                  "sha256": sha256_file(files[0]) if not path.is_dir() else None,
-                 "files": {str(f.relative_to(run_dir)): sha256_file(f) for f in files} if path.is_dir() else None}
+                 "files": {run.relative(f): sha256_file(f) for f in files} if path.is_dir() else None}
         if path.suffix == ".gguf":
             # model-q8_0.gguf -> q8_0; every GGUF here was written by the one pinned llama.cpp
             entry.update(format="gguf", type=path.stem.split("-")[-1],
                          tool=f"llama.cpp (llama-cpp-python {llamacpp.LLAMA_CPP_PYTHON_VERSION})")
         manifest[name] = entry
-    atomic_write_json(run_dir / "gguf" / "manifest.json", manifest)
+    atomic_write_json(run.gguf_manifest, manifest)
     return manifest
 
 
 @task(name="merge-adapter")
-def merge_lora_adapter(run_dir: Path, base_dir: Path) -> Path:
-    """run/merged: base + adapter folded into one 16-bit HF model."""
-    with stage_timer(run_dir, "merge"):
-        return merge_adapter(base_dir, run_dir / "lora", run_dir / "merged")
+def merge_lora_adapter(run_dir: RunFolder | Path, base_dir: Path) -> Path:
+    """run/merged: base + adapter folded into one 16-bit HF model; returns that folder."""
+    run = RunFolder(run_dir)
+    with stage_timer(run, "merge"):
+        return merge_adapter(base_dir, run.lora_dir, run.merged_dir)
 
 
 @task(name="export-gguf")
-def export_gguf(run_dir: Path, base_dir: Path, cfg: ExportConfig) -> dict[str, str]:
+def export_gguf(run_dir: RunFolder | Path, base_dir: Path, cfg: ExportConfig) -> dict[str, str]:
     """run/gguf: the merged model in every requested GGUF type, the adapter as GGUF (plus the f16 base it
     applies to), and a manifest; returns {type or "lora"/"base": path}.
 
     Raises:
         ExportError: one message for a missing tool, an unsupported architecture or a failed step.
     """
-    with stage_timer(run_dir, "export"):
-        preflight(run_dir / "merged", need_quantizer=any(t in QUANTIZE_TYPES for t in cfg.gguf_types))
-        out = run_dir / "gguf"
+    run = RunFolder(run_dir)
+    with stage_timer(run, "export"):
+        preflight(run.merged_dir, need_quantizer=any(t in QUANTIZE_TYPES for t in cfg.gguf_types))
         files: dict[str, Path] = {}
         # f16 is the quantizer's input, so it is always made (and kept: it is the reference GGUF).
         for outtype in ["f16"] + [t for t in cfg.gguf_types if t == "bf16"]:
-            files[outtype] = convert_hf_to_gguf(run_dir / "merged", out / f"model-{outtype}.gguf", outtype)
+            files[outtype] = convert_hf_to_gguf(run.merged_dir, run.gguf(outtype), outtype)
         for qtype in (t for t in cfg.gguf_types if t in QUANTIZE_TYPES):
-            files[qtype] = quantize_gguf(files["f16"], out / f"model-{qtype}.gguf", qtype)
+            files[qtype] = quantize_gguf(files["f16"], run.gguf(qtype), qtype)
         if cfg.lora_gguf:
-            files["lora"] = convert_lora_to_gguf(run_dir / "lora", base_dir, out / "lora-f16.gguf")
+            files["lora"] = convert_lora_to_gguf(run.lora_dir, base_dir, run.lora_gguf)
             # The ADAPTER deployment and the adapter's parity row need the base it applies to, as GGUF.
-            files["base"] = convert_hf_to_gguf(base_dir, out / "base-f16.gguf", "f16")
-        write_manifest(run_dir, {**files, "merged": run_dir / "merged", "adapter": run_dir / "lora"})
+            files["base"] = convert_hf_to_gguf(base_dir, run.base_gguf, "f16")
+        write_manifest(run, {**files, "merged": run.merged_dir, "adapter": run.lora_dir})
     return {name: str(path) for name, path in files.items()}

@@ -24,12 +24,13 @@ from pathlib import Path
 
 from prefect import task
 
+from tasks.llamacpp.serve import llama_server
+from tasks.markdown import cell
 from tasks.ollama.gotemplate import GoTemplateError
-from tasks.ollama.modelfile import Modelfile
+from tasks.ollama.modelfile import Modelfile, deployed_artifact
 from tasks.ollama.prompt import render_ollama_chat
 from tasks.recipe import Recipe
-from tasks.run import atomic_write_json, stage_timer
-from tasks.llamacpp.serve import llama_server
+from tasks.run import RunFolder, atomic_write_json, read_json, read_jsonl, stage_timer
 from tasks.train.worker import tokenize_row
 
 GATE_NAME = "template-verified"
@@ -165,23 +166,6 @@ def run_template_check(model_path: Path, rows: list[dict], tokenizer, modelfile:
             "first_failure": f"{failed[0]['check']}, {failed[0]['sample']}: {failed[0]['detail']}" if failed else None}
 
 
-def deployed_artifact(run_dir: Path, modelfile: Modelfile) -> tuple[Path, Path | None]:
-    """The GGUF (and LoRA) that the Modelfile deploys, resolved against the Modelfile's folder."""
-    here = run_dir / "deploy"
-    model = (here / modelfile.from_).resolve()
-    if not model.exists() and modelfile.adapter:
-        # FROM an Ollama model: deploy checks it is the adapter's base; serve that base from the export.
-        model = run_dir / "gguf" / "base-f16.gguf"
-    if not model.exists():
-        raise TemplateCheckError(f"Modelfile FROM {modelfile.from_!r} is not a local GGUF ({model}); "
-                                 "the template check needs the file to serve")
-    return model, (here / modelfile.adapter).resolve() if modelfile.adapter else None
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|")   # a literal | inside a Markdown table cell (<|im_end|>)
-
-
 def gate(result: dict) -> dict:
     """The gate record (same shape as tasks.eval.gates.Gate.as_dict())."""
     n = len(result["checks"])
@@ -189,50 +173,56 @@ def gate(result: dict) -> dict:
     return {"name": GATE_NAME, "passed": result["passed"],
             "threshold": "deployed prompt tokens == training tokens; end-of-turn token stops generation",
             # escaped: gate records are rendered as Markdown table rows (report, Prefect artifact)
-            "observed": f"{n - failed}/{n} checks passed" + (f"; {_cell(result['first_failure'])}" if failed else "")}
+            "observed": f"{n - failed}/{n} checks passed" + (f"; {cell(result['first_failure'])}" if failed else "")}
 
 
-def check_run(run_dir: Path, n_samples: int = 3) -> dict:
-    """Check the run folder's deploy/Modelfile and the GGUF it names, as they are on disk now."""
+def check_run(run_dir: RunFolder | Path, n_samples: int = 3) -> dict:
+    """Check the run folder's deploy/Modelfile and the GGUF it names, as they are on disk now; the result is
+    also written to metrics/template-check.json.
+
+    Raises:
+        ModelfileError: the Modelfile names no local GGUF to serve.
+        TemplateCheckError: a trained answer ends with no special token (nothing could stop generation).
+        ServerError: llama-server did not come up.
+    """
     from transformers import AutoTokenizer
 
-    modelfile = Modelfile.parse((run_dir / "deploy" / "Modelfile").read_text())
-    model, lora = deployed_artifact(run_dir, modelfile)
-    rows = [json.loads(line) for line in open(run_dir / "data" / "test.jsonl") if line.strip()]
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / "lora")
-    result = run_template_check(model, rows, tokenizer, modelfile, run_dir / "metrics" / "llama-server-template.log",
-                                lora_path=lora, n_samples=n_samples)
-    atomic_write_json(run_dir / "metrics" / "template-check.json", result)
+    run = RunFolder(run_dir)
+    modelfile = Modelfile.read(run.modelfile)
+    model, lora = deployed_artifact(run, modelfile)
+    tokenizer = AutoTokenizer.from_pretrained(run.lora_dir)
+    result = run_template_check(model, read_jsonl(run.split("test")), tokenizer, modelfile,
+                                run.server_log("template"), lora_path=lora, n_samples=n_samples)
+    atomic_write_json(run.template_check, result)
     return result
 
 
 @task(name="verify-chat-template")
-def verify_chat_template(run_dir: Path, recipe: Recipe) -> dict:
+def verify_chat_template(run_dir: RunFolder | Path, recipe: Recipe) -> dict:
     """The template-verified gate record for the run's Modelfile and deployed GGUF (metrics/template-check.json)."""
     with stage_timer(run_dir, "template-check"):
         result = check_run(run_dir, recipe.export.template_samples)
     return gate(result)
 
 
-def render_section(run_dir: Path) -> list[str]:
+def render_section(run_dir: RunFolder | Path) -> list[str]:
     """Report lines for metrics/template-check.json (empty when the run has none)."""
-    path = run_dir / "metrics" / "template-check.json"
-    if not path.exists():
+    result = read_json(RunFolder(run_dir).template_check, missing_ok=True)
+    if result is None:
         return []
-    result = json.loads(path.read_text())
     lines = ["## Template check", "",
              f"Deployed artifact `{Path(result['artifact']).name}`"
              + (f" + adapter `{Path(result['lora']).name}`" if result.get("lora") else "")
              + f", {result['samples']} sample conversations: **{'PASS' if result['passed'] else 'FAIL'}**", "",
              "| check | sample | verdict | detail |", "|---|---|---|---|"]
     lines += [f"| {c['check']} | {c['sample']} | {'PASS' if c['passed'] else '**FAIL**'} | "
-              f"{_cell(c['detail'])} |" for c in result["checks"]]
+              f"{cell(c['detail'])} |" for c in result["checks"]]
     return lines + [""]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Check a run's deployed chat template against training.")
-    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("run_dir", type=RunFolder)
     parser.add_argument("--samples", type=int, default=3)
     args = parser.parse_args(argv)
     result = check_run(args.run_dir, args.samples)

@@ -4,7 +4,7 @@
 server log in the run folder, restarts a server that died or stopped answering, and stops it cleanly
 (terminate, then kill). `llama_server(...)` is the same as a `with` block for evaluations.
 
-Run one in the foreground, restarted if it crashes, until Ctrl-C / SIGTERM:
+Run one in the foreground, restarted if it crashes, until Ctrl-C / SIGTERM (`serve_run`, `stop_run`):
     python -m tasks.llamacpp.serve run RUN_DIR            # serves what RUN_DIR/deploy/Modelfile deploys
     python -m tasks.llamacpp.serve stop RUN_DIR           # stops a server left running by deploy.keep_running
 """
@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Iterator
 
 from tasks.llamacpp import build as llamacpp
+from tasks.ollama.modelfile import Modelfile, deployed_artifact
+from tasks.run import RunFolder, atomic_write_json
 
 
 class ServerError(RuntimeError):
@@ -234,30 +236,41 @@ def stop_recorded(record_path: Path) -> bool:
         else:
             os.kill(pid, signal.SIGKILL)
     record["running"] = False
-    from tasks.run import atomic_write_json
     atomic_write_json(record_path, record)
     return True
+
+
+def serve_run(run_dir: RunFolder | Path, host: str = "127.0.0.1", port: int = 0, parallel: int = 2) -> None:
+    """Serve what the run's deploy/Modelfile deploys until Ctrl-C / SIGTERM, restarting a crashed server;
+    the log goes to deploy/llama-server.log.
+
+    Raises:
+        ModelfileError: the Modelfile names no local GGUF to serve.
+        ServerError: the server did not come up, or crashed more than its restart budget.
+    """
+    run = RunFolder(run_dir)
+    model, lora = deployed_artifact(run, Modelfile.read(run.modelfile))
+    serve_forever(ManagedLlamaServer(model, run.deploy_server_log, alias=run.name, host=host, port=port,
+                                     parallel=parallel, lora_path=lora))
+
+
+def stop_run(run_dir: RunFolder | Path) -> bool:
+    """Stop the server the run's llama.cpp deployment left running; False when none is recorded as running."""
+    return stop_recorded(RunFolder(run_dir).deploy_target_record("llamacpp"))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Serve a run's deployed GGUF with llama.cpp.")
     parser.add_argument("command", choices=["run", "stop"])
-    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("run_dir", type=RunFolder)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--parallel", type=int, default=2)
     args = parser.parse_args(argv)
     if args.command == "stop":
-        stopped = stop_recorded(args.run_dir / "deploy" / "llamacpp.json")
-        print("stopped" if stopped else "no running server recorded")
-        return 0
-    from tasks.ollama.modelfile import Modelfile
-    from tasks.export.template_check import deployed_artifact
-
-    modelfile = Modelfile.parse((args.run_dir / "deploy" / "Modelfile").read_text())
-    model, lora = deployed_artifact(args.run_dir, modelfile)
-    serve_forever(ManagedLlamaServer(model, args.run_dir / "deploy" / "llama-server.log", alias=args.run_dir.name,
-                                     host=args.host, port=args.port, parallel=args.parallel, lora_path=lora))
+        print("stopped" if stop_run(args.run_dir) else "no running server recorded")
+    else:
+        serve_run(args.run_dir, args.host, args.port, args.parallel)
     return 0
 
 

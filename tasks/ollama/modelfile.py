@@ -23,14 +23,15 @@ from tasks.ollama.adapter_guard import (base_identity, check_adapter_deployable,
 from tasks.ollama.gotemplate import GoTemplateError
 from tasks.ollama.prompt import render_ollama_chat
 from tasks.recipe import Recipe
-from tasks.run import atomic_write_json, atomic_write_text
+from tasks.run import RunFolder, atomic_write_json, atomic_write_text
 
 _SENTINELS = {"system": "SLIPWAY-SYSTEM-7f1c", "user": "SLIPWAY-USER-2b9e", "assistant": "SLIPWAY-ASSISTANT-c45d",
               "user2": "SLIPWAY-USER-8d03"}
 
 
 class ModelfileError(ValueError):
-    """The chat template cannot be expressed as an Ollama TEMPLATE, or a Modelfile cannot be parsed."""
+    """The chat template cannot be expressed as an Ollama TEMPLATE, a Modelfile cannot be parsed, or it names
+    no local file to serve."""
 
 
 # ------------------------------------------------------------------------------- chat format derivation
@@ -222,6 +223,28 @@ class Modelfile:
         return cls(from_=values["FROM"], template=values.get("TEMPLATE"), system=values.get("SYSTEM"),
                    adapter=values.get("ADAPTER"), parameters=params, license=values.get("LICENSE"))
 
+    @classmethod
+    def read(cls, path: Path) -> "Modelfile":
+        """Parse a Modelfile Slipway wrote (strict)."""
+        return cls.parse(Path(path).read_text())
+
+
+def deployed_artifact(run: RunFolder | Path, modelfile: Modelfile) -> tuple[Path, Path | None]:
+    """The GGUF (and LoRA GGUF) that the run's Modelfile deploys; FROM and ADAPTER are relative to deploy/.
+
+    Raises:
+        ModelfileError: FROM is not a local GGUF (and, with an ADAPTER, the export has no base GGUF to serve).
+    """
+    run = RunFolder(run)
+    model = run.deployed(modelfile.from_)
+    if not model.exists() and modelfile.adapter:
+        # FROM an Ollama model: deploy checks it is the adapter's base; serve that base from the export.
+        model = run.base_gguf
+    if not model.exists():
+        raise ModelfileError(f"Modelfile FROM {modelfile.from_!r} is not a local GGUF ({model}); "
+                             "serving it needs the file")
+    return model, run.deployed(modelfile.adapter) if modelfile.adapter else None
+
 
 def build_modelfile(tokenizer, from_: str, system: str, adapter: str | None = None) -> Modelfile:
     """A Modelfile whose TEMPLATE, stop tokens and SYSTEM are the training ones; sampling is greedy, as evaluated.
@@ -242,9 +265,9 @@ def build_modelfile(tokenizer, from_: str, system: str, adapter: str | None = No
 # ------------------------------------------------------------------------------------------------ task
 
 @task(name="write-modelfile")
-def write_modelfile(run_dir: Path, recipe: Recipe, ggufs: dict[str, str]) -> dict:
+def write_modelfile(run_dir: RunFolder | Path, recipe: Recipe, ggufs: dict[str, str]) -> Path:
     """run/deploy/Modelfile for the recipe's deploy.artifact, with TEMPLATE/SYSTEM/stop from the training
-    tokenizer; returns {"path", "mode", "from", "adapter", "stop"}.
+    tokenizer (and deploy/modelfile.json: its mode, FROM, ADAPTER and stop); returns the Modelfile's path.
 
     Raises:
         ModelfileError: the chat template cannot be written as an Ollama TEMPLATE.
@@ -252,14 +275,13 @@ def write_modelfile(run_dir: Path, recipe: Recipe, ggufs: dict[str, str]) -> dic
     """
     from transformers import AutoTokenizer
 
-    deploy_dir = run_dir / "deploy"
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / "lora")
+    run = RunFolder(run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(run.lora_dir)
     system = recipe.model.system_prompt
     header = (f"Slipway {recipe.name}: TEMPLATE, SYSTEM and stop come from the training tokenizer's chat "
               "template.\nCreate with: ollama create <name> -f Modelfile")
     if recipe.deploy.artifact == "merged":
-        gguf = Path(ggufs[recipe.export.serve_type])
-        mf = build_modelfile(tokenizer, f"../gguf/{gguf.name}", system)
+        mf = build_modelfile(tokenizer, run.relative_to_deploy(run.gguf(recipe.export.serve_type)), system)
     else:
         lora = Path(ggufs["lora"])
         trained_kv, _ = gguf_metadata(Path(ggufs["base"]))
@@ -267,14 +289,14 @@ def write_modelfile(run_dir: Path, recipe: Recipe, ggufs: dict[str, str]) -> dic
             # A registry model: its identity is checked against Ollama's /api/show at deploy time.
             from_, from_kv, from_tensors = recipe.deploy.ollama_base, trained_kv, None
         else:
-            from_ = f"../gguf/{Path(ggufs['base']).name}"
+            from_ = run.relative_to_deploy(run.base_gguf)
             from_kv, from_tensors = gguf_metadata(Path(ggufs["base"]))
         check_adapter_deployable(lora, base_identity(trained_kv), base_identity(from_kv), from_tensors,
-                                 quantized_training_reason(recipe, run_dir / "lora"),
+                                 quantized_training_reason(recipe, run.lora_dir),
                                  recipe.deploy.allow_qlora_adapter)
-        mf = build_modelfile(tokenizer, from_, system, adapter=f"../gguf/{lora.name}")
-    path = atomic_write_text(deploy_dir / "Modelfile", mf.render(header))
+        mf = build_modelfile(tokenizer, from_, system, adapter=run.relative_to_deploy(run.lora_gguf))
+    path = atomic_write_text(run.modelfile, mf.render(header))
     info = {"path": str(path), "mode": recipe.deploy.artifact, "from": mf.from_, "adapter": mf.adapter,
             "stop": mf.stop}
-    atomic_write_json(deploy_dir / "modelfile.json", info)
-    return info
+    atomic_write_json(run.modelfile_record, info)
+    return path

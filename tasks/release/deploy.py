@@ -12,43 +12,42 @@ Writes deploy/<target>.json.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from prefect import task
 
+from tasks.eval import parity
 from tasks.eval.evaluate import generate_openai
-from tasks.ollama.adapter_guard import ModelfileRefused, base_identity, gguf_metadata
-from tasks.ollama.modelfile import Modelfile
-from tasks.recipe import DeployConfig, Recipe
-from tasks.run import atomic_write_json, stage_timer
+from tasks.export import template_check
 from tasks.llamacpp.serve import ManagedLlamaServer
-from tasks.export.template_check import deployed_artifact
+from tasks.ollama.adapter_guard import ModelfileRefused, base_identity, gguf_metadata
+from tasks.ollama.modelfile import Modelfile, deployed_artifact
+from tasks.recipe import DeployConfig, Recipe
+from tasks.run import RunFolder, atomic_write_json, read_json, read_jsonl, stage_timer
 
 
 class DeployError(RuntimeError):
     """A deployment step failed; the message names the step and the server's answer."""
 
 
-def _test_row(run_dir: Path) -> dict:
-    with open(run_dir / "data" / "test.jsonl") as fh:
-        return json.loads(next(line for line in fh if line.strip()))
+def _test_row(run: RunFolder) -> dict:
+    return read_jsonl(run.split("test"))[0]
 
 
 def model_name(recipe: Recipe) -> str:
     return recipe.deploy.ollama_model or f"slipway-{recipe.name}".lower().replace("_", "-")
 
 
-def deploy_llamacpp(run_dir: Path, recipe: Recipe, max_new_tokens: int) -> dict:
-    """Serve the Modelfile's artifact with a managed llama-server and answer one test chat."""
+def deploy_llamacpp(run_dir: RunFolder | Path, recipe: Recipe, max_new_tokens: int) -> dict:
+    """Serve the Modelfile's artifact with a managed llama-server and answer one test chat (deploy/llamacpp.json)."""
+    run = RunFolder(run_dir)
     cfg = recipe.deploy
-    modelfile = Modelfile.parse((run_dir / "deploy" / "Modelfile").read_text())
-    model, lora = deployed_artifact(run_dir, modelfile)
-    server = ManagedLlamaServer(model, run_dir / "deploy" / "llama-server.log", alias=model_name(recipe),
+    model, lora = deployed_artifact(run, Modelfile.read(run.modelfile))
+    server = ManagedLlamaServer(model, run.deploy_server_log, alias=model_name(recipe),
                                 host=cfg.host, port=cfg.port, parallel=cfg.parallel, lora_path=lora)
     server.start()
     try:
-        row = _test_row(run_dir)
+        row = _test_row(run)
         answers, tokens = generate_openai(server.base_url, server.alias, [row], max_new_tokens, concurrency=1)
         record = {"target": "llamacpp", "base_url": server.base_url, "model": server.alias, "artifact": str(model),
                   "lora": str(lora) if lora else None, "pid": server.process.pid, "command": server.command(),
@@ -57,7 +56,7 @@ def deploy_llamacpp(run_dir: Path, recipe: Recipe, max_new_tokens: int) -> dict:
     finally:
         if not cfg.keep_running:
             server.stop()
-    atomic_write_json(run_dir / "deploy" / "llamacpp.json", record)
+    atomic_write_json(run.deploy_target_record("llamacpp"), record)
     return record
 
 
@@ -96,9 +95,9 @@ def push_blob(client, path: Path, sha256: str) -> str:
     return digest
 
 
-def _manifest_digests(run_dir: Path) -> dict[Path, str]:
-    manifest = json.loads((run_dir / "gguf" / "manifest.json").read_text())
-    return {(run_dir / a["path"]).resolve(): a["sha256"] for a in manifest.values() if a.get("sha256")}
+def _manifest_digests(run: RunFolder) -> dict[Path, str]:
+    manifest = read_json(run.gguf_manifest)
+    return {run.resolve(a["path"]).resolve(): a["sha256"] for a in manifest.values() if a.get("sha256")}
 
 
 def check_registry_base(client, base: str, trained_base_gguf: Path) -> None:
@@ -116,8 +115,8 @@ def check_registry_base(client, base: str, trained_base_gguf: Path) -> None:
                                    f"{value!r} for the base it was trained on, {got[key]!r} in Ollama")
 
 
-def deploy_ollama(run_dir: Path, recipe: Recipe, max_new_tokens: int) -> dict:
-    """Create the model on an Ollama server from the run's Modelfile and answer one test chat.
+def deploy_ollama(run_dir: RunFolder | Path, recipe: Recipe, max_new_tokens: int) -> dict:
+    """Create the model on an Ollama server from the run's Modelfile and answer one test chat (deploy/ollama.json).
 
     Raises:
         DeployError: a rejected blob, a changed artifact, or a create/show/chat the server refused.
@@ -125,24 +124,24 @@ def deploy_ollama(run_dir: Path, recipe: Recipe, max_new_tokens: int) -> dict:
     """
     import ollama
 
+    run = RunFolder(run_dir)
     cfg: DeployConfig = recipe.deploy
     client = ollama.Client(host=cfg.ollama_host, timeout=600)
-    here = run_dir / "deploy"
-    modelfile = Modelfile.parse((here / "Modelfile").read_text())
-    digests = _manifest_digests(run_dir)
+    modelfile = Modelfile.read(run.modelfile)
+    digests = _manifest_digests(run)
 
     def upload(rel: str) -> tuple[str, str]:
-        path = (here / rel).resolve()
+        path = run.deployed(rel)
         if path not in digests:
             raise DeployError(f"{rel}: not an exported artifact of this run (no sha256 in gguf/manifest.json)")
         return path.name, push_blob(client, path, digests[path])
 
     files, from_ = {}, None
-    if (here / modelfile.from_).resolve().exists():
+    if run.deployed(modelfile.from_).exists():
         files = dict([upload(modelfile.from_)])
     else:
         from_ = modelfile.from_
-        check_registry_base(client, from_, run_dir / "gguf" / "base-f16.gguf")
+        check_registry_base(client, from_, run.base_gguf)
     adapters = dict([upload(modelfile.adapter)]) if modelfile.adapter else None
     name = model_name(recipe)
     params = _parameters(modelfile)
@@ -154,7 +153,7 @@ def deploy_ollama(run_dir: Path, recipe: Recipe, max_new_tokens: int) -> dict:
         if (shown.template, stored.system, stored.stop) != (modelfile.template, modelfile.system, modelfile.stop):
             raise DeployError(f"ollama show {name}: the stored TEMPLATE / SYSTEM / stop differ from deploy/Modelfile "
                               f"(stop {stored.stop} vs {modelfile.stop})")
-        row = _test_row(run_dir)
+        row = _test_row(run)
         # No system message: the Modelfile's SYSTEM must fill it in, as it will for users.
         reply = client.chat(model=name, messages=row["messages"][1:-1], stream=False,
                             options={"num_predict": max_new_tokens})
@@ -165,7 +164,7 @@ def deploy_ollama(run_dir: Path, recipe: Recipe, max_new_tokens: int) -> dict:
               "adapters": adapters or {}, "parameters": params, "details": dict(shown.details or {}),
               "test_chat": {"prompt": row["messages"][-2]["content"], "answer": reply.message.content,
                             "done_reason": reply.done_reason}}
-    atomic_write_json(run_dir / "deploy" / "ollama.json", record)
+    atomic_write_json(run.deploy_target_record("ollama"), record)
     return record
 
 
@@ -176,27 +175,28 @@ def _transient(task, task_run, state) -> bool:
 
 
 @task(name="deploy-model", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient)
-def deploy_model(run_dir: Path, recipe: Recipe, gates: list[dict]) -> dict:
-    """Deploy to recipe.deploy.target when every gate passed; otherwise record why nothing was deployed."""
+def deploy_model(run_dir: RunFolder | Path, recipe: Recipe, gates: list[dict]) -> dict:
+    """Deploy to recipe.deploy.target when every gate passed; otherwise record why nothing was deployed
+    (deploy/deploy.json either way); returns that record."""
+    run = RunFolder(run_dir)
     target = recipe.deploy.target
     failed = [g["name"] for g in gates if not g["passed"]]
     if target == "none" or failed:
         record = {"target": target, "skipped": f"gates failed: {', '.join(failed)}" if failed else "deploy.target none"}
-        atomic_write_json(run_dir / "deploy" / "deploy.json", record)
+        atomic_write_json(run.deploy_record, record)
         return record
-    with stage_timer(run_dir, f"deploy-{target}"):
+    with stage_timer(run, f"deploy-{target}"):
         deploy = deploy_llamacpp if target == "llamacpp" else deploy_ollama
-        record = deploy(run_dir, recipe, recipe.eval.max_new_tokens)
-    atomic_write_json(run_dir / "deploy" / "deploy.json", record)
+        record = deploy(run, recipe, recipe.eval.max_new_tokens)
+    atomic_write_json(run.deploy_record, record)
     return record
 
 
-def render_section(run_dir: Path) -> list[str]:
+def render_section(run_dir: RunFolder | Path) -> list[str]:
     """Report lines for deploy/deploy.json (empty when the run has none)."""
-    path = run_dir / "deploy" / "deploy.json"
-    if not path.exists():
+    d = read_json(RunFolder(run_dir).deploy_record, missing_ok=True)
+    if d is None:
         return []
-    d = json.loads(path.read_text())
     lines = ["## Deployment", ""]
     if d.get("skipped"):
         return lines + [f"Not deployed ({d['target']}): {d['skipped']}.", ""]
@@ -208,9 +208,7 @@ def render_section(run_dir: Path) -> list[str]:
     return lines
 
 
-def report_sections(run_dir: Path) -> list[str]:
+def report_sections(run_dir: RunFolder | Path) -> list[str]:
     """The report's export sections: parity table, template check, deployment (each empty when absent)."""
-    from tasks.eval import parity
-    from tasks.export import template_check
-
-    return parity.render_section(run_dir) + template_check.render_section(run_dir) + render_section(run_dir)
+    run = RunFolder(run_dir)
+    return parity.render_section(run.root) + template_check.render_section(run) + render_section(run)

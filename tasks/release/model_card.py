@@ -18,28 +18,24 @@ from pathlib import Path
 import yaml
 from prefect import task
 
+from blocks.hub import HuggingFaceHubCredentials
+from tasks.markdown import pct
 from tasks.ollama.modelfile import Modelfile
 from tasks.recipe import REPO_ROOT, Recipe
-from tasks.run import atomic_write_json, atomic_write_text, stage_timer
+from tasks.run import SPLITS, RunFolder, atomic_write_json, atomic_write_text, read_json, read_jsonl, stage_timer
 
 # Where an embedded/offline base model comes from on the Hub (for the card's `base_model`).
 UPSTREAM_BASE = {"SmolLM2-135M-Instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 # The published dataset behind a vendored data file (data/README.md).
 UPSTREAM_DATA = {"slipstream-tqt.jsonl": "anthonym21/slipstream-tqt"}
+# The repository's data/README.md: licence and attribution of the vendored data (the dataset card quotes it).
+DATA_README = REPO_ROOT.joinpath("data", "README.md")
 SLIPSTREAM_CITATION = """@misc{maio2025slipstream,
   title={Slipstream: Semantic Quantization for Efficient Multi-Agent Coordination},
   author={Maio, Anthony},
   year={2025},
   doi={10.5281/zenodo.18063451}
 }"""
-
-
-def _pct(x) -> str:
-    return "–" if x is None else f"{100 * x:.1f}%"
-
-
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in open(path) if line.strip()] if path.exists() else []
 
 
 def _front_matter(meta: dict) -> str:
@@ -52,18 +48,20 @@ def base_model_id(recipe: Recipe) -> str | None:
     return None if Path(recipe.model.name).exists() else recipe.model.name
 
 
-def model_card(recipe: Recipe, run_dir: Path, results: dict[str, dict], training: dict, repo_name: str) -> str:
+def model_card(recipe: Recipe, run_dir: RunFolder | Path, results: dict[str, dict], training: dict,
+               repo_name: str) -> str:
     """The model card Markdown; every number is read from the run folder or passed in."""
-    manifest = json.loads((run_dir / "gguf" / "manifest.json").read_text())
-    parity = json.loads(p.read_text()) if (p := run_dir / "metrics" / "parity.json").exists() else None
-    tcheck = json.loads(p.read_text()) if (p := run_dir / "metrics" / "template-check.json").exists() else None
-    modelfile = Modelfile.parse((run_dir / "deploy" / "Modelfile").read_text())
+    run = RunFolder(run_dir)
+    manifest = read_json(run.gguf_manifest)
+    parity = read_json(run.parity, missing_ok=True)
+    tcheck = read_json(run.template_check, missing_ok=True)
+    modelfile = Modelfile.read(run.modelfile)
     base_id = base_model_id(recipe) or recipe.model.name
     dataset_id = UPSTREAM_DATA.get(Path(recipe.data.source).name)
-    test = _rows(run_dir / "data" / "test.jsonl")
+    test = read_jsonl(run.split("test"), missing_ok=True)
     example = test[0]["messages"] if test else None
-    answer = next(iter(_rows(run_dir / "metrics" / "predictions-parity-merged.jsonl")), {}).get("answer")
-    serve = f"model-{recipe.export.serve_type}.gguf"
+    answer = next(iter(read_jsonl(run.predictions("parity-merged"), missing_ok=True)), {}).get("answer")
+    serve = run.gguf(recipe.export.serve_type).name   # in the release, every GGUF sits in gguf/
     lines = [_front_matter({"license": recipe.release.license, "base_model": base_model_id(recipe),
                             "tags": ["slipstream", "think-quantize-transmit", "multi-agent", "lora", "gguf", "slipway"],
                             "datasets": [dataset_id] if dataset_id else None, "language": ["en"],
@@ -72,7 +70,7 @@ def model_card(recipe: Recipe, run_dir: Path, results: dict[str, dict], training
              f"A LoRA fine-tune of [{base_id}](https://huggingface.co/{base_id}) that speaks the **Slipstream** "
              "protocol: for a natural-language request between agents it thinks, quantizes the intent to one of the "
              "UCR semantic anchors, and transmits a compact `SLIP v1` wire message (Think-Quantize-Transmit).",
-             "", f"Built by Slipway's `finetune` flow, recipe `{recipe.name}`, run `{run_dir.name}`.", ""]
+             "", f"Built by Slipway's `finetune` flow, recipe `{recipe.name}`, run `{run.name}`.", ""]
     if example:
         lines += ["### Example", "", "**Input:**", "```", example[-2]["content"], "```", "",
                   "**Output** (this model, greedy):" if answer else "**Reference output:**", "```",
@@ -96,8 +94,8 @@ def model_card(recipe: Recipe, run_dir: Path, results: dict[str, dict], training
               "## Available Formats", "", "| Format | File | Size | sha256 | Use Case |", "|---|---|---|---|---|"]
     uses = {"adapter": ("LoRA Adapter", "adapter/", "Load on the base with PEFT"),
             "merged": ("Merged 16-bit", "merged/", "Direct loading with transformers"),
-            "lora": ("GGUF LoRA (f16)", "gguf/lora-f16.gguf", "Ollama ADAPTER / llama.cpp --lora"),
-            "base": ("GGUF base (f16)", "gguf/base-f16.gguf", "The base the GGUF LoRA applies to")}
+            "lora": ("GGUF LoRA (f16)", f"gguf/{run.lora_gguf.name}", "Ollama ADAPTER / llama.cpp --lora"),
+            "base": ("GGUF base (f16)", f"gguf/{run.base_gguf.name}", "The base the GGUF LoRA applies to")}
     for name, a in manifest.items():
         label, file, use = uses.get(name, (f"GGUF {name.upper()}", f"gguf/{Path(a['path']).name}",
                                            "Ollama / llama.cpp" + (" (deployed)" if name == recipe.export.serve_type else "")))
@@ -124,12 +122,12 @@ def model_card(recipe: Recipe, run_dir: Path, results: dict[str, dict], training
     lines += ["## Evaluation", "", f"Greedy decoding on {next(iter(results.values()))['rows']} held-out test rows, "
               "scored with the strict Slipstream parser.", "",
               "| model | runner | strict parse | anchor acc. | src/dst acc. |", "|---|---|---|---|---|"]
-    lines += [f"| {label} | {r.get('runner')} | {_pct(r.get('strict_parse'))} | {_pct(r.get('anchor_accuracy'))} | "
-              f"{_pct(r.get('src_dst_accuracy'))} |" for label, r in results.items()]
+    lines += [f"| {label} | {r.get('runner')} | {pct(r.get('strict_parse'))} | {pct(r.get('anchor_accuracy'))} | "
+              f"{pct(r.get('src_dst_accuracy'))} |" for label, r in results.items()]
     if parity:
         lines += ["", f"Every format on the same {parity['rows']} test rows (drop = merged minus format, anchor accuracy):",
                   "", "| format | anchor acc. | drop |", "|---|---|---|"]
-        lines += [f"| {v['label']} | {_pct(v.get('anchor_accuracy'))} | {100 * v['drop']:+.1f} pts |" for v in parity["variants"]]
+        lines += [f"| {v['label']} | {pct(v.get('anchor_accuracy'))} | {100 * v['drop']:+.1f} pts |" for v in parity["variants"]]
     if tcheck:
         n_ok = sum(c["passed"] for c in tcheck["checks"])
         lines += ["", f"Template check: {'passed' if tcheck['passed'] else 'FAILED'} ({n_ok}/{len(tcheck['checks'])} "
@@ -144,9 +142,10 @@ def model_card(recipe: Recipe, run_dir: Path, results: dict[str, dict], training
     return "\n".join(lines)
 
 
-def dataset_card(recipe: Recipe, run_dir: Path, repo_name: str) -> str:
+def dataset_card(recipe: Recipe, run_dir: RunFolder | Path, repo_name: str) -> str:
     """The dataset card for the splits this run trained and evaluated on."""
-    counts = {s: len(_rows(run_dir / "data" / f"{s}.jsonl")) for s in ("train", "val", "test")}
+    run = RunFolder(run_dir)
+    counts = {s: len(read_jsonl(run.split(s), missing_ok=True)) for s in SPLITS}
     source_id = UPSTREAM_DATA.get(Path(recipe.data.source).name)
     total = sum(counts.values())
     size = "n<1K" if total < 1000 else "1K<n<10K" if total < 10000 else "10K<n<100K"
@@ -154,7 +153,7 @@ def dataset_card(recipe: Recipe, run_dir: Path, repo_name: str) -> str:
                             "tags": ["slipstream", "think-quantize-transmit", "multi-agent"], "size_categories": [size],
                             "source_datasets": [source_id] if source_id else None, "pretty_name": repo_name}),
              f"# {repo_name}", "",
-             f"The train / validation / test splits Slipway's `finetune` flow used for run `{run_dir.name}` "
+             f"The train / validation / test splits Slipway's `finetune` flow used for run `{run.name}` "
              f"(recipe `{recipe.name}`)" + (f", drawn from [{source_id}](https://huggingface.co/datasets/{source_id})."
                                             if source_id else "."), "",
              "| split | rows |", "|---|---|", *[f"| {s} | {n} |" for s, n in counts.items()], "",
@@ -168,8 +167,7 @@ def dataset_card(recipe: Recipe, run_dir: Path, repo_name: str) -> str:
              f"Seed {recipe.data.seed}; validation ratio {recipe.data.val_ratio}, test ratio {recipe.data.test_ratio}"
              + (f"; training subset of {recipe.data.train_rows} rows" if recipe.data.train_rows else "") + ".", "",
              "## Source, licence and attribution", ""]
-    readme = REPO_ROOT / "data" / "README.md"
-    lines += [readme.read_text().split("\n", 2)[-1].strip() if readme.exists() else "See the source dataset.", "",
+    lines += [DATA_README.read_text().split("\n", 2)[-1].strip() if DATA_README.exists() else "See the source dataset.", "",
               "## Citation", "", "```bibtex", SLIPSTREAM_CITATION, "```", ""]
     return "\n".join(lines)
 
@@ -194,47 +192,49 @@ def release_name(recipe: Recipe) -> str:
 
 
 @task(name="write-model-card")
-def write_model_card(run_dir: Path, recipe: Recipe, results: dict[str, dict], training: dict) -> Path:
-    """run/release/{model,dataset}: cards, Modelfile and linked artifacts, laid out as Hub repos."""
-    with stage_timer(run_dir, "model-card"):
+def write_model_card(run_dir: RunFolder | Path, recipe: Recipe, results: dict[str, dict], training: dict) -> Path:
+    """run/release/{model,dataset}: cards, Modelfile and linked artifacts, laid out as Hub repos; returns the
+    model folder."""
+    run = RunFolder(run_dir)
+    with stage_timer(run, "model-card"):
         name = release_name(recipe)
-        model_dir, data_dir = run_dir / "release" / "model", run_dir / "release" / "dataset"
-        for sub, src in (("adapter", run_dir / "lora"), ("merged", run_dir / "merged"), ("gguf", run_dir / "gguf")):
+        model_dir, data_dir = run.release_model_dir, run.release_dataset_dir
+        for sub, src in (("adapter", run.lora_dir), ("merged", run.merged_dir), ("gguf", run.gguf_dir)):
             _link_tree(src, model_dir / sub)
-        mf = Modelfile.parse((run_dir / "deploy" / "Modelfile").read_text())
+        mf = Modelfile.read(run.modelfile)
         # In the release the GGUFs sit in ./gguf beside the Modelfile; a registry FROM stays as it is.
         mf.from_ = mf.from_.replace("../gguf/", "./gguf/")
         mf.adapter = mf.adapter.replace("../gguf/", "./gguf/") if mf.adapter else None
         atomic_write_text(model_dir / "Modelfile", mf.render(f"{name}: ollama create {name} -f Modelfile"))
-        atomic_write_text(model_dir / "README.md", model_card(recipe, run_dir, results, training, name))
+        atomic_write_text(model_dir / "README.md", model_card(recipe, run, results, training, name))
         data_dir.mkdir(parents=True, exist_ok=True)
-        for split in ("train", "val", "test"):
-            target = data_dir / f"{split}.jsonl"
+        for split in SPLITS:
+            target = data_dir / run.split(split).name
             target.unlink(missing_ok=True)
-            os.link(run_dir / "data" / f"{split}.jsonl", target)
-        atomic_write_text(data_dir / "README.md", dataset_card(recipe, run_dir, f"{name}-data"))
+            os.link(run.split(split), target)
+        atomic_write_text(data_dir / "README.md", dataset_card(recipe, run, f"{name}-data"))
     return model_dir
 
 
-def _push_to_hub(recipe: Recipe, run_dir: Path) -> dict:
-    from blocks.hub import HuggingFaceHubCredentials
-
+def _push_to_hub(recipe: Recipe, run: RunFolder) -> dict:
     api = HuggingFaceHubCredentials.load(recipe.release.hub_token_block).api()
     pushed = {}
-    for repo_id, kind, folder in ((recipe.release.hub_model_repo, "model", "model"),
-                                  (recipe.release.hub_dataset_repo, "dataset", "dataset")):
+    for repo_id, kind, folder in ((recipe.release.hub_model_repo, "model", run.release_model_dir),
+                                  (recipe.release.hub_dataset_repo, "dataset", run.release_dataset_dir)):
         if not repo_id:
             continue
         api.create_repo(repo_id, repo_type=kind, private=recipe.release.private, exist_ok=True)
-        info = api.upload_folder(folder_path=run_dir / "release" / folder, repo_id=repo_id, repo_type=kind,
-                                 commit_message=f"Slipway run {run_dir.name}")
+        info = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type=kind,
+                                 commit_message=f"Slipway run {run.name}")
         pushed[kind] = {"repo_id": repo_id, "commit": getattr(info, "oid", None)}
     return pushed
 
 
 @task(name="publish-release", retries=2, retry_delay_seconds=10)  # I/O: a file copy or Hub uploads
-def publish_release(run_dir: Path, recipe: Recipe, gates: list[dict]) -> dict:
-    """Copy the release to release.folder and/or push it to the Hub, only when every gate passed."""
+def publish_release(run_dir: RunFolder | Path, recipe: Recipe, gates: list[dict]) -> dict:
+    """Copy the release to release.folder and/or push it to the Hub, only when every gate passed
+    (release/publish.json); returns that record."""
+    run = RunFolder(run_dir)
     failed = [g["name"] for g in gates if not g["passed"]]
     cfg = recipe.release
     record: dict = {"folder": None, "hub": None}
@@ -243,10 +243,10 @@ def publish_release(run_dir: Path, recipe: Recipe, gates: list[dict]) -> dict:
     else:
         if cfg.folder:
             target = (REPO_ROOT / cfg.folder if not Path(cfg.folder).is_absolute() else Path(cfg.folder)) / release_name(recipe)
-            _link_tree(run_dir / "release" / "model", target)
-            _link_tree(run_dir / "release" / "dataset", target.with_name(target.name + "-data"))
+            _link_tree(run.release_model_dir, target)
+            _link_tree(run.release_dataset_dir, target.with_name(target.name + "-data"))
             record["folder"] = str(target)
         if cfg.hub_token_block:
-            record["hub"] = _push_to_hub(recipe, run_dir)
-    atomic_write_json(run_dir / "release" / "publish.json", record)
+            record["hub"] = _push_to_hub(recipe, run)
+    atomic_write_json(run.publish_record, record)
     return record

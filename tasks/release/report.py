@@ -8,23 +8,18 @@ estimated cost per 1,000 requests; Slipstream runs also show SLIP message tokens
 
 from __future__ import annotations
 
-import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path
 
 from prefect import task
+from prefect.artifacts import create_markdown_artifact
 
 from tasks.release.deploy import report_sections as export_report_sections
 from tasks.eval.metrics import BREAKDOWN, METRICS
+from tasks.markdown import pct
 from tasks.recipe import Recipe
-from tasks.run import atomic_write_json, atomic_write_text, mark_complete
-
-REPORT_METRICS = METRICS["slipstream"]   # kept for callers that predate task types
-
-
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f}%"
+from tasks.run import RunFolder, atomic_write_json, atomic_write_text, mark_complete, read_json
 
 
 def _num(x, fmt: str = "{}") -> str:
@@ -60,12 +55,11 @@ def plot_comparison(results: dict[str, dict], path: Path, task: str = "slipstrea
     os.replace(tmp, path)
 
 
-def _data_lines(run_dir: Path) -> list[str]:
+def _data_lines(run_dir: RunFolder | Path) -> list[str]:
     """What data preparation removed and kept (data/stats.json), when the run folder has it."""
-    path = Path(run_dir) / "data" / "stats.json"
-    if not path.exists():
+    stats = read_json(RunFolder(run_dir).data_stats, missing_ok=True)
+    if stats is None:
         return []
-    stats = json.loads(path.read_text())
     sources = (stats.get("contamination") or {}).get("by_source") or {}
     lines = ["", "## Data", "", "| step | rows |", "|---|---|",
              f"| source rows | {stats.get('source_rows')} |",
@@ -84,7 +78,7 @@ def results_section(task: str, results: dict[str, dict]) -> list[str]:
     cols = METRICS[task]
     lines = ["| model | runner | " + " | ".join(n for _, n in cols) + " |", "|---|---|" + "---|" * len(cols)]
     for label, res in results.items():
-        lines.append(f"| {label} | {res.get('runner')} | " + " | ".join(_pct(res.get(k)) for k, _ in cols) + " |")
+        lines.append(f"| {label} | {res.get('runner')} | " + " | ".join(pct(res.get(k)) for k, _ in cols) + " |")
     lines += ["", "![comparison](metrics/eval-chart.png)", "", "### Latency, tokens and cost", "",
               "| model | rows | failed calls | latency p50 / p95 (s) | requests/s | tokens/s | prompt tok/req "
               "| completion tok/req | est. USD per 1k requests | price basis |",
@@ -102,7 +96,7 @@ def results_section(task: str, results: dict[str, dict]) -> list[str]:
         title = {"per_anchor": "anchor", "per_field": "field", "per_function": "function"}[breakdown]
         lines += ["", f"### Accuracy per {title} (rows where it is the gold {title})", "",
                   f"| {title} | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
-        lines += [f"| {g} | " + " | ".join(_pct((res.get(breakdown) or {}).get(g)) for res in results.values()) + " |"
+        lines += [f"| {g} | " + " | ".join(pct((res.get(breakdown) or {}).get(g)) for res in results.values()) + " |"
                   for g in groups]
     if task == "slipstream":
         lines += ["", "### SLIP message tokens vs the natural-language instruction", "",
@@ -116,8 +110,8 @@ def results_section(task: str, results: dict[str, dict]) -> list[str]:
                                                              for label, res in results.items()]
         for label, t in rows:
             lines.append(f"| {label} | {t.get('rows', 0)} | {t.get('instruction', '–')} | {t.get('slip', '–')} | "
-                         f"{t.get('json', '–')} | {_pct(t.get('reduction_vs_instruction'))} | "
-                         f"{_pct(t.get('reduction_vs_json'))} |")
+                         f"{t.get('json', '–')} | {pct(t.get('reduction_vs_instruction'))} | "
+                         f"{pct(t.get('reduction_vs_json'))} |")
     return lines
 
 
@@ -127,14 +121,14 @@ def gates_section(gates: list[dict]) -> list[str]:
                     for g in gates]
 
 
-def write_eval_json(run_dir: Path, results: dict[str, dict], task: str) -> None:
+def write_eval_json(run_dir: RunFolder | Path, results: dict[str, dict], task: str) -> None:
     """metrics/eval.json (every model's summary) and the chart."""
-    metrics = run_dir / "metrics"
-    atomic_write_json(metrics / "eval.json", results)
-    plot_comparison(results, metrics / "eval-chart.png", task)
+    run = RunFolder(run_dir)
+    atomic_write_json(run.eval_summary, results)
+    plot_comparison(results, run.eval_chart, task)
 
 
-def render_report(recipe: Recipe, run_dir: Path, results: dict[str, dict], gates: list[dict],
+def render_report(recipe: Recipe, run_dir: RunFolder | Path, results: dict[str, dict], gates: list[dict],
                   training: dict, timings: dict, manifest: dict) -> str:
     """The finetune run's Markdown report; every number comes from the run folder's metrics."""
     verdict = "PASSED" if all(g["passed"] for g in gates) else "FAILED"
@@ -159,8 +153,8 @@ def render_report(recipe: Recipe, run_dir: Path, results: dict[str, dict], gates
               f"| loss | {training.get('first_loss')} → {training.get('final_loss')} "
               f"(val {training.get('eval_loss')}) |",
               f"| mask | {mask.get('label_tokens')} of {mask.get('tokens')} tokens trained on "
-              f"({_pct(mask.get('label_token_share'))}); assistant share of labels "
-              f"{_pct(mask.get('assistant_share_of_labels'))} |",
+              f"({pct(mask.get('label_token_share'))}); assistant share of labels "
+              f"{pct(mask.get('assistant_share_of_labels'))} |",
               f"| device | {training.get('device')} ({training.get('mixed_precision')}), "
               f"world size {training.get('world_size')} |",
               f"| adapter tensors changed | {training.get('trainable_tensors_changed')} / "
@@ -176,30 +170,29 @@ def render_report(recipe: Recipe, run_dir: Path, results: dict[str, dict], gates
     return "\n".join(lines)
 
 
-def _publish(recipe: Recipe, run_dir: Path, markdown: str, kind: str) -> Path:
-    from prefect.artifacts import create_markdown_artifact
-
-    report = atomic_write_text(run_dir / "report.md", markdown)
+def _publish(recipe: Recipe, run: RunFolder, markdown: str, kind: str) -> Path:
+    report = atomic_write_text(run.report_md, markdown)
     create_markdown_artifact(key=f"{kind}-{recipe.name}".lower().replace("_", "-"), markdown=markdown,
-                             description=f"Slipway {kind} for {run_dir.name}")
+                             description=f"Slipway {kind} for {run.name}")
     return report
 
 
 @task(name="write-report")
-def write_report(recipe: Recipe, run_dir: Path, results: dict[str, dict], gates: list[dict],
+def write_report(recipe: Recipe, run_dir: RunFolder | Path, results: dict[str, dict], gates: list[dict],
                  training: dict) -> Path:
-    """report.md, metrics/eval.json, the chart, a Prefect Markdown artifact, then the COMPLETE marker."""
-    write_eval_json(run_dir, results, recipe.task)
-    timings = json.loads((run_dir / "metrics" / "timings.json").read_text())
-    manifest_path = run_dir / "gguf" / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    markdown = render_report(recipe, run_dir, results, gates, training, timings, manifest)
-    report = _publish(recipe, run_dir, markdown, "report")
-    mark_complete(run_dir, {"report": str(report), "gates": gates})
+    """report.md, metrics/eval.json, the chart, a Prefect Markdown artifact, then the COMPLETE marker; returns
+    the report's path."""
+    run = RunFolder(run_dir)
+    write_eval_json(run, results, recipe.task)
+    timings = read_json(run.timings)
+    manifest = read_json(run.gguf_manifest, missing_ok=True) or {}
+    markdown = render_report(recipe, run, results, gates, training, timings, manifest)
+    report = _publish(recipe, run, markdown, "report")
+    mark_complete(run, {"report": str(report), "gates": gates})
     return report
 
 
-def render_eval_report(recipe: Recipe, run_dir: Path, results: dict[str, dict], decisions: list[dict],
+def render_eval_report(recipe: Recipe, run_dir: RunFolder | Path, results: dict[str, dict], decisions: list[dict],
                        finetune: dict | None, source: str) -> str:
     """The evaluate (Fledgling) run's Markdown report: the comparison and the decision trail."""
     final = decisions[-1]
@@ -221,12 +214,14 @@ def render_eval_report(recipe: Recipe, run_dir: Path, results: dict[str, dict], 
 
 
 @task(name="write-eval-report")
-def write_eval_report(recipe: Recipe, run_dir: Path, results: dict[str, dict], decisions: list[dict],
+def write_eval_report(recipe: Recipe, run_dir: RunFolder | Path, results: dict[str, dict], decisions: list[dict],
                       finetune: dict | None = None, source: str = "") -> Path:
-    """report.md, metrics/eval.json, metrics/decision.json, the chart, a Prefect artifact, the COMPLETE marker."""
-    write_eval_json(run_dir, results, recipe.task)
-    atomic_write_json(run_dir / "metrics" / "decision.json", {"decisions": decisions, "finetune": finetune})
-    report = _publish(recipe, run_dir, render_eval_report(recipe, run_dir, results, decisions, finetune, source),
+    """report.md, metrics/eval.json, metrics/decision.json, the chart, a Prefect artifact, the COMPLETE marker;
+    returns the report's path."""
+    run = RunFolder(run_dir)
+    write_eval_json(run, results, recipe.task)
+    atomic_write_json(run.decision, {"decisions": decisions, "finetune": finetune})
+    report = _publish(recipe, run, render_eval_report(recipe, run, results, decisions, finetune, source),
                       "evaluation")
-    mark_complete(run_dir, {"report": str(report), "decision": decisions[-1]["action"]})
+    mark_complete(run, {"report": str(report), "decision": decisions[-1]["action"]})
     return report

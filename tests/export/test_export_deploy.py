@@ -110,8 +110,9 @@ def test_adapter_deployment_passes_the_template_check(exported_run, tmp_path):
 
     run_dir, _, ggufs = exported_run
     alt = _linked_run(run_dir, tmp_path, "FROM x\n")
-    info = write_modelfile.fn(alt, Recipe(name="tiny", deploy={"artifact": "adapter"}), ggufs)
-    mf = Modelfile.parse((alt / "deploy" / "Modelfile").read_text())
+    path = write_modelfile.fn(alt, Recipe(name="tiny", deploy={"artifact": "adapter"}), ggufs)
+    mf = Modelfile.read(path)
+    info = json.loads((alt / "deploy" / "modelfile.json").read_text())
     assert (info["from"], info["adapter"]) == ("../gguf/base-f16.gguf", "../gguf/lora-f16.gguf") == (mf.from_, mf.adapter)
     result = check_run(alt)
     assert result["passed"], result["first_failure"]
