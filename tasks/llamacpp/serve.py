@@ -50,7 +50,8 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def _get_ok(url: str, timeout: float = 2) -> bool:
+def get_ok(url: str, timeout: float = 2) -> bool:
+    """True when a GET of `url` answers 200 within `timeout`; any connection trouble is False."""
     with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError, OSError):
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             return resp.status == 200
@@ -63,7 +64,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout: floa
     while time.time() < deadline:
         if proc.poll() is not None:
             raise ServerError(f"llama-server exited with {proc.returncode}:\n{_tail(log_path)}")
-        if _get_ok(url + "/health"):
+        if get_ok(url + "/health"):
             return
         time.sleep(0.3)
     raise ServerError(f"llama-server not healthy after {timeout:.0f}s:\n{_tail(log_path)}")
@@ -127,7 +128,7 @@ class ManagedLlamaServer:
         return self
 
     def healthy(self) -> bool:
-        return self.process is not None and self.process.poll() is None and _get_ok(self.root_url + "/health")
+        return self.process is not None and self.process.poll() is None and get_ok(self.root_url + "/health")
 
     def stop(self, timeout: float = 15) -> None:
         """Terminate, then kill after `timeout`; a no-op when not running."""

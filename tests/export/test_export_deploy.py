@@ -2,15 +2,29 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
+import httpx
+import ollama
 import pytest
+import yaml
 
-from tasks.llamacpp import build as llamacpp
+from blocks.hub import HuggingFaceHubCredentials
+from ollama_api_server import ollama_api_server
+from tasks.eval.evaluate import generate_openai
+from tasks.eval.parity import evaluate_parity, render_section as parity_section
 from tasks.export.convert import ExportError, convert_hf_to_gguf, sha256_file
-from tasks.ollama.modelfile import Modelfile
 from tasks.export.template_check import check_run, gate, render_section
+from tasks.llamacpp import build as llamacpp
+from tasks.llamacpp.serve import ManagedLlamaServer, get_ok, pid_alive, stop_recorded
+from tasks.ollama.adapter_guard import ModelfileRefused
+from tasks.ollama.modelfile import Modelfile, write_modelfile
+from tasks.recipe import Recipe
+from tasks.release.deploy import DeployError, deploy_model, deploy_ollama
+from tasks.release.model_card import publish_release, write_model_card
+from tiny_models import tiny_model
 
 pytestmark = pytest.mark.integration
 
@@ -105,9 +119,6 @@ def test_template_check_catches_an_altered_gguf_chat_template(exported_run, tmp_
 
 
 def test_adapter_deployment_passes_the_template_check(exported_run, tmp_path):
-    from tasks.ollama.modelfile import write_modelfile
-    from tasks.recipe import Recipe
-
     run_dir, _, ggufs = exported_run
     alt = _linked_run(run_dir, tmp_path, "FROM x\n")
     path = write_modelfile.fn(alt, Recipe(name="tiny", deploy={"artifact": "adapter"}), ggufs)
@@ -125,15 +136,10 @@ PASSING = [{"name": "model-performance", "passed": True}, {"name": "template-ver
 
 
 def _health(root: str) -> bool:
-    from tasks.llamacpp.serve import _get_ok
-
-    return _get_ok(root + "/health")
+    return get_ok(root + "/health")
 
 
 def test_llamacpp_deploy_serves_answers_and_stops_cleanly(exported_run):
-    from tasks.release.deploy import deploy_model
-    from tasks.llamacpp.serve import pid_alive, stop_recorded
-
     run_dir, recipe, _ = exported_run
     recipe = recipe.model_copy(deep=True)
     recipe.deploy.keep_running = True
@@ -151,11 +157,6 @@ def test_llamacpp_deploy_serves_answers_and_stops_cleanly(exported_run):
 
 
 def test_managed_server_restarts_a_crashed_server_on_the_same_port(exported_run, tiny_rows, tmp_path):
-    import signal
-
-    from tasks.eval.evaluate import generate_openai
-    from tasks.llamacpp.serve import ManagedLlamaServer
-
     _, _, ggufs = exported_run
     with ManagedLlamaServer(ggufs["q4_k_m"], tmp_path / "server.log", parallel=1) as server:
         port, first = server.port, server.process
@@ -174,7 +175,6 @@ def test_managed_server_restarts_a_crashed_server_on_the_same_port(exported_run,
 @pytest.fixture(scope="module")
 def upstream(exported_run, tmp_path_factory):
     """A llama-server on the q8_0 GGUF: the model runner behind the Ollama API double's /api/chat."""
-    from tasks.llamacpp.serve import ManagedLlamaServer
 
     _, _, ggufs = exported_run
     with ManagedLlamaServer(ggufs["q8_0"], tmp_path_factory.mktemp("upstream") / "up.log", parallel=1) as server:
@@ -189,12 +189,6 @@ def _ollama_recipe(recipe, url, **deploy):
 
 
 def test_ollama_deploy_uploads_by_digest_creates_shows_and_chats(exported_run, upstream):
-    import ollama
-
-    from ollama_api_server import ollama_api_server
-    from tasks.release.deploy import deploy_model
-    from tasks.eval.evaluate import generate_openai
-
     run_dir, recipe, ggufs = exported_run
     manifest = json.loads((run_dir / "gguf" / "manifest.json").read_text())
     with ollama_api_server(upstream) as (url, state):
@@ -215,13 +209,6 @@ def test_ollama_deploy_uploads_by_digest_creates_shows_and_chats(exported_run, u
 
 
 def test_ollama_adapter_deploy_and_its_registry_base_check(exported_run, upstream, base_model_dir, tmp_path):
-    import ollama
-
-    from ollama_api_server import ollama_api_server
-    from tasks.release.deploy import deploy_ollama
-    from tasks.ollama.adapter_guard import ModelfileRefused
-    from tasks.ollama.modelfile import write_modelfile
-
     run_dir, recipe, ggufs = exported_run
     alt = _linked_run(run_dir, tmp_path, "FROM x\n")
     with ollama_api_server(upstream) as (url, state):
@@ -237,10 +224,7 @@ def test_ollama_adapter_deploy_and_its_registry_base_check(exported_run, upstrea
         assert Modelfile.parse((alt / "deploy" / "Modelfile").read_text()).from_ == "smollm2:135m"
         assert deploy_ollama(alt, registry, 8)["from"] == "smollm2:135m"
         # ... and refused when it is another model (a small random Llama under the same name).
-        from test_modelfile import _tiny_model
-        from tasks.export.convert import convert_hf_to_gguf
-
-        other = convert_hf_to_gguf(_tiny_model("llama", base_model_dir, tmp_path / "tiny"), tmp_path / "tiny.gguf", "f16")
+        other = convert_hf_to_gguf(tiny_model("llama", base_model_dir, tmp_path / "tiny"), tmp_path / "tiny.gguf", "f16")
         client.create(model="smollm2:135m", files={"model.gguf": client.create_blob(other)})
         with pytest.raises(ModelfileRefused, match=r"^ADAPTER refused: the adapter's base does not match FROM "
                                                     r"'smollm2:135m': \S+ is .+ for the base it was trained on, .+ in Ollama$"):
@@ -248,12 +232,6 @@ def test_ollama_adapter_deploy_and_its_registry_base_check(exported_run, upstrea
 
 
 def test_ollama_rejects_a_wrong_digest_and_deploy_refuses_a_changed_artifact(exported_run, tmp_path):
-    import httpx
-    import ollama
-
-    from ollama_api_server import ollama_api_server
-    from tasks.release.deploy import DeployError, deploy_ollama
-
     run_dir, recipe, ggufs = exported_run
     wrong = "sha256:" + "0" * 64
     with ollama_api_server() as (url, state):
@@ -280,8 +258,6 @@ def test_ollama_rejects_a_wrong_digest_and_deploy_refuses_a_changed_artifact(exp
 # ---------------------------------------------------------------------------------- parity and release
 
 def test_parity_answers_from_every_format_on_the_same_rows(exported_run, base_model_dir):
-    from tasks.eval.parity import evaluate_parity, render_section as parity_section
-
     run_dir, recipe, ggufs = exported_run
     recipe = recipe.model_copy(deep=True)
     recipe.eval.max_new_tokens = 16
@@ -297,12 +273,6 @@ def test_parity_answers_from_every_format_on_the_same_rows(exported_run, base_mo
 
 
 def test_model_card_dataset_card_and_publishing_to_a_folder(exported_run, trained_run, tmp_path):
-    import yaml
-
-    from blocks.hub import HuggingFaceHubCredentials
-    from tasks.release.model_card import publish_release, write_model_card
-    from tasks.recipe import Recipe
-
     run_dir, recipe, _ = exported_run
     _, training = trained_run
     results = {"merged": {"runner": "transformers", "strict_parse": 0.5, "anchor_accuracy": 0.5,

@@ -1,15 +1,18 @@
 """Modelfiles derived from the training tokenizer, and the ADAPTER refusals, on real GGUFs."""
 
+import copy
 import json
 import shutil
 
 import pytest
 
-from tasks.ollama.prompt import render_ollama_chat
+from tasks.export.convert import convert_hf_to_gguf, convert_lora_to_gguf
 from tasks.ollama.adapter_guard import (ModelfileRefused, base_identity, check_adapter_deployable, gguf_metadata,
-                                 quantized_training_reason)
-from tasks.ollama.modelfile import Modelfile, ModelfileError, build_modelfile
+                                        quantized_training_reason)
+from tasks.ollama.modelfile import Modelfile, ModelfileError, build_modelfile, write_modelfile
+from tasks.ollama.prompt import render_ollama_chat
 from tasks.recipe import Recipe
+from tiny_models import tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +46,6 @@ def test_modelfile_round_trips_through_its_text(tokenizer):
 
 
 def test_a_template_that_merges_system_into_the_user_turn_is_refused(tokenizer):
-    import copy
-
     llama2 = copy.deepcopy(tokenizer)
     llama2.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{% set sys = m['content'] %}"
                             "{% elif m['role'] == 'user' %}[INST] {% if loop.index0 == 1 %}<<SYS>>{{ messages[0]['content'] }}"
@@ -55,8 +56,6 @@ def test_a_template_that_merges_system_into_the_user_turn_is_refused(tokenizer):
 
 
 def test_a_template_without_an_end_of_turn_token_is_refused(tokenizer):
-    import copy
-
     plain = copy.deepcopy(tokenizer)
     plain.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                            "{% if add_generation_prompt %}assistant: {% endif %}")
@@ -66,30 +65,11 @@ def test_a_template_without_an_end_of_turn_token_is_refused(tokenizer):
 
 # --------------------------------------------------------------------------- ADAPTER refusals (real GGUFs)
 
-def _tiny_model(kind: str, base_model_dir, out_dir):
-    """A small random model of another shape/architecture with SmolLM2's tokenizer, saved as an HF folder."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(0)
-    dims = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=1,
-                eos_token_id=2)
-    model = (LlamaForCausalLM(LlamaConfig(**dims)) if kind == "llama"
-             else Qwen3ForCausalLM(Qwen3Config(head_dim=16, **dims)))
-    model.save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(base_model_dir).save_pretrained(out_dir)
-    return out_dir
-
-
-
 @pytest.mark.integration
 def test_adapter_on_another_base_is_refused(exported_run, base_model_dir, tmp_path):
-    from tasks.export.convert import convert_hf_to_gguf
-
     run_dir, _, ggufs = exported_run
     trained = base_identity(gguf_metadata(run_dir / "gguf" / "base-f16.gguf")[0])
-    other = convert_hf_to_gguf(_tiny_model("llama", base_model_dir, tmp_path / "tiny"), tmp_path / "tiny.gguf", "f16")
+    other = convert_hf_to_gguf(tiny_model("llama", base_model_dir, tmp_path / "tiny"), tmp_path / "tiny.gguf", "f16")
     other_kv, other_tensors = gguf_metadata(other)
     with pytest.raises(ModelfileRefused, match=r"^ADAPTER refused: the adapter's base does not match FROM: general.size_label is '135M' for the "
                                                   r"base it was trained on, '[\d.]+M' for FROM$"):
@@ -105,8 +85,6 @@ def test_adapter_on_another_base_is_refused(exported_run, base_model_dir, tmp_pa
 
 @pytest.mark.integration
 def test_qlora_adapter_is_refused_unless_the_recipe_says_so(exported_run):
-    from tasks.ollama.modelfile import write_modelfile
-
     run_dir, _, ggufs = exported_run
     recipe = Recipe.model_validate({"name": "tiny", "model": {"load_in_4bit": True}, "deploy": {"artifact": "adapter"}})
     assert quantized_training_reason(recipe, run_dir / "lora") == "recipe model.load_in_4bit: true"
@@ -130,9 +108,7 @@ def test_adapter_for_an_architecture_ollama_runs_on_its_own_engine_is_refused(ba
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tasks.export.convert import convert_hf_to_gguf, convert_lora_to_gguf
-
-    base = _tiny_model("qwen3", base_model_dir, tmp_path / "qwen3")
+    base = tiny_model("qwen3", base_model_dir, tmp_path / "qwen3")
     peft = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     peft.save_pretrained(tmp_path / "lora")
