@@ -9,9 +9,10 @@ import pytest
 from tasks.export.convert import convert_hf_to_gguf, convert_lora_to_gguf
 from tasks.ollama.adapter_guard import (ModelfileRefused, base_identity, check_adapter_deployable, gguf_metadata,
                                         quantized_training_reason)
-from tasks.ollama.modelfile import Modelfile, ModelfileError, build_modelfile, write_modelfile
+from tasks.ollama.modelfile import Modelfile, ModelfileError, build_modelfile, deployed_artifact, write_modelfile
 from tasks.ollama.prompt import render_ollama_chat
 from tasks.recipe import Recipe
+from tasks.run import RunFolder
 from tiny_models import tiny_model
 
 
@@ -43,6 +44,21 @@ def test_modelfile_round_trips_through_its_text(tokenizer):
         (mf.from_, mf.adapter, mf.template, mf.system, mf.parameters)
     with pytest.raises(ModelfileError, match="unknown instruction QUANTISE"):
         Modelfile.parse("FROM x\nQUANTISE q4\n")
+
+
+def test_the_deployed_artifact_is_what_the_modelfile_names_relative_to_deploy(tmp_path):
+    run = RunFolder(tmp_path)
+    run.gguf_dir.mkdir()
+    for path in (run.gguf("q8_0"), run.lora_gguf, run.base_gguf):
+        path.touch()
+    merged = Modelfile(from_=run.relative_to_deploy(run.gguf("q8_0")))
+    assert merged.from_ == "../gguf/model-q8_0.gguf"
+    assert deployed_artifact(run, merged) == (run.gguf("q8_0").resolve(), None)
+    # FROM an Ollama model + ADAPTER: llama.cpp serves the exported base with the LoRA.
+    registry = Modelfile(from_="smollm2:135m", adapter=run.relative_to_deploy(run.lora_gguf))
+    assert deployed_artifact(run, registry) == (run.base_gguf, run.lora_gguf.resolve())
+    with pytest.raises(ModelfileError, match="FROM 'smollm2:135m' is not a local GGUF"):
+        deployed_artifact(run, Modelfile(from_="smollm2:135m"))
 
 
 def test_a_template_that_merges_system_into_the_user_turn_is_refused(tokenizer):
