@@ -97,6 +97,7 @@ def push_blob(client, path: Path, sha256: str) -> str:
 
 def _manifest_digests(run: RunFolder) -> dict[Path, str]:
     manifest = read_json(run.gguf_manifest)
+    # Symlinks resolved, as run.deployed() resolves the Modelfile's paths: both sides name the real file.
     return {run.resolve(a["path"]).resolve(): a["sha256"] for a in manifest.values() if a.get("sha256")}
 
 
@@ -211,4 +212,5 @@ def render_section(run_dir: RunFolder | Path) -> list[str]:
 def report_sections(run_dir: RunFolder | Path) -> list[str]:
     """The report's export sections: parity table, template check, deployment (each empty when absent)."""
     run = RunFolder(run_dir)
+    # parity.render_section still joins its paths onto a Path, so it gets the folder's Path.
     return parity.render_section(run.root) + template_check.render_section(run) + render_section(run)
