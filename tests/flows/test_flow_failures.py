@@ -31,7 +31,7 @@ def test_bad_dataset_line_fails_the_flow_and_the_run_folder_is_not_complete(tmp_
 def test_cli_rejects_a_bad_recipe_with_one_message(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: bad\ntraining:\n  learning_rate: -1\n  epoches: 2\n")
-    proc = subprocess.run([sys.executable, "-m", "flows.finetune", "--recipe", str(bad)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(bad)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert f"{bad}:3: training.learning_rate: Input should be greater than 0" in proc.stderr
