@@ -58,6 +58,16 @@ def stop(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
+def check_input(recipe: str, overrides: dict, eval_file: Path | None = None) -> None:
+    """The recipe (and an eval file) as the flow will read them; a bad one stops here, before Prefect starts."""
+    try:
+        cfg = load_recipe(recipe, overrides)
+        if eval_file:
+            load_eval_file(eval_file, cfg.task)
+    except (RecipeError, EvalFileError) as exc:
+        stop(str(exc))
+
+
 def default_run_name(recipe: str, kind: str = "") -> str:
     """<recipe>-<UTC timestamp>, or <recipe>-<kind>-<UTC timestamp>."""
     return f"{Path(recipe).stem}{'-' + kind if kind else ''}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
@@ -84,10 +94,7 @@ def run(recipe: Annotated[str, typer.Argument(help="A recipe name in recipes/ or
         output_root: OutputRoot = REPO_ROOT / "runs") -> None:
     """Fine-tune, export, serve, evaluate and gate one recipe (the finetune flow)."""
     overrides = parse_overrides(set_)
-    try:
-        load_recipe(recipe, overrides)
-    except RecipeError as exc:
-        stop(str(exc))
+    check_input(recipe, overrides)
     run_name = run_name or default_run_name(recipe)
     state = finetune(recipe=recipe, overrides=overrides, output_root=str(output_root), run_name=run_name,
                      resume_from=str(resume) if resume else None, return_state=True)
@@ -112,12 +119,7 @@ def evaluate(recipe: Annotated[str, typer.Argument(help="A recipe with a `baseli
              output_root: OutputRoot = REPO_ROOT / "runs") -> None:
     """Measure the SLM against an LLM on a track and decide keep-llm / swap-now / fine-tune (the evaluate flow)."""
     overrides = parse_overrides(set_)
-    try:
-        cfg = load_recipe(recipe, overrides)
-        if eval_file:
-            load_eval_file(eval_file, cfg.task)
-    except (RecipeError, EvalFileError) as exc:
-        stop(str(exc))
+    check_input(recipe, overrides, eval_file)
     run_name = run_name or default_run_name(recipe, "eval")
     state = evaluate_flow(recipe=recipe, eval_file=str(eval_file) if eval_file else None,
                           finetuned_run=str(finetuned_run) if finetuned_run else None, overrides=overrides,
@@ -156,9 +158,10 @@ def serve(run_dir: Annotated[Path, typer.Argument(help="A run folder with deploy
           stop_: Annotated[bool, typer.Option("--stop", help="Stop the server a deployment left running "
                                               "(deploy.keep_running) instead.")] = False) -> None:
     """Serve a run's deployed GGUF with llama.cpp, restarted if it crashes (Ctrl-C stops)."""
-    argv = ["stop", str(run_dir)] if stop_ else \
-        ["run", str(run_dir), "--host", host, "--port", str(port), "--parallel", str(parallel)]
-    raise typer.Exit(llamacpp_serve.main(argv))
+    if stop_:
+        typer.echo("stopped" if llamacpp_serve.stop_run(run_dir) else "no running server recorded")
+    else:
+        llamacpp_serve.serve_run(run_dir, host, port, parallel)
 
 
 @app.command("check-template")
