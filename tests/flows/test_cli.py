@@ -37,11 +37,13 @@ def test_set_values_are_read_as_yaml():
 
 def test_a_bad_recipe_stops_before_prefect_with_one_message(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: bad\ntraining:\n  learning_rate: -1\n")
-    result = runner.invoke(app, ["run", str(bad), "--output-root", str(tmp_path / "runs")])
-    assert result.exit_code == 2
-    assert f"{bad}:3: training.learning_rate: Input should be greater than 0" in result.stderr
-    assert not (tmp_path / "runs").exists()
+    bad.write_text("name: bad\ntraining:\n  learning_rate: -1\n  epoches: 2\n")
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(bad), "--output-root", str(tmp_path / "runs")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert f"{bad}:3: training.learning_rate: Input should be greater than 0" in proc.stderr
+    assert f"{bad}:4: training.epoches: unknown key" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()
 
 
 def test_convert_writes_the_target_format(tmp_path):
