@@ -53,7 +53,7 @@ def parse_overrides(items: list[str] | None) -> dict:
 
 
 def stop(message: str) -> NoReturn:
-    """Bad input, found before Prefect starts: one message, no traceback, exit status 2."""
+    """Bad input: one message, no traceback, exit status 2 (for a flow, before Prefect starts)."""
     typer.echo(message, err=True)
     raise typer.Exit(2)
 
@@ -129,7 +129,8 @@ def evaluate(recipe: Annotated[str, typer.Argument(help="A recipe with a `baseli
 
 
 @app.command()
-def synthesize(config: Annotated[Path | None, typer.Option(help="A YAML file of SynthesisConfig fields.")] = None,
+def synthesize(config: Annotated[Path | None, typer.Option(exists=True, dir_okay=False,
+                                                         help="A YAML file of SynthesisConfig fields.")] = None,
                endpoint: Annotated[str | None, typer.Option(help="The endpoint Block document, e.g. "
                                                             "openai-compatible-endpoint/deepseek.")] = None,
                n: Annotated[int | None, typer.Option("-n", help="Records to request.")] = None,
