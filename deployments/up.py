@@ -24,7 +24,7 @@ import yaml
 from prefect.blocks.core import Block
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
-from prefect.settings import PREFECT_API_URL
+from prefect.settings import get_current_settings
 from prefect.workers.process import ProcessWorker
 
 import blocks
@@ -61,7 +61,7 @@ def require_api_url() -> str:
     Raises:
         SystemExit: PREFECT_API_URL is not set.
     """
-    url = PREFECT_API_URL.value()
+    url = get_current_settings().api.url
     if not url:
         raise SystemExit("PREFECT_API_URL is not set: start a server (`prefect server start --background`) and "
                          "`prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api` first")
