@@ -12,7 +12,6 @@ Three steps, each idempotent (run it again after editing a pool, a block or pref
 
 from __future__ import annotations
 
-import copy
 import importlib
 import inspect
 import pkgutil
@@ -37,7 +36,7 @@ def work_pools(path: Path = POOLS_FILE) -> list[WorkPoolCreate]:
     """The pools of deployments/pools.yaml: process pools whose base job template defaults `env` to theirs."""
     pools = []
     for name, spec in yaml.safe_load(path.read_text()).items():
-        template = copy.deepcopy(ProcessWorker.get_default_base_job_template())
+        template = ProcessWorker.get_default_base_job_template()   # a fresh dict each call
         template["variables"]["properties"]["env"]["default"] = spec.get("env", {})
         pools.append(WorkPoolCreate(name=name, type="process", description=spec.get("description"),
                                     concurrency_limit=spec.get("concurrency_limit"), base_job_template=template))
