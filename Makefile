@@ -20,7 +20,7 @@ llama: $(STAMP)
 	$(PY) -m tasks.llamacpp.build build
 
 demo: setup
-	$(PY) -m flows.finetune --recipe slipstream
+	$(VENV)/bin/slipway run slipstream
 
 test: setup
 	$(PY) -m pytest tests

@@ -1,7 +1,8 @@
 """`finetune`: task → small fine-tuned model that beats its prompted baseline, exported and served.
 
 Run it:
-    python -m flows.finetune --recipe slipstream                 # locally (what `make demo` does)
+    slipway run slipstream                                       # locally (what `make demo` does)
+    slipway run slipstream --set training.max_steps=5 --set data.eval_rows=8
     prefect deployment run finetune/slipstream                   # through a Prefect server and worker
 
 Stages: validate recipe → run folder → base model → data splits → baseline eval (base SLM, and the LLM
@@ -11,11 +12,6 @@ report. The flow only wires tasks.
 """
 
 from __future__ import annotations
-
-import argparse
-import sys
-from datetime import datetime, timezone
-from pathlib import Path
 
 from prefect import flow
 
@@ -28,7 +24,7 @@ from tasks.eval.gates import check_gates, enforce_gates
 from tasks.release.model_card import publish_release, write_model_card
 from tasks.ollama.modelfile import write_modelfile
 from tasks.eval.parity import evaluate_parity
-from tasks.recipe import REPO_ROOT, RecipeError, load_recipe, validate_recipe
+from tasks.recipe import REPO_ROOT, validate_recipe
 from tasks.release.report import write_report
 from tasks.run import create_run_folder
 from tasks.export.template_check import verify_chat_template
@@ -73,35 +69,3 @@ def finetune(recipe: str = "slipstream", overrides: dict | None = None, output_r
     enforce_gates(gates)
     return str(run_dir)
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run the finetune flow locally.")
-    parser.add_argument("--recipe", default="slipstream")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override a recipe field, e.g. --set training.max_steps=5 (YAML value)")
-    parser.add_argument("--output-root", default=str(REPO_ROOT / "runs"))
-    args = parser.parse_args(argv)
-    import yaml
-
-    overrides = {}
-    for item in args.set:
-        field, _, value = item.partition("=")
-        overrides[field] = yaml.safe_load(value)
-    try:  # fail before Prefect starts, with one message and no traceback
-        load_recipe(args.recipe, overrides)
-    except RecipeError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    run_name = f"{Path(args.recipe).stem}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
-    state = finetune(recipe=args.recipe, overrides=overrides, output_root=args.output_root, run_name=run_name,
-                     return_state=True)
-    report = Path(args.output_root) / run_name / "report.md"
-    print(f"\nReport: {report}" if report.exists() else f"\nNo report: the run stopped early ({report.parent})")
-    if state.is_failed():
-        print(f"Run failed: {state.message}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

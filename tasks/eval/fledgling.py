@@ -1,4 +1,5 @@
-"""Tasks of the Fledgling `evaluate` flow: rows from an eval file, the SLM evaluations, the fine-tune leg.
+"""Tasks of the Fledgling `evaluate` flow: rows from an eval file, the SLM evaluations, the fine-tune leg's
+outcome (the leg itself is the finetune flow, called by flows/evaluate.py as a subflow or a deployment).
 
 The decision rule itself is tasks/eval/decision.py; the reports are tasks/release/report.py.
 """
@@ -14,7 +15,7 @@ from tasks import tracing
 from tasks.data.evalfile import load_eval_file, to_chat_row
 from tasks.eval.evaluate import eval_gguf, eval_hf
 from tasks.recipe import Recipe
-from tasks.run import atomic_write_json, atomic_write_jsonl, is_complete, slipway_home
+from tasks.run import RunFolder, atomic_write_json, atomic_write_jsonl, slipway_home
 
 
 @task(name="configure-tracing")
@@ -48,9 +49,10 @@ def write_eval_file_rows(run_dir: Path, recipe: Recipe, eval_file: str) -> dict:
     rows = [to_chat_row(r, recipe.model.system_prompt) for r in load_eval_file(eval_file, recipe.task)]
     if recipe.data.eval_rows:
         rows = rows[:recipe.data.eval_rows]
-    atomic_write_jsonl(run_dir / "data" / "test.jsonl", rows)
+    run = RunFolder(run_dir)
+    atomic_write_jsonl(run.split("test"), rows)
     stats = {"source": str(eval_file), "test_rows": len(rows)}
-    atomic_write_json(run_dir / "data" / "stats.json", stats)
+    atomic_write_json(run.data_stats, stats)
     return stats
 
 
@@ -88,40 +90,29 @@ def locate_finetuned(run_dir: str, state: str = "given") -> dict:
     Raises:
         FileNotFoundError: the folder has neither a merged model nor a LoRA adapter.
     """
-    run = Path(run_dir)
-    merged, lora = run / "merged", run / "lora"
-    if not (merged / "config.json").exists() and not (lora / "adapter_config.json").exists():
+    run = RunFolder(run_dir)
+    has_merged, has_adapter = (run.merged_dir / "config.json").exists(), (run.lora_dir / "adapter_config.json").exists()
+    if not has_merged and not has_adapter:
         raise FileNotFoundError(f"{run}: no merged model (merged/config.json) or adapter (lora/adapter_config.json)")
-    serve_type = json.loads((run / "recipe.json").read_text())["export"]["serve_type"] \
-        if (run / "recipe.json").exists() else "q8_0"
-    gguf, lora_gguf = run / "gguf" / f"model-{serve_type}.gguf", run / "gguf" / "lora-f16.gguf"
-    gates = json.loads((run / "COMPLETE").read_text()).get("gates", []) if is_complete(run) else []
-    has_merged = (merged / "config.json").exists()
-    return {"run_dir": str(run), "state": state, "model_dir": str(merged) if has_merged else None,
-            "adapter_dir": None if has_merged else str(lora), "gguf": str(gguf) if gguf.exists() else None,
-            "lora_gguf": str(lora_gguf) if lora_gguf.exists() else None, "gates": gates,
+    serve_type = json.loads(run.recipe_json.read_text())["export"]["serve_type"] if run.recipe_json.exists() \
+        else "q8_0"
+    gguf = run.gguf(serve_type)
+    gates = json.loads(run.complete_marker.read_text()).get("gates", []) if run.is_complete() else []
+    return {"run_dir": str(run), "state": state, "model_dir": str(run.merged_dir) if has_merged else None,
+            "adapter_dir": None if has_merged else str(run.lora_dir), "gguf": str(gguf) if gguf.exists() else None,
+            "lora_gguf": str(run.lora_gguf) if run.lora_gguf.exists() else None, "gates": gates,
             # None: a folder without gate verdicts (an adapter trained outside the finetune flow)
             "gates_passed": all(g["passed"] for g in gates) if gates else None}
 
 
-@task(name="trigger-finetune")
-def trigger_finetune(recipe: str, overrides: dict, output_root: str, run_name: str,
-                     deployment: str | None = None) -> dict:
-    """Run the finetune flow with the track's recipe (a subflow, or a deployment on a GPU worker, whose
-    `output_root` must then be shared storage); returns its run folder and final state. Failed gates are a
-    verdict, not an error: the folder is complete and the decision reads them.
+@task(name="require-finished-finetune")
+def require_finished_finetune(run_dir: str, state: str, message: str | None = None) -> str:
+    """The fine-tune leg's run folder, once its report is written. Failed gates are a verdict, not an error:
+    the folder is complete and the decision reads them.
 
     Raises:
         RuntimeError: the finetune run stopped before writing its report.
     """
-    params = {"recipe": recipe, "overrides": overrides, "output_root": output_root, "run_name": run_name}
-    if deployment:
-        from prefect.deployments import run_deployment
-        state = run_deployment(name=deployment, parameters=params, timeout=None, as_subflow=True).state
-    else:
-        from flows.finetune import finetune
-        state = finetune(**params, return_state=True)
-    run = Path(output_root) / run_name
-    if not is_complete(run):
-        raise RuntimeError(f"finetune run {run} ended {state.name} before its report: {state.message}")
-    return {"run_dir": str(run), "state": state.name}
+    if not RunFolder(run_dir).is_complete():
+        raise RuntimeError(f"finetune run {run_dir} ended {state} before its report: {message}")
+    return run_dir

@@ -103,7 +103,7 @@ def test_a_user_eval_file_with_a_bad_line_is_rejected_naming_the_line(tmp_path):
     rows[2] = json.dumps(bad)
     path = tmp_path / "mine.jsonl"
     path.write_text("\n".join(rows) + "\n")
-    proc = subprocess.run([sys.executable, "-m", "flows.evaluate", "--recipe", "fledgling-toolcall",
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "evaluate", "fledgling-toolcall",
                            "--eval-file", str(path)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert f"{path}:3: toolcall: expected tool 'launch_rocket' is not in 'tools'" in proc.stderr

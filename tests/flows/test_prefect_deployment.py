@@ -1,4 +1,5 @@
-"""A real Prefect server (SQLite) and process worker on loopback run `finetune/slipstream` from prefect.yaml."""
+"""A real Prefect server (SQLite) on loopback, stood up from nothing by `python -m deployments.up` (pools, block
+types, every deployment of prefect.yaml); a process worker then runs `finetune/slipstream` through it."""
 
 import json
 import os
@@ -44,7 +45,7 @@ def _stop(proc):
 
 @pytest.fixture
 def prefect_stack(tmp_path):
-    """Server + `cpu` process pool + worker, all on loopback in a throwaway PREFECT_HOME."""
+    """Server + what `python -m deployments.up` creates + a `cpu` worker, on loopback in a throwaway PREFECT_HOME."""
     port = _free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"),
            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -56,7 +57,9 @@ def prefect_stack(tmp_path):
     worker = None
     try:
         _prefect(env, "server", "status", "--wait", "--timeout", "120", timeout=150)
-        _prefect(env, "work-pool", "create", "cpu", "--type", "process", "--overwrite")
+        up = subprocess.run([sys.executable, "-m", "deployments.up"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=600)
+        assert up.returncode == 0, f"{up.stdout}\n{up.stderr}"
         worker_log = open(tmp_path / "worker.log", "w")
         worker = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", "cpu",
                                    "--limit", "1"], cwd=REPO, env=env, stdout=worker_log,
@@ -70,7 +73,18 @@ def prefect_stack(tmp_path):
 
 def test_deployment_run_completes_and_writes_the_report(prefect_stack, tmp_path, base_model_dir):
     env = prefect_stack
-    _prefect(env, "--no-prompt", "deploy", "--name", "slipstream", timeout=180)
+    for pool, gpus in (("cpu", ""), ("gpu-a", "0,1"), ("gpu-b", "2,3")):
+        inspected = json.loads(_prefect(env, "work-pool", "inspect", pool, "--output", "json").stdout)
+        assert inspected["type"] == "process"
+        assert inspected["base_job_template"]["variables"]["properties"]["env"]["default"] == \
+            {"CUDA_VISIBLE_DEVICES": gpus}
+    wide = {**env, "COLUMNS": "250"}   # rich tables: no name cut short
+    listed = _prefect(wide, "deployment", "ls").stdout
+    for name in ("finetune/slipstream ", "finetune/slipstream-gpu ", "finetune/slipstream-gpu-ddp ",
+                 "evaluate/fledgling-structured ", "evaluate/fledgling-toolcall "):
+        assert name in listed, listed
+    blocks = _prefect(wide, "block", "type", "ls").stdout
+    assert "openai-compatible-endpoint" in blocks and "langfuse-credentials" in blocks
     out = tmp_path / "runs"
     params = json.dumps({"overrides": SMALL, "output_root": str(out), "run_name": "via-deployment"})
     start = time.time()

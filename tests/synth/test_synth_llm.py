@@ -168,10 +168,10 @@ def test_config_is_validated_before_any_work(tmp_path):
 
 
 def test_cli_rejects_a_bad_config_with_one_message():
-    proc = subprocess.run([sys.executable, "-m", "flows.synthesize", "-n", "5"], cwd=REPO, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "synthesize", "-n", "5"], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "--endpoint" in proc.stderr and "Traceback" not in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "flows.synthesize", "-n", "-5", "--endpoint",
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "synthesize", "-n", "-5", "--endpoint",
                            "openai-compatible-endpoint/x", "--set", "concurency=2"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2

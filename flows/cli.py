@@ -1,0 +1,202 @@
+"""`slipway`: the command line. Each command is a thin call of one flow or task.
+
+    slipway run slipstream --set training.max_steps=5          # the finetune flow (what `make demo` does)
+    slipway evaluate fledgling-structured                      # the Fledgling decision flow
+    slipway synthesize --set method=templates -n 2000          # training records
+    slipway serve runs/<run>                                   # serve a run's deployed GGUF with llama.cpp
+    slipway check-template runs/<run>                          # re-check its Modelfile and GGUF
+    slipway convert in.jsonl out.jsonl --to together           # convert a chat dataset's format
+    slipway deploy                                             # pools, blocks and deployments on PREFECT_API_URL
+
+Installed by `pip install -e .` ([project.scripts]); `python -m flows.cli` is the same command. Bad input
+(a recipe, an eval file, a synthesis config) stops with one message and exit status 2 before Prefect starts;
+a flow run that fails exits 1 after printing where its report is.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Literal, NoReturn
+
+import typer
+import yaml
+from prefect.states import State
+from pydantic import ValidationError
+
+from deployments.up import stand_up
+from flows.evaluate import evaluate as evaluate_flow
+from flows.finetune import finetune
+from flows.synthesize import synthesize as synthesize_flow
+from tasks.data.evalfile import EvalFileError, load_eval_file
+from tasks.data.formats import FORMATS, FormatError, convert_file
+from tasks.export import template_check
+from tasks.llamacpp import serve as llamacpp_serve
+from tasks.recipe import REPO_ROOT, RecipeError, load_recipe
+from tasks.run import RunFolder
+from tasks.synth.llm import SynthesisConfig
+
+app = typer.Typer(help="Slipway: fine-tune a small model that beats its prompted baseline, and ship it.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+Overrides = Annotated[list[str] | None, typer.Option(
+    "--set", metavar="FIELD=VALUE", help="Override a field, e.g. --set data.eval_rows=8 (repeatable; the value "
+    "is read as YAML).")]
+OutputRoot = Annotated[Path, typer.Option(help="Where run folders are created.")]
+Format = Literal[FORMATS]
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    """`--set a.b=1 --set c=x` as {"a.b": 1, "c": "x"} (each value read as YAML)."""
+    return {field: yaml.safe_load(value) for field, _, value in (item.partition("=") for item in items or [])}
+
+
+def stop(message: str) -> NoReturn:
+    """Bad input: one message, no traceback, exit status 2 (for a flow, before Prefect starts)."""
+    typer.echo(message, err=True)
+    raise typer.Exit(2)
+
+
+def check_input(recipe: str, overrides: dict, eval_file: Path | None = None) -> None:
+    """The recipe (and an eval file) as the flow will read them; a bad one stops here, before Prefect starts."""
+    try:
+        cfg = load_recipe(recipe, overrides)
+        if eval_file:
+            load_eval_file(eval_file, cfg.task)
+    except (RecipeError, EvalFileError) as exc:
+        stop(str(exc))
+
+
+def default_run_name(recipe: str, kind: str = "") -> str:
+    """<recipe>-<UTC timestamp>, or <recipe>-<kind>-<UTC timestamp>."""
+    return f"{Path(recipe).stem}{'-' + kind if kind else ''}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+
+
+def finish(state: State, report: Path | None) -> None:
+    """The closing lines of every flow command: where the report is, and whether the run failed."""
+    if report and report.exists():
+        typer.echo(f"\nReport: {report}")
+    else:
+        typer.echo("\nNo report: the run stopped early" + (f" ({report.parent})" if report else ""))
+    if state.is_failed():
+        typer.echo(f"Run failed: {state.message}", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def run(recipe: Annotated[str, typer.Argument(help="A recipe name in recipes/ or a YAML path.")] = "slipstream",
+        set_: Overrides = None,
+        run_name: Annotated[str | None, typer.Option(help="The run folder's name (default: <recipe>-<UTC time>).")]
+        = None,
+        resume: Annotated[Path | None, typer.Option(help="A run folder that did not complete: run it again, "
+                                                    "training from its last checkpoint.")] = None,
+        output_root: OutputRoot = REPO_ROOT / "runs") -> None:
+    """Fine-tune, export, serve, evaluate and gate one recipe (the finetune flow)."""
+    overrides = parse_overrides(set_)
+    check_input(recipe, overrides)
+    run_name = run_name or default_run_name(recipe)
+    state = finetune(recipe=recipe, overrides=overrides, output_root=str(output_root), run_name=run_name,
+                     resume_from=str(resume) if resume else None, return_state=True)
+    finish(state, RunFolder(resume or output_root / run_name).report_md)
+
+
+@app.command()
+def evaluate(recipe: Annotated[str, typer.Argument(help="A recipe with a `baseline` section (the LLM).")]
+             = "fledgling-structured",
+             eval_file: Annotated[Path | None, typer.Option(help="JSONL eval file (docs/eval-file-format.md) "
+                                                            "instead of the recipe's test split.")] = None,
+             finetuned_run: Annotated[Path | None, typer.Option(help="An existing finetune run folder to compare "
+                                                                "(no new fine-tune then).")] = None,
+             set_: Overrides = None,
+             run_name: Annotated[str | None, typer.Option(help="The run folder's name "
+                                                          "(default: <recipe>-eval-<UTC time>).")] = None,
+             langfuse_block: Annotated[str | None, typer.Option(help="A saved LangfuseCredentials block "
+                                                                "(default: LANGFUSE_* variables).")] = None,
+             finetune_deployment: Annotated[str | None, typer.Option(help="Run the fine-tune leg as this "
+                                                                     "deployment, e.g. finetune/slipstream-gpu.")]
+             = None,
+             output_root: OutputRoot = REPO_ROOT / "runs") -> None:
+    """Measure the SLM against an LLM on a track and decide keep-llm / swap-now / fine-tune (the evaluate flow)."""
+    overrides = parse_overrides(set_)
+    check_input(recipe, overrides, eval_file)
+    run_name = run_name or default_run_name(recipe, "eval")
+    state = evaluate_flow(recipe=recipe, eval_file=str(eval_file) if eval_file else None,
+                          finetuned_run=str(finetuned_run) if finetuned_run else None, overrides=overrides,
+                          output_root=str(output_root), run_name=run_name, langfuse_block=langfuse_block,
+                          finetune_deployment=finetune_deployment, return_state=True)
+    finish(state, RunFolder(output_root / run_name).report_md)
+
+
+@app.command()
+def synthesize(config: Annotated[Path | None, typer.Option(exists=True, dir_okay=False,
+                                                         help="A YAML file of SynthesisConfig fields.")] = None,
+               endpoint: Annotated[str | None, typer.Option(help="The endpoint Block document, e.g. "
+                                                            "openai-compatible-endpoint/deepseek.")] = None,
+               n: Annotated[int | None, typer.Option("-n", help="Records to request.")] = None,
+               set_: Overrides = None,
+               output_dir: Annotated[Path | None, typer.Option(help="A new or empty folder "
+                                                               "(default: runs/synth-<UTC time>).")] = None) -> None:
+    """Generate Slipstream training records with an LLM endpoint or slot templates (the synthesize flow)."""
+    raw = yaml.safe_load(config.read_text()) if config else {}
+    raw |= {k: v for k, v in (("endpoint", endpoint), ("n", n)) if v is not None} | parse_overrides(set_)
+    try:
+        cfg = SynthesisConfig.model_validate(raw)
+    except ValidationError as exc:
+        stop(f"invalid synthesis config:\n{exc}")
+    if cfg.method == "llm" and cfg.endpoint is None:
+        stop("invalid synthesis config: --endpoint (or `endpoint:` in --config) is required")
+    state = synthesize_flow(config=cfg, output_dir=str(output_dir) if output_dir else None, return_state=True)
+    out = Path(state.result()) if state.is_completed() else output_dir
+    finish(state, out / "synthesis-report.md" if out else None)
+
+
+@app.command()
+def serve(run_dir: Annotated[Path, typer.Argument(help="A run folder with deploy/Modelfile.")],
+          host: str = "127.0.0.1",
+          port: Annotated[int, typer.Option(help="0: a free port.")] = 0,
+          parallel: Annotated[int, typer.Option(help="Requests served at once.")] = 2,
+          stop_: Annotated[bool, typer.Option("--stop", help="Stop the server a deployment left running "
+                                              "(deploy.keep_running) instead.")] = False) -> None:
+    """Serve a run's deployed GGUF with llama.cpp, restarted if it crashes (Ctrl-C stops)."""
+    if stop_:
+        typer.echo("stopped" if llamacpp_serve.stop_run(run_dir) else "no running server recorded")
+    else:
+        llamacpp_serve.serve_run(run_dir, host, port, parallel)
+
+
+@app.command("check-template")
+def check_template(run_dir: Annotated[Path, typer.Argument(help="A run folder with deploy/Modelfile.")],
+                   samples: Annotated[int, typer.Option(help="Test conversations to check.")] = 3) -> None:
+    """Check a run's deployed chat template (Modelfile and GGUF, as on disk now) against training."""
+    result = template_check.check_run(run_dir, samples)
+    typer.echo(json.dumps(template_check.gate(result), indent=2))
+    raise typer.Exit(0 if result["passed"] else 1)
+
+
+@app.command()
+def convert(source: Annotated[Path, typer.Argument(help="The JSONL file to convert.")],
+            target: Annotated[Path, typer.Argument(help="Where to write the converted JSONL.")],
+            to: Annotated[Format, typer.Option(help="The target format.")],
+            from_: Annotated[Format | None, typer.Option("--from", help="The source format (default: detected).")]
+            = None,
+            drop_lossy: Annotated[bool, typer.Option("--drop-lossy", help="Drop what the target format cannot carry "
+                                                     "instead of refusing.")] = False,
+            system_prompt: Annotated[str | None, typer.Option(help="together-pc input: split this system "
+                                                              "prompt off `prompt`.")] = None) -> None:
+    """Convert a chat dataset between formats (sharegpt, messages, together, alpaca, ...; tasks/data/formats.py)."""
+    try:
+        rows = convert_file(source, target, to, from_, "drop" if drop_lossy else "error", system_prompt)
+    except (FormatError, OSError) as exc:
+        stop(f"error: {exc}")
+    typer.echo(f"wrote {rows} rows to {target} ({to})")
+
+
+@app.command()
+def deploy() -> None:
+    """Stand the Prefect side up on PREFECT_API_URL: work pools, block types, every deployment in prefect.yaml."""
+    stand_up()
+
+
+if __name__ == "__main__":
+    app(prog_name="slipway")
