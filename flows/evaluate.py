@@ -30,9 +30,9 @@ from tasks.eval.decision import decide_swap
 from tasks.eval.evaluate import evaluate_llm_baseline
 from tasks.eval.fledgling import (configure_tracing, evaluate_slm, locate_finetuned, require_llm_baseline,
                              trigger_finetune, write_eval_file_rows)
-from tasks.recipe import REPO_ROOT, RecipeError, load_recipe, validate_recipe
+from tasks.recipe import REPO_ROOT, RecipeError, load_recipe
 from tasks.release.report import write_eval_report
-from tasks.run import create_run_folder
+from tasks.start import create_run_folder, validate_recipe
 
 
 @flow(name="evaluate", log_prints=True)

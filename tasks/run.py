@@ -19,8 +19,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Literal
 
-from prefect import task
-
 RUN_SUBDIRS = ("data", "checkpoints", "lora", "merged", "gguf", "metrics")
 COMPLETE_MARKER = "COMPLETE"
 Split = Literal["train", "val", "test"]
@@ -311,26 +309,3 @@ def stage_timer(run_dir: Path | RunFolder, stage: str) -> Iterator[None]:
         timings = json.loads(path.read_text()) if path.exists() else {}
         timings[stage] = {"seconds": round(time.time() - start, 1), "status": status}
         atomic_write_json(path, timings)
-
-
-
-@task(name="create-run-folder")
-def create_run_folder(output_root: str, recipe, run_name: str | None = None, resume_from: str | None = None) -> Path:
-    """A fresh, isolated run folder holding the fully resolved recipe (what the trainer will read), or
-    an earlier run that did not complete, to resume (training restarts from its last checkpoint).
-
-    Raises:
-        ValueError: the folder to resume is complete, missing, or was made with another recipe.
-    """
-    if resume_from:
-        run = RunFolder(Path(resume_from).resolve())
-        if not run.recipe_json.exists():
-            raise ValueError(f"resume_from {run}: not a run folder (no recipe.json)")
-        if run.is_complete():
-            raise ValueError(f"resume_from {run}: that run completed; start a new one")
-        if run.recipe_json.read_text() != recipe.model_dump_json(indent=2):
-            raise ValueError(f"resume_from {run}: made with a different recipe; resume with the same one")
-        return run.root
-    run = RunFolder(new_run_dir(output_root, recipe.name, run_name).resolve())
-    atomic_write_text(run.recipe_json, recipe.model_dump_json(indent=2))
-    return run.root

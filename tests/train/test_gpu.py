@@ -27,7 +27,7 @@ def _prepare(tmp_path, tiny_rows, **training):
 
 
 def _run_training(recipe, run_dir, base_dir):
-    from tasks.train.worker import training_command
+    from tasks.train.launch import training_command
 
     proc = subprocess.run(training_command(recipe, run_dir, base_dir), cwd=REPO, capture_output=True, text=True,
                           timeout=900)
