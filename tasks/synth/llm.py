@@ -228,7 +228,7 @@ def estimate_cost(endpoint: LLMEndpoint, specs: list[BatchSpec], cfg: SynthesisC
     return estimate
 
 
-def _batch_cache_key(context, parameters) -> str:
+def batch_cache_key(context, parameters) -> str:
     """Endpoint identity (never its key), the exact prompt, the batch and the sampling settings."""
     spec: BatchSpec = parameters["spec"]
     cfg: SynthesisConfig = parameters["cfg"]
@@ -256,7 +256,7 @@ _RETRIES: dict = {}
 _RETRIES_LOCK = threading.Lock()
 
 
-@task(name="request-batch", task_run_name="request-batch-{spec.index}", cache_key_fn=_batch_cache_key,
+@task(name="request-batch", task_run_name="request-batch-{spec.index}", cache_key_fn=batch_cache_key,
       persist_result=True, retry_condition_fn=_retry_if_transient)
 def request_batch(spec: BatchSpec, endpoint: LLMEndpoint, cfg: SynthesisConfig) -> dict:
     """Ask for one batch. Retries (set with `.with_options(retries=...)`) are Prefect task-run retries.

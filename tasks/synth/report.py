@@ -21,7 +21,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from tasks.data.prepare import normalise
+from tasks.data.rows import normalise
 from tasks.data.dedupe import NearIndex, word_set
 from tasks.recipe import REPO_ROOT
 from tasks.run import atomic_write_json, atomic_write_jsonl, atomic_write_text, mark_complete

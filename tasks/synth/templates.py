@@ -8,7 +8,7 @@ anchors) lives in data/slipstream-templates.yaml. A prompt is an optional speake
 of the anchor with the destination agent and every slot of the anchor filled in; the loader refuses a
 phrasing that leaves a slot out, so the number of distinct prompts an anchor can make is exactly the
 product of its slot sizes (its *capacity*). Prompts are drawn without replacement and deduplicated by
-tasks.data.prepare.normalise; asking for more than the capacity raises with the number instead of quietly
+tasks.data.rows.normalise; asking for more than the capacity raises with the number instead of quietly
 returning fewer (slipcore.finetune returns its 149 examples whatever -n says).
 
 Each answer is built by tasks.protocol.format_tqt (so QUANTIZE hints are the UCR-derived ones), written
@@ -33,7 +33,7 @@ import yaml
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tasks.data.prepare import normalise
+from tasks.data.rows import normalise
 from tasks.protocol import DATASET_ANCHORS, UCR_ANCHORS
 from tasks.recipe import REPO_ROOT, _key_lines
 from tasks.synth.records import SYSTEM_PROMPT_BASIC, SynthRecord
@@ -304,11 +304,11 @@ def generator_fingerprint(path: Path = TEMPLATES_PATH) -> str:
     return h.hexdigest()[:16]
 
 
-def _synth_cache_key(context, parameters) -> str:
+def synth_cache_key(context, parameters) -> str:
     return f"synth-templates-{parameters['n']}-{parameters['seed']}-{generator_fingerprint()}"
 
 
-@task(name="synthesize-from-templates", cache_key_fn=_synth_cache_key, persist_result=True)
+@task(name="synthesize-from-templates", cache_key_fn=synth_cache_key, persist_result=True)
 def synthesize_from_templates(n: int, seed: int) -> list[dict]:
     """n ShareGPT rows (data/slipstream-tqt.jsonl shape) from the Slipstream templates, cached by
     (n, seed, generator version, template file)."""

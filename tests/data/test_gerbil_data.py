@@ -2,7 +2,7 @@
 
 import json
 
-from tasks.data.prepare import Example
+from tasks.data.rows import Example
 from tasks.data.dedupe import eval_prompts_from_file, remove_contaminated, remove_duplicates
 from tasks.data.formats import read_file, validate_file
 from conftest import REPO

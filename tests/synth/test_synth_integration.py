@@ -65,7 +65,7 @@ def _task_runs_and_logs(flow_run_id):
 def test_200_records_under_injected_faults_are_accounted_for_retried_and_cached(llama, tmp_path):
     from blocks.llm import OpenAICompatibleEndpoint
     from flows.synthesize import synthesize
-    from tasks.data.prepare import normalise
+    from tasks.data.rows import normalise
     from tasks.protocol import parse_tqt
     from tasks.synth.llm import PROMPT_TEMPLATE
 

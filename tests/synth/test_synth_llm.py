@@ -15,7 +15,7 @@ from blocks.llm import AzureOpenAIEndpoint, OpenAICompatibleEndpoint
 from conftest import REPO
 from tasks.llm_client import backoff_delay, endpoint_identity, parse_retry_after, to_request_error
 from tasks.protocol import parse_tqt
-from tasks.synth.llm import PROMPT_TEMPLATE, BatchSpec, SynthesisConfig, _batch_cache_key, plan_batches
+from tasks.synth.llm import PROMPT_TEMPLATE, BatchSpec, SynthesisConfig, batch_cache_key, plan_batches
 from tasks.synth.repair import Drop, extract_items, repair_llm_record as repair_record
 from tasks.synth.report import assemble_records
 
@@ -192,7 +192,7 @@ def test_cache_key_ignores_the_key_and_n_but_not_model_template_or_sampling(tmp_
     block = OpenAICompatibleEndpoint(provider="deepseek", model="deepseek-chat", api_key="sk-one")
 
     def key(spec=spec, block=block, cfg=cfg):
-        return _batch_cache_key(None, {"spec": spec, "endpoint": block, "cfg": cfg})
+        return batch_cache_key(None, {"spec": spec, "endpoint": block, "cfg": cfg})
 
     assert key() == key(block=block.model_copy(update={"api_key": "sk-two"}))
     assert key() == key(cfg=cfg.model_copy(update={"n": 500}))              # batch 0 is the same request
