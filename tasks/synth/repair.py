@@ -8,10 +8,9 @@ needs judgement (no thought, an unknown anchor, QUANTIZE and SLIP disagreeing) i
 record is a `tasks.synth.records.SynthRecord` (the record type the template synthesizer makes too), so it
 passes `validate_record` and its answer is written by `format_tqt` and re-checked by `parse_tqt`.
 
-Unlike `tasks.synth.records.repair_record` (free-text notes, rejection left to validation), this names
-each repair and each drop by a fixed category, because a synthesis report counts them, and it also reads
-what LLMs return around the records: JSON in code fences or with trailing commas, renamed fields, a whole
-TQT answer or wire line instead of separate fields.
+Each repair and each drop is named by a fixed category, because a synthesis report counts them. It also
+reads what LLMs return around the records: JSON in code fences or with trailing commas, renamed fields, a
+whole TQT answer or wire line instead of separate fields.
 """
 
 from __future__ import annotations
