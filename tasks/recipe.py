@@ -19,6 +19,12 @@ RECIPES_DIR = REPO_ROOT / "recipes"
 DATA_DIR = REPO_ROOT.joinpath("data")
 
 
+def repo_path(path: str | Path) -> Path:
+    """A file a recipe names: absolute as given, otherwise relative to the repo root (not the cwd)."""
+    path = Path(path)
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
 class StrictModel(BaseModel):
     """Unknown keys are errors, and so are wrong assignments after loading (every typed config here)."""
 

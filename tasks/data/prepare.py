@@ -19,7 +19,7 @@ from tasks.data.dedupe import eval_prompts_from_file, merge_contamination, remov
 from tasks.data.evalfile import EvalFileError, gold_answer, load_eval_file, to_chat_row
 from tasks.data.rows import Example, normalise, read_json_lines
 from tasks.protocol import SlipParseError, parse_tqt
-from tasks.recipe import REPO_ROOT, DataConfig
+from tasks.recipe import DataConfig, repo_path
 from tasks.run import RunFolder, atomic_write_json, atomic_write_jsonl, stage_timer
 
 _ROLE_MAP = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -61,9 +61,7 @@ def load_examples(path: Path) -> list[Example]:
     Raises:
         DatasetError: '<file>:<line>: <rule>' for the first bad line (not JSON, wrong shape, bad answer).
     """
-    path = Path(path)
-    if not path.is_absolute():
-        path = REPO_ROOT / path
+    path = repo_path(path)
     if not path.exists():
         raise DatasetError(f"{path}: dataset file not found")
     examples = [_row_to_example(obj, where, line_no) for line_no, obj, where in read_json_lines(path, DatasetError)]
@@ -78,9 +76,7 @@ def load_eval_examples(path: Path, task: str) -> list[Example]:
     Raises:
         DatasetError: '<file>:<line>: <reason>' for the first bad line.
     """
-    path = Path(path)
-    if not path.is_absolute():
-        path = REPO_ROOT / path
+    path = repo_path(path)
     try:
         rows = load_eval_file(path, task)
     except EvalFileError as exc:
@@ -122,8 +118,7 @@ def to_messages(ex: Example, system_prompt: str) -> dict:
 
 def fingerprint(path: Path) -> str:
     """Content hash of the source file, part of the data-preparation cache key."""
-    path = Path(path) if Path(path).is_absolute() else REPO_ROOT / path
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashlib.sha256(repo_path(path).read_bytes()).hexdigest()
 
 
 def prepare_cache_key(context, parameters) -> str:
@@ -149,7 +144,7 @@ def prepare_splits(cfg: DataConfig, system_prompt: str, task: str = "slipstream"
     """
     examples = load_eval_examples(Path(cfg.source), task) if cfg.format == "eval" else load_examples(Path(cfg.source))
     unique, dup_report = remove_duplicates(examples, cfg.near_duplicate_jaccard)
-    external = {f: eval_prompts_from_file(f if Path(f).is_absolute() else REPO_ROOT / f) for f in cfg.eval_files}
+    external = {f: eval_prompts_from_file(repo_path(f)) for f in cfg.eval_files}
     unique, from_files = remove_contaminated(unique, external, cfg.near_duplicate_jaccard)
     splits = split_examples(unique, cfg)
     held_out = {f"{name} split": [ex.prompt for ex in splits[name]] for name in ("test", "val")}

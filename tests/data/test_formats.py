@@ -4,8 +4,7 @@ import json
 
 import pytest
 
-from tasks.data.formats import (FORMATS, Conversation, FormatError, convert_file, main, read_file, validate_file,
-                           write_record)
+from tasks.data.formats import FORMATS, Conversation, FormatError, main, read_file, validate_file, write_record
 from tasks.synth.records import SYSTEM_PROMPT_BASIC
 from conftest import REPO
 

@@ -6,13 +6,13 @@ import time
 import pytest
 import yaml
 
+from tasks.data.dedupe import remove_duplicates
 from tasks.data.prepare import load_examples
 from tasks.data.rows import Example, normalise
-from tasks.data.dedupe import remove_duplicates
 from tasks.protocol import DATASET_ANCHORS, parse_tqt, quantize_hint
 from tasks.synth.records import SYSTEM_PROMPT_BASIC
-from tasks.synth.templates import (TEMPLATES_PATH, TemplateError, synth_cache_key, generator_fingerprint,
-                                   load_spaces, main, synthesize, synthesize_from_templates)
+from tasks.synth.templates import (TEMPLATES_PATH, TemplateError, generator_fingerprint, load_spaces, main,
+                                   synth_cache_key, synthesize, synthesize_from_templates)
 from conftest import REPO
 
 
