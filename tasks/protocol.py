@@ -62,9 +62,11 @@ POLARITY_LABELS = ["strongly_negative", "negative", "declining", "mild_negative"
 DOMAIN_LABELS = ["task", "plan", "observation", "evaluation", "control", "resource", "error", "general"]
 URGENCY_LABELS = ["background", "low", "low_normal", "normal", "elevated", "high", "urgent", "critical"]
 
-AGENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+AGENT_CHARS = r"A-Za-z0-9._-"
+AGENT_ID = re.compile(rf"^[{AGENT_CHARS}]{{1,64}}$")
 # Payload tokens: printable ASCII without whitespace or the separators the spec forbids ('|', '@').
-PAYLOAD_TOKEN = re.compile(r"^[A-Za-z0-9._\-:=/,+%'#<>\[\]{}()\"]{1,80}$")
+PAYLOAD_CHARS = r"A-Za-z0-9._\-:=/,+%'#<>\[\]{}()\""
+PAYLOAD_TOKEN = re.compile(rf"^[{PAYLOAD_CHARS}]{{1,80}}$")
 _QUANTIZE = re.compile(r"^\[(?P<hint>[^\]]*)\]\s*->\s*(?P<anchor>[A-Za-z]+)$")
 
 

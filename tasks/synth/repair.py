@@ -20,7 +20,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 
-from tasks.protocol import SlipParseError, UCR_ANCHORS
+from tasks.protocol import AGENT_CHARS, PAYLOAD_CHARS, UCR_ANCHORS, SlipParseError
 from tasks.synth.records import RecordError, SynthRecord, validate_record
 
 # Anchors by their letters only: "request_task", "Request Task", "REQUESTTASK" -> RequestTask.
@@ -37,8 +37,8 @@ _FIELD_ALIASES = {"source": "src", "from": "src", "sender": "src", "destination"
                   "user": "instruction", "prompt": "instruction"}
 _TQT_FIELDS = ("response", "answer", "output", "tqt")
 _WIRE_FIELDS = ("slip", "wire")
-_AGENT_BAD = re.compile(r"[^A-Za-z0-9._-]")
-_PAYLOAD_BAD = re.compile(r"[^A-Za-z0-9._\-:=/,+%'#<>\[\]{}()\"]")
+_AGENT_BAD = re.compile(rf"[^{AGENT_CHARS}]")
+_PAYLOAD_BAD = re.compile(rf"[^{PAYLOAD_CHARS}]")
 _FENCE = re.compile(r"```[A-Za-z0-9_-]*")
 _TRAILING_COMMA = re.compile(r",\s*([\]}])")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
