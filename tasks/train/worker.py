@@ -2,8 +2,9 @@
 
 Runs as its own process (`python -m tasks.train.worker RUN_DIR --base BASE_DIR`, or under `accelerate
 launch` for DDP / DeepSpeed ZeRO-2) so that the CPU default, a single GPU and several GPUs share one code
-path; tasks/train/launch.py starts it. It imports nothing of Prefect (tests/train/test_worker_imports.py
-checks), so a GPU machine needs only torch, transformers, trl, peft, pydantic and PyYAML.
+path; tasks/train/launch.py starts it. It imports nothing of Prefect (tests/train/test_worker.py checks),
+so a GPU machine needs the training stack (torch, transformers, trl, peft, datasets) and the few wheels
+the recipe validates with, not the orchestration.
 Reads RUN_DIR/recipe.json and RUN_DIR/data/{train,val}.jsonl. Writes:
     RUN_DIR/checkpoints/       Trainer checkpoints every `save_steps` (a crash loses at most that much)
     RUN_DIR/lora/              the final adapter (adapter_config.json, adapter_model.safetensors) and the
