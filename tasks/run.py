@@ -254,8 +254,8 @@ def atomic_write_text(path: Path, text: str) -> Path:
 
 
 def read_jsonl(path: str | Path, missing_ok: bool = False) -> list[dict]:
-    """Every non-blank line of a JSONL file the project wrote itself (user files go through the
-    validating readers in tasks/data, which name the bad line)."""
+    """Every non-blank line of a JSONL file the project wrote itself (user files go through
+    tasks.data.rows.read_json_lines, which names the bad line)."""
     path = Path(path)
     if missing_ok and not path.exists():
         return []
