@@ -4,7 +4,7 @@ import json
 import random
 
 from tasks.data.dedupe import NearIndex, eval_prompts_from_file, jaccard, remove_contaminated, remove_duplicates, word_set
-from tasks.data.prepare import load_examples, prepare_splits
+from tasks.data.prepare import load_examples, prepare_cache_key, prepare_splits
 from tasks.data.rows import Example
 from tasks.recipe import DataConfig, ModelConfig, Recipe
 from tasks.release.report import render_report
@@ -102,8 +102,6 @@ def test_report_has_a_data_section_with_what_was_removed(tmp_path):
 
 
 def test_prepare_cache_key_follows_eval_files(tmp_path):
-    from tasks.data.prepare import prepare_cache_key
-
     eval_file = tmp_path / "eval.jsonl"
     eval_file.write_text(json.dumps({"prompt": "a", "keywords": ["b"]}) + "\n")
     key = lambda cfg: prepare_cache_key(None, {"cfg": cfg, "system_prompt": "s"})  # noqa: E731

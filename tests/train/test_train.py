@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from tasks.train.worker import MaskError, check_mask, tokenize_row
+from tasks.recipe import Recipe
+from tasks.run import atomic_write_jsonl, new_run_dir
+from tasks.train.worker import MaskError, check_mask, tokenize_row, train
 
 pytestmark = pytest.mark.integration
 
@@ -49,10 +51,6 @@ def test_zero_trainable_tokens_fails(base_model_dir, tiny_rows):
 
 def test_training_resumes_from_the_last_checkpoint(tmp_path, base_model_dir, tiny_rows):
     """A crash after step 2 loses nothing: the next attempt restarts from checkpoint-2, not from step 0."""
-    from tasks.recipe import Recipe
-    from tasks.run import atomic_write_jsonl, new_run_dir
-    from tasks.train.worker import train
-
     recipe = Recipe(name="resume")
     recipe.training.batch_size = 4
     recipe.training.logging_steps = 1
