@@ -26,11 +26,9 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
-class RunFolder:
-    """Where each artifact of one run lives. Paths only: it creates sub-folders, never files.
-
-    `os.fspath(run)` and `Path(run)` give the folder itself, so a RunFolder goes wherever a path did.
-    """
+class Folder:
+    """A folder whose paths one class names. `os.fspath(folder)` and `Path(folder)` give the folder itself,
+    so it goes wherever a path did, and `Folder(folder)` accepts a path or another folder."""
 
     root: Path
 
@@ -42,6 +40,11 @@ class RunFolder:
 
     def __str__(self) -> str:
         return str(self.root)
+
+
+@dataclass(frozen=True)
+class RunFolder(Folder):
+    """Where each artifact of one run lives. Paths only: it creates sub-folders, never files."""
 
     @property
     def name(self) -> str:
@@ -312,20 +315,9 @@ def stage_timer(run_dir: Path | RunFolder, stage: str) -> Iterator[None]:
 
 
 @dataclass(frozen=True)
-class SynthFolder:
+class SynthFolder(Folder):
     """Where each file of one synthesis run lives (`runs/synth-<time>/`, written by tasks/synth/report.py):
     a second kind of run folder, with the same rule that no other module joins its paths by string."""
-
-    root: Path
-
-    def __post_init__(self):
-        object.__setattr__(self, "root", Path(self.root))
-
-    def __fspath__(self) -> str:
-        return str(self.root)
-
-    def __str__(self) -> str:
-        return str(self.root)
 
     @property
     def records(self) -> Path:
