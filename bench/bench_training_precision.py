@@ -1,6 +1,6 @@
 """Benchmark: LoRA training throughput of the CPU default in fp32 vs bf16 autocast, side by side in one run.
 
-    .venv/bin/python tests/benchmarks/bench_training_precision.py [--steps 6] [--batch 4] [--seq 160]
+    .venv/bin/python bench/bench_training_precision.py [--steps 6] [--batch 4] [--seq 160]
 
 Prints tokens/s for each precision (alternating, after a warm-up step each) and the bf16/fp32 ratio that
 justifies `training.mixed_precision: auto` on CPUs with AVX512-BF16/AMX. Not a test: timings are figures.
@@ -14,6 +14,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tasks.models.bootstrap import resolve_base_model  # noqa: E402  (after the repo root is on sys.path)
+from tasks.recipe import ModelConfig, Recipe  # noqa: E402
+from tasks.train.worker import resolve_mixed_precision  # noqa: E402
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -26,10 +30,6 @@ def main() -> None:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
-
-    from tasks.models.bootstrap import resolve_base_model
-    from tasks.recipe import ModelConfig, Recipe
-    from tasks.train.worker import resolve_mixed_precision
 
     base = resolve_base_model(ModelConfig())
     targets = Recipe(name="bench").lora.target_modules

@@ -31,9 +31,9 @@ from tasks.eval.decision import decide_swap
 from tasks.eval.evaluate import evaluate_llm_baseline
 from tasks.eval.fledgling import (configure_tracing, evaluate_slm, locate_finetuned, require_finished_finetune,
                                   require_llm_baseline, write_eval_file_rows)
-from tasks.recipe import REPO_ROOT, validate_recipe
+from tasks.recipe import REPO_ROOT
 from tasks.release.report import write_eval_report
-from tasks.run import create_run_folder
+from tasks.start import create_run_folder, validate_recipe
 
 
 def run_finetune_leg(params: dict, deployment: str | None) -> State:

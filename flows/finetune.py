@@ -24,11 +24,11 @@ from tasks.eval.gates import check_gates, enforce_gates
 from tasks.release.model_card import publish_release, write_model_card
 from tasks.ollama.modelfile import write_modelfile
 from tasks.eval.parity import evaluate_parity
-from tasks.recipe import REPO_ROOT, validate_recipe
+from tasks.recipe import REPO_ROOT
 from tasks.release.report import write_report
-from tasks.run import create_run_folder
+from tasks.start import create_run_folder, validate_recipe
 from tasks.export.template_check import verify_chat_template
-from tasks.train.worker import train_adapter
+from tasks.train.launch import train_adapter
 
 
 @flow(name="finetune", log_prints=True)

@@ -62,9 +62,11 @@ POLARITY_LABELS = ["strongly_negative", "negative", "declining", "mild_negative"
 DOMAIN_LABELS = ["task", "plan", "observation", "evaluation", "control", "resource", "error", "general"]
 URGENCY_LABELS = ["background", "low", "low_normal", "normal", "elevated", "high", "urgent", "critical"]
 
-_AGENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+AGENT_CHARS = r"A-Za-z0-9._-"
+AGENT_ID = re.compile(rf"^[{AGENT_CHARS}]{{1,64}}$")
 # Payload tokens: printable ASCII without whitespace or the separators the spec forbids ('|', '@').
-_PAYLOAD_TOKEN = re.compile(r"^[A-Za-z0-9._\-:=/,+%'#<>\[\]{}()\"]{1,80}$")
+PAYLOAD_CHARS = r"A-Za-z0-9._\-:=/,+%'#<>\[\]{}()\""
+PAYLOAD_TOKEN = re.compile(rf"^[{PAYLOAD_CHARS}]{{1,80}}$")
 _QUANTIZE = re.compile(r"^\[(?P<hint>[^\]]*)\]\s*->\s*(?P<anchor>[A-Za-z]+)$")
 
 
@@ -112,12 +114,12 @@ def parse_slip(wire: str) -> SlipMessage:
     if version != "v1":
         raise SlipParseError(f"version must be 'v1', got {version!r}")
     for role, agent in (("src", src), ("dst", dst)):
-        if not _AGENT_ID.match(agent):
+        if not AGENT_ID.match(agent):
             raise SlipParseError(f"{role} {agent!r} is not an agent id ([A-Za-z0-9._-]+)")
     if anchor not in UCR_ANCHORS:
         raise SlipParseError(f"unknown anchor {anchor!r}")
     for token in payload:
-        if not _PAYLOAD_TOKEN.match(token):
+        if not PAYLOAD_TOKEN.match(token):
             raise SlipParseError(f"payload token {token!r} has characters outside the profile")
     return SlipMessage(src=src, dst=dst, anchor=anchor, payload=tuple(payload), version=version)
 

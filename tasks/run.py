@@ -19,8 +19,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Literal
 
-from prefect import task
-
 RUN_SUBDIRS = ("data", "checkpoints", "lora", "merged", "gguf", "metrics")
 COMPLETE_MARKER = "COMPLETE"
 Split = Literal["train", "val", "test"]
@@ -28,11 +26,9 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
-class RunFolder:
-    """Where each artifact of one run lives. Paths only: it creates sub-folders, never files.
-
-    `os.fspath(run)` and `Path(run)` give the folder itself, so a RunFolder goes wherever a path did.
-    """
+class Folder:
+    """A folder whose paths one class names. `os.fspath(folder)` and `Path(folder)` give the folder itself,
+    so it goes wherever a path did, and `Folder(folder)` accepts a path or another folder."""
 
     root: Path
 
@@ -44,6 +40,11 @@ class RunFolder:
 
     def __str__(self) -> str:
         return str(self.root)
+
+
+@dataclass(frozen=True)
+class RunFolder(Folder):
+    """Where each artifact of one run lives. Paths only: it creates sub-folders, never files."""
 
     @property
     def name(self) -> str:
@@ -269,8 +270,8 @@ def atomic_write_text(path: Path, text: str) -> Path:
 
 
 def read_jsonl(path: str | Path, missing_ok: bool = False) -> list[dict]:
-    """Every non-blank line of a JSONL file the project wrote itself (user files go through the
-    validating readers in tasks/data, which name the bad line)."""
+    """Every non-blank line of a JSONL file the project wrote itself (user files go through
+    tasks.data.rows.read_json_lines, which names the bad line)."""
     path = Path(path)
     if missing_ok and not path.exists():
         return []
@@ -334,24 +335,34 @@ def stage_timer(run_dir: Path | RunFolder, stage: str) -> Iterator[None]:
         atomic_write_json(path, timings)
 
 
+@dataclass(frozen=True)
+class SynthFolder(Folder):
+    """Where each file of one synthesis run lives (`runs/synth-<time>/`, written by tasks/synth/report.py):
+    a second kind of run folder, with the same rule that no other module joins its paths by string."""
 
-@task(name="create-run-folder")
-def create_run_folder(output_root: str, recipe, run_name: str | None = None, resume_from: str | None = None) -> Path:
-    """A fresh, isolated run folder holding the fully resolved recipe (what the trainer will read), or
-    an earlier run that did not complete, to resume (training restarts from its last checkpoint).
+    @property
+    def records(self) -> Path:
+        """ShareGPT rows shaped like data/slipstream-tqt.jsonl (what a recipe's data.source can name)."""
+        return self.root / "synthetic.jsonl"
 
-    Raises:
-        ValueError: the folder to resume is complete, missing, or was made with another recipe.
-    """
-    if resume_from:
-        run = RunFolder(Path(resume_from).resolve())
-        if not run.recipe_json.exists():
-            raise ValueError(f"resume_from {run}: not a run folder (no recipe.json)")
-        if run.is_complete():
-            raise ValueError(f"resume_from {run}: that run completed; start a new one")
-        if run.recipe_json.read_text() != recipe.model_dump_json(indent=2):
-            raise ValueError(f"resume_from {run}: made with a different recipe; resume with the same one")
-        return run.root
-    run = RunFolder(new_run_dir(output_root, recipe.name, run_name).resolve())
-    atomic_write_text(run.recipe_json, recipe.model_dump_json(indent=2))
-    return run.root
+    @property
+    def ledger(self) -> Path:
+        """One line per requested record: kept, repaired or dropped, and why."""
+        return self.root / "ledger.jsonl"
+
+    @property
+    def responses(self) -> Path:
+        """Each batch's raw answer (or error), tokens and retries."""
+        return self.root / "responses.jsonl"
+
+    @property
+    def report_json(self) -> Path:
+        return self.root / "synthesis-report.json"
+
+    @property
+    def report_md(self) -> Path:
+        return self.root / "synthesis-report.md"
+
+    @property
+    def complete_marker(self) -> Path:
+        return self.root / COMPLETE_MARKER

@@ -1,6 +1,6 @@
 """Duplicate, near-duplicate and contamination removal over normalised prompts, with a report of why.
 
-* exact duplicate: the same prompt after tasks.data.prepare.normalise (case and whitespace); the first is kept.
+* exact duplicate: the same prompt after tasks.data.rows.normalise (case and whitespace); the first is kept.
 * near duplicate: word-set Jaccard similarity >= a threshold (0.9 by default) with an earlier kept
   prompt. Found exactly, not by sampling: an inverted index over each set's *prefix* (its rarest words),
   because two sets with Jaccard >= t must share a word among the first |x| - ceil(t*|x|) + 1 words of
@@ -13,15 +13,14 @@ Each function returns the kept rows and a report dict: counts, and up to five ex
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from tasks.data.prepare import Example, normalise
 from tasks.data.formats import FormatError, detect_format, read_record
+from tasks.data.rows import Example, normalise, read_json_lines
 
 NEAR_DUPLICATE_JACCARD = 0.9
 _EXAMPLES_KEPT = 5
@@ -73,7 +72,8 @@ class NearIndex:
         return best
 
 
-def _rank(texts: Iterable[frozenset[str]]) -> dict[str, int]:
+def word_rank(texts: Iterable[frozenset[str]]) -> dict[str, int]:
+    """The global word order of a NearIndex: rarest first (short posting lists), ties by the word."""
     counts = Counter(w for words in texts for w in words)
     return {w: i for i, (w, _) in enumerate(sorted(counts.items(), key=lambda kv: (kv[1], kv[0])))}
 
@@ -86,7 +86,7 @@ def remove_duplicates(examples: Sequence[Example], threshold: float = NEAR_DUPLI
                       ) -> tuple[list[Example], dict]:
     """Drop exact and near-duplicate prompts, keeping the first of each group (source order)."""
     words = [word_set(ex.prompt) for ex in examples]
-    index = NearIndex(threshold, _rank(words))
+    index = NearIndex(threshold, word_rank(words))
     first: dict[str, Example] = {}
     kept, exact, near, conflicting = [], [], [], 0
     for ex, ws in zip(examples, words):
@@ -122,7 +122,7 @@ def remove_contaminated(examples: Sequence[Example], eval_prompts: dict[str, Seq
     """
     all_eval = [(source, p) for source, prompts in eval_prompts.items() for p in prompts]
     eval_words = [word_set(p) for _, p in all_eval]
-    index = NearIndex(threshold, _rank(eval_words + [word_set(ex.prompt) for ex in examples]))
+    index = NearIndex(threshold, word_rank(eval_words + [word_set(ex.prompt) for ex in examples]))
     exact = {}
     for (source, prompt), ws in zip(all_eval, eval_words):
         exact.setdefault(normalise(prompt), (source, prompt))
@@ -163,21 +163,13 @@ def eval_prompts_from_file(path: Path) -> list[str]:
         tasks.data.formats.FormatError: '<file>:<line>: <rule>' for a row with no recognisable prompt.
     """
     prompts = []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise FormatError(f"{where}: json: not valid JSON ({exc.msg})") from None
-            if isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
-                prompts.append(obj["prompt"])
-                continue
-            users = [m.content for m in read_record(obj, detect_format(obj, where), where).messages
-                     if m.role == "user"]
-            if not users:
-                raise FormatError(f"{where}: eval.prompt: the row has no user turn to compare")
-            prompts.append(users[-1])
+    for _, obj, where in read_json_lines(path, FormatError):
+        if isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
+            prompts.append(obj["prompt"])
+            continue
+        users = [m.content for m in read_record(obj, detect_format(obj, where), where).messages
+                 if m.role == "user"]
+        if not users:
+            raise FormatError(f"{where}: eval.prompt: the row has no user turn to compare")
+        prompts.append(users[-1])
     return prompts

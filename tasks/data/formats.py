@@ -26,12 +26,14 @@ published dataset is (json.dumps, ensure_ascii=False), so sharegpt -> X -> share
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.data.rows import read_json_lines
+from tasks.run import atomic_write_jsonl
 
 FORMATS = ("sharegpt", "sharegpt-roles", "messages", "together", "together-pc", "alpaca", "datafactory")
 _SHAREGPT_FROM = {"system": "system", "human": "user", "gpt": "assistant", "observation": "tool",
@@ -42,7 +44,7 @@ _PC_SEPARATOR = "\n\n"
 
 
 class FormatError(ValueError):
-    """A row that breaks a format rule: '<file>:<line>: <rule>: <detail>'."""
+    """A row that breaks a format rule: '<file>:<line>: <rule>: <detail>' (or '<file>:<line>: not valid JSON')."""
 
 
 class Message(BaseModel):
@@ -267,18 +269,6 @@ def write_record(conv: Conversation, fmt: str, where: str = "record", on_loss: s
             **({"history": history} if history else {}), **conv.extra}
 
 
-def iter_rows(path: Path):
-    """(line number, parsed JSON, 'file:line') for every non-blank line."""
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if line.strip():
-                where = f"{path}:{line_no}"
-                try:
-                    yield line_no, json.loads(line), where
-                except json.JSONDecodeError as exc:
-                    _fail(where, "json", f"not valid JSON ({exc.msg} at column {exc.colno})")
-
-
 def read_file(path: Path, fmt: str | None = None, system_prompt: str | None = None) -> list[Conversation]:
     """Every row of a JSONL file as canonical conversations (format detected from line 1 if not given).
 
@@ -286,7 +276,7 @@ def read_file(path: Path, fmt: str | None = None, system_prompt: str | None = No
         FormatError: '<file>:<line>: <rule>: <detail>'.
     """
     convs = []
-    for _, obj, where in iter_rows(path):
+    for _, obj, where in read_json_lines(path, FormatError):
         fmt = fmt or detect_format(obj, where)
         convs.append(read_record(obj, fmt, where, system_prompt))
     if not convs:
@@ -300,7 +290,7 @@ def validate_file(path: Path, fmt: str) -> int:
     Returns the number of rows. Raises FormatError naming file, line and rule.
     """
     count, first = 0, None
-    for line_no, obj, where in iter_rows(path):
+    for line_no, obj, where in read_json_lines(path, FormatError):
         if fmt == "together":
             kind = "together-pc" if isinstance(obj, dict) and "prompt" in obj and "messages" not in obj else \
                 "text" if isinstance(obj, dict) and set(obj) == {"text"} else "together"
@@ -324,8 +314,6 @@ def validate_file(path: Path, fmt: str) -> int:
 def convert_file(src: Path, dst: Path, to: str, src_format: str | None = None, on_loss: str = "error",
                  system_prompt: str | None = None) -> int:
     """Convert a JSONL file to another format (written atomically); returns the number of rows."""
-    from tasks.run import atomic_write_jsonl
-
     rows = [write_record(c, to, f"{src} record {i}", on_loss)
             for i, c in enumerate(read_file(src, src_format, system_prompt), start=1)]
     atomic_write_jsonl(dst, rows)

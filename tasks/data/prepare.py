@@ -11,36 +11,22 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
 
+from tasks.data.dedupe import eval_prompts_from_file, merge_contamination, remove_contaminated, remove_duplicates
+from tasks.data.evalfile import EvalFileError, gold_answer, load_eval_file, to_chat_row
+from tasks.data.rows import Example, normalise, read_json_lines
 from tasks.protocol import SlipParseError, parse_tqt
-from tasks.recipe import REPO_ROOT, DataConfig
+from tasks.recipe import DataConfig, repo_path
+from tasks.run import RunFolder, atomic_write_json, atomic_write_jsonl, stage_timer
 
 _ROLE_MAP = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
 class DatasetError(ValueError):
     """A source row that is not usable; the message names file, line and rule."""
-
-
-@dataclass(frozen=True)
-class Example:
-    """One validated source row."""
-
-    prompt: str
-    answer: str
-    anchor: str
-    line: int
-    row: object = None   # the validated EvalRow, for data.format 'eval'
-
-
-def normalise(text: str) -> str:
-    """Case- and whitespace-insensitive key used for dedupe and leakage checks."""
-    return re.sub(r"\s+", " ", text.strip().lower())
 
 
 def _row_to_example(obj: object, where: str, line: int) -> Example:
@@ -75,22 +61,10 @@ def load_examples(path: Path) -> list[Example]:
     Raises:
         DatasetError: '<file>:<line>: <rule>' for the first bad line (not JSON, wrong shape, bad answer).
     """
-    path = Path(path)
-    if not path.is_absolute():
-        path = REPO_ROOT / path
+    path = repo_path(path)
     if not path.exists():
         raise DatasetError(f"{path}: dataset file not found")
-    examples = []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatasetError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            examples.append(_row_to_example(obj, where, line_no))
+    examples = [_row_to_example(obj, where, line_no) for line_no, obj, where in read_json_lines(path, DatasetError)]
     if not examples:
         raise DatasetError(f"{path}: no rows")
     return examples
@@ -102,11 +76,7 @@ def load_eval_examples(path: Path, task: str) -> list[Example]:
     Raises:
         DatasetError: '<file>:<line>: <reason>' for the first bad line.
     """
-    from tasks.data.evalfile import EvalFileError, gold_answer, load_eval_file
-
-    path = Path(path)
-    if not path.is_absolute():
-        path = REPO_ROOT / path
+    path = repo_path(path)
     try:
         rows = load_eval_file(path, task)
     except EvalFileError as exc:
@@ -121,17 +91,6 @@ def load_eval_examples(path: Path, task: str) -> list[Example]:
         line = int(row.id.removeprefix("line-")) if row.id.startswith("line-") else 0
         examples.append(Example(prompt=prompt.strip(), answer=answer, anchor=group, line=line, row=row))
     return examples
-
-
-def dedupe(examples: list[Example]) -> tuple[list[Example], int]:
-    """Drop exact duplicates (same normalised prompt and answer); keep first occurrence."""
-    seen, kept = set(), []
-    for ex in examples:
-        key = (normalise(ex.prompt), normalise(ex.answer))
-        if key not in seen:
-            seen.add(key)
-            kept.append(ex)
-    return kept, len(examples) - len(kept)
 
 
 def split_examples(examples: list[Example], cfg: DataConfig) -> dict[str, list[Example]]:
@@ -150,7 +109,6 @@ def split_examples(examples: list[Example], cfg: DataConfig) -> dict[str, list[E
 def to_messages(ex: Example, system_prompt: str) -> dict:
     """A chat row with the recipe's system prompt; `anchor` kept for evaluation."""
     if ex.row is not None:
-        from tasks.data.evalfile import to_chat_row
         return to_chat_row(ex.row, system_prompt)
     return {"messages": [{"role": "system", "content": system_prompt},
                          {"role": "user", "content": ex.prompt},
@@ -160,24 +118,23 @@ def to_messages(ex: Example, system_prompt: str) -> dict:
 
 def fingerprint(path: Path) -> str:
     """Content hash of the source file, part of the data-preparation cache key."""
-    path = Path(path) if Path(path).is_absolute() else REPO_ROOT / path
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashlib.sha256(repo_path(path).read_bytes()).hexdigest()
 
 
-def _prepare_cache_key(context, parameters) -> str:
+def prepare_cache_key(context, parameters) -> str:
     """Inputs that decide the splits: the data section, the system prompt, the task type, the source and
-    eval-file bytes, and the code that prepares them (this module, tasks/data/dedupe.py, tasks/data/formats.py, and
+    eval-file bytes, and the code that prepares them (this module, tasks/data/{rows,dedupe,formats}.py, and
     tasks/data/evalfile.py, which renders eval-format rows)."""
     cfg: DataConfig = parameters["cfg"]
     here = Path(__file__).parent
     code = hashlib.sha256(b"".join((here / f).read_bytes()
-                                   for f in ("prepare.py", "dedupe.py", "formats.py", "evalfile.py")))
+                                   for f in ("prepare.py", "rows.py", "dedupe.py", "formats.py", "evalfile.py")))
     key = json.dumps([cfg.model_dump(), parameters["system_prompt"], parameters.get("task", "slipstream"),
                       fingerprint(cfg.source), [fingerprint(f) for f in cfg.eval_files], code.hexdigest()[:12]])
     return "prepare-splits-" + hashlib.sha256(key.encode()).hexdigest()
 
 
-@task(name="prepare-splits", cache_key_fn=_prepare_cache_key, persist_result=True)
+@task(name="prepare-splits", cache_key_fn=prepare_cache_key, persist_result=True)
 def prepare_splits(cfg: DataConfig, system_prompt: str, task: str = "slipstream") -> dict:
     """Validate, dedupe and split the source; returns chat rows per split and what was removed.
 
@@ -185,11 +142,9 @@ def prepare_splits(cfg: DataConfig, system_prompt: str, task: str = "slipstream"
     (so no such pair straddles train and test); training rows that still match a test/val prompt are
     removed after it.
     """
-    from tasks.data.dedupe import eval_prompts_from_file, merge_contamination, remove_contaminated, remove_duplicates
-
     examples = load_eval_examples(Path(cfg.source), task) if cfg.format == "eval" else load_examples(Path(cfg.source))
     unique, dup_report = remove_duplicates(examples, cfg.near_duplicate_jaccard)
-    external = {f: eval_prompts_from_file(f if Path(f).is_absolute() else REPO_ROOT / f) for f in cfg.eval_files}
+    external = {f: eval_prompts_from_file(repo_path(f)) for f in cfg.eval_files}
     unique, from_files = remove_contaminated(unique, external, cfg.near_duplicate_jaccard)
     splits = split_examples(unique, cfg)
     held_out = {f"{name} split": [ex.prompt for ex in splits[name]] for name in ("test", "val")}
@@ -215,10 +170,9 @@ def prepare_splits(cfg: DataConfig, system_prompt: str, task: str = "slipstream"
 @task(name="write-splits")
 def write_splits(run_dir: Path, prepared: dict) -> dict:
     """Write data/{train,val,test}.jsonl and data/stats.json into the run folder."""
-    from tasks.run import atomic_write_json, atomic_write_jsonl, stage_timer
-
-    with stage_timer(run_dir, "data"):
+    run = RunFolder(run_dir)
+    with stage_timer(run, "data"):
         for name, rows in prepared["rows"].items():
-            atomic_write_jsonl(run_dir / "data" / f"{name}.jsonl", rows)
-        atomic_write_json(run_dir / "data" / "stats.json", prepared["stats"])
+            atomic_write_jsonl(run.split(name), rows)
+        atomic_write_json(run.data_stats, prepared["stats"])
     return prepared["stats"]

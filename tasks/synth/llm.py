@@ -23,7 +23,6 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from string import Template
 from typing import Literal
 
@@ -36,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tasks.data.dedupe import NEAR_DUPLICATE_JACCARD
 from tasks.llm_client import APIRequestError, LLMEndpoint, backoff_delay, complete, endpoint_identity
 from tasks.protocol import DATASET_ANCHORS
-from tasks.recipe import REPO_ROOT
+from tasks.recipe import repo_path
 
 # Bump when the meaning of a cached batch answer changes (what the batch task returns).
 CACHE_VERSION = 1
@@ -149,7 +148,7 @@ def read_template(path: str | None) -> str:
     """
     if path is None:
         return PROMPT_TEMPLATE
-    file = Path(path) if Path(path).is_absolute() else REPO_ROOT / path
+    file = repo_path(path)
     if not file.is_file():
         raise ValueError(f"prompt_template {file}: file not found")
     text = file.read_text()
@@ -228,7 +227,7 @@ def estimate_cost(endpoint: LLMEndpoint, specs: list[BatchSpec], cfg: SynthesisC
     return estimate
 
 
-def _batch_cache_key(context, parameters) -> str:
+def batch_cache_key(context, parameters) -> str:
     """Endpoint identity (never its key), the exact prompt, the batch and the sampling settings."""
     spec: BatchSpec = parameters["spec"]
     cfg: SynthesisConfig = parameters["cfg"]
@@ -256,7 +255,7 @@ _RETRIES: dict = {}
 _RETRIES_LOCK = threading.Lock()
 
 
-@task(name="request-batch", task_run_name="request-batch-{spec.index}", cache_key_fn=_batch_cache_key,
+@task(name="request-batch", task_run_name="request-batch-{spec.index}", cache_key_fn=batch_cache_key,
       persist_result=True, retry_condition_fn=_retry_if_transient)
 def request_batch(spec: BatchSpec, endpoint: LLMEndpoint, cfg: SynthesisConfig) -> dict:
     """Ask for one batch. Retries (set with `.with_options(retries=...)`) are Prefect task-run retries.

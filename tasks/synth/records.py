@@ -1,21 +1,17 @@
-"""The synthesis record: one Slipstream example before it becomes a training row, plus the hooks that
-validate and repair records from any synthesizer (templates here, LLMs in tasks/synth/llm.py).
+"""The synthesis record: one Slipstream example before it becomes a training row, and its strict
+validation, shared by every synthesizer (tasks/synth/templates.py, and the LLM path through
+tasks/synth/repair.py, which fixes the mechanical slips of LLM output first).
 
 A record holds the fields slipcore's generators produce (instruction, thought, src, dst, anchor,
 payload) and renders the dataset's exact TQT answer through tasks.protocol.format_tqt, so QUANTIZE hints
-are always the UCR-derived ones. `validate_record` is strict (what goes into a dataset); `repair_record`
-fixes the mechanical slips LLM output is known for (anchor casing, spaces in agent ids, separators the
-wire forbids, a payload given as one string, line breaks in the thought) and says what it changed, so a
-caller can count repairs instead of silently trusting them.
+are always the UCR-derived ones. `validate_record` is strict: it decides what goes into a dataset.
 """
 
 from __future__ import annotations
 
-import re
-
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tasks.protocol import _AGENT_ID, _PAYLOAD_TOKEN, UCR_ANCHORS, SlipMessage, format_tqt, parse_tqt
+from tasks.protocol import AGENT_ID, PAYLOAD_TOKEN, UCR_ANCHORS, SlipMessage, format_tqt, parse_tqt
 
 # The system prompt of every row of data/slipstream-tqt.jsonl (slipcore.finetune SYSTEM_PROMPT_BASIC).
 SYSTEM_PROMPT_BASIC = (
@@ -29,8 +25,6 @@ SYSTEM_PROMPT_BASIC = (
     "- To propose a plan: SLIP v1 planner team ProposePlan auth_refactor\n\n"
     "Always respond with SLIP messages when coordinating with other agents."
 )
-
-_ANCHOR_BY_KEY = {re.sub(r"[^a-z]", "", a.lower()): a for a in UCR_ANCHORS}
 
 
 class RecordError(ValueError):
@@ -60,7 +54,7 @@ class SynthRecord(BaseModel):
     @field_validator("src", "dst")
     @classmethod
     def _agent_id(cls, value: str, info) -> str:
-        if not _AGENT_ID.match(value):
+        if not AGENT_ID.match(value):
             raise ValueError(f"{info.field_name} {value!r} is not an agent id ([A-Za-z0-9._-]{{1,64}})")
         return value
 
@@ -75,7 +69,7 @@ class SynthRecord(BaseModel):
     @classmethod
     def _payload_tokens(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for token in value:
-            if not _PAYLOAD_TOKEN.match(token):
+            if not PAYLOAD_TOKEN.match(token):
                 raise ValueError(f"payload token {token!r} has characters outside the wire profile")
         return value
 
@@ -107,47 +101,3 @@ def validate_record(obj: dict) -> SynthRecord:
         lines = [f"{'.'.join(str(p) for p in e['loc']) or '<record>'}: {e['msg']}" for e in exc.errors()]
         raise RecordError("\n".join(lines)) from None
 
-
-def _clean_agent(value: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", value.strip().lower()).strip("_")[:64]
-
-
-def _clean_token(token: str) -> str:
-    # '|' and '@' are wire separators in the spec; anything else outside the profile becomes '_'.
-    return re.sub(r"[^A-Za-z0-9._\-:=/,+%'#<>\[\]{}()\"]", "_", token)[:80]
-
-
-def repair_record(obj: dict) -> tuple[dict, list[str]]:
-    """Fix mechanical slips in a raw record; returns the repaired copy and a note per change.
-
-    The repaired copy still has to pass `validate_record`: a wrong anchor name that no casing rule
-    recovers, or an empty instruction, is left for validation to reject.
-    """
-    fixed, notes = dict(obj), []
-    anchor = fixed.get("anchor")
-    if isinstance(anchor, str) and anchor not in UCR_ANCHORS:
-        known = _ANCHOR_BY_KEY.get(re.sub(r"[^a-z]", "", anchor.lower()))
-        if known:
-            fixed["anchor"] = known
-            notes.append(f"anchor {anchor!r} -> {known!r}")
-    for name in ("src", "dst"):
-        value = fixed.get(name)
-        if isinstance(value, str) and not _AGENT_ID.match(value) and _clean_agent(value):
-            fixed[name] = _clean_agent(value)
-            notes.append(f"{name} {value!r} -> {fixed[name]!r}")
-    for name in ("instruction", "thought"):
-        value = fixed.get(name)
-        if isinstance(value, str) and value != " ".join(value.split()):
-            fixed[name] = " ".join(value.split())
-            notes.append(f"{name}: whitespace and line breaks collapsed")
-    payload = fixed.get("payload", ())
-    if isinstance(payload, str):
-        payload = payload.split()
-        notes.append("payload: split a string into tokens")
-    if isinstance(payload, (list, tuple)) and all(isinstance(t, str) for t in payload):
-        tokens = [_clean_token(t) for part in payload for t in part.split()]
-        tokens = [t for t in tokens if t.strip("_")]
-        if tokens != list(payload):
-            notes.append("payload: tokens cleaned to the wire profile")
-        fixed["payload"] = tokens
-    return fixed, notes

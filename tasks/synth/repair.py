@@ -8,10 +8,9 @@ needs judgement (no thought, an unknown anchor, QUANTIZE and SLIP disagreeing) i
 record is a `tasks.synth.records.SynthRecord` (the record type the template synthesizer makes too), so it
 passes `validate_record` and its answer is written by `format_tqt` and re-checked by `parse_tqt`.
 
-Unlike `tasks.synth.records.repair_record` (free-text notes, rejection left to validation), this names
-each repair and each drop by a fixed category, because a synthesis report counts them, and it also reads
-what LLMs return around the records: JSON in code fences or with trailing commas, renamed fields, a whole
-TQT answer or wire line instead of separate fields.
+Each repair and each drop is named by a fixed category, because a synthesis report counts them. It also
+reads what LLMs return around the records: JSON in code fences or with trailing commas, renamed fields, a
+whole TQT answer or wire line instead of separate fields.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 
-from tasks.protocol import SlipParseError, UCR_ANCHORS
+from tasks.protocol import AGENT_CHARS, PAYLOAD_CHARS, UCR_ANCHORS, SlipParseError
 from tasks.synth.records import RecordError, SynthRecord, validate_record
 
 # Anchors by their letters only: "request_task", "Request Task", "REQUESTTASK" -> RequestTask.
@@ -38,8 +37,8 @@ _FIELD_ALIASES = {"source": "src", "from": "src", "sender": "src", "destination"
                   "user": "instruction", "prompt": "instruction"}
 _TQT_FIELDS = ("response", "answer", "output", "tqt")
 _WIRE_FIELDS = ("slip", "wire")
-_AGENT_BAD = re.compile(r"[^A-Za-z0-9._-]")
-_PAYLOAD_BAD = re.compile(r"[^A-Za-z0-9._\-:=/,+%'#<>\[\]{}()\"]")
+_AGENT_BAD = re.compile(rf"[^{AGENT_CHARS}]")
+_PAYLOAD_BAD = re.compile(rf"[^{PAYLOAD_CHARS}]")
 _FENCE = re.compile(r"```[A-Za-z0-9_-]*")
 _TRAILING_COMMA = re.compile(r",\s*([\]}])")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")

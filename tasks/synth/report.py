@@ -1,6 +1,6 @@
 """Account for every requested record of a synthesis run and write the records and the report.
 
-Output folder (one per run):
+Output folder (one per run; tasks.run.SynthFolder names each file):
     synthetic.jsonl          ShareGPT rows shaped like data/slipstream-tqt.jsonl (system, human, gpt), the
                              same rows the template synthesizer writes; tasks.data.prepare and tasks.data.formats read them
     ledger.jsonl             one line per requested record: id, kept/repaired/dropped, the repairs or the
@@ -20,11 +20,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 
-from tasks.data.prepare import normalise
-from tasks.data.dedupe import NearIndex, word_set
+from tasks.data.dedupe import NearIndex, word_rank, word_set
+from tasks.data.rows import normalise
 from tasks.recipe import REPO_ROOT
-from tasks.run import atomic_write_json, atomic_write_jsonl, atomic_write_text, mark_complete
+from tasks.run import SynthFolder, atomic_write_json, atomic_write_jsonl, atomic_write_text
 from tasks.synth.repair import Drop, Repaired, extract_items, repair_llm_record
 
 
@@ -33,7 +34,7 @@ class SynthesisAccountingError(RuntimeError):
 
 
 @task(name="create-synthesis-folder")
-def create_output_dir(output_dir: str | None) -> Path:
+def create_output_dir(output_dir: str | None) -> SynthFolder:
     """A fresh folder for this run (default runs/synth-<UTC time>).
 
     Raises:
@@ -44,7 +45,7 @@ def create_output_dir(output_dir: str | None) -> Path:
     if path.exists() and any(path.iterdir()):
         raise FileExistsError(f"{path}: output folder exists and is not empty")
     path.mkdir(parents=True, exist_ok=True)
-    return path.resolve()
+    return SynthFolder(path.resolve())
 
 
 def _missing_reason(text: str, items: list, finish_reason: str | None) -> str:
@@ -104,10 +105,7 @@ def assemble_records(specs: list, outcomes: list[dict], source: str, near_duplic
         ledger.append({"id": record_id, "status": "dropped", "reason": reason, "raw": raw})
 
     candidates, surplus = _candidates(specs, outcomes, drop)
-    # Rarest words first in the near-duplicate index's global order (short posting lists), as tasks.data.dedupe.
-    counts = Counter(w for c in candidates for w in word_set(c.repaired.instruction))
-    order = sorted(counts.items(), key=lambda kv: (kv[1], kv[0]))
-    near = NearIndex(near_duplicate_jaccard, {w: i for i, (w, _) in enumerate(order)})
+    near = NearIndex(near_duplicate_jaccard, word_rank(word_set(c.repaired.instruction) for c in candidates))
     seen: set[str] = set()
     for c in candidates:
         key, words = normalise(c.repaired.instruction), word_set(c.repaired.instruction)
@@ -178,45 +176,42 @@ def render_markdown(report: dict) -> str:
 
 
 @task(name="write-synthesis")
-def write_synthesis(out_dir: Path, config: dict, endpoint: dict, estimate: dict, result: dict) -> dict:
+def write_synthesis(out_dir: Path | SynthFolder, config: dict, endpoint: dict, estimate: dict, result: dict) -> dict:
     """Write the records, the rejects and the report (JSON, Markdown, Prefect artifact); COMPLETE last."""
-    from prefect.artifacts import create_markdown_artifact
-
+    out = SynthFolder(out_dir)
     t = result["tokens"]
     usd = (t["prompt"] * estimate["input_cost_per_mtok"] + t["completion"] * estimate["output_cost_per_mtok"]) / 1e6
     report = {"endpoint": endpoint, "config": config, "estimate": estimate, "usd_used": round(usd, 4),
               **{k: v for k, v in result.items() if k not in ("rows", "ledger", "responses")}}
-    atomic_write_jsonl(out_dir / "synthetic.jsonl", result["rows"])
-    atomic_write_jsonl(out_dir / "ledger.jsonl", result["ledger"])
-    atomic_write_jsonl(out_dir / "responses.jsonl", result["responses"])
-    atomic_write_json(out_dir / "synthesis-report.json", report)
+    atomic_write_jsonl(out.records, result["rows"])
+    atomic_write_jsonl(out.ledger, result["ledger"])
+    atomic_write_jsonl(out.responses, result["responses"])
+    atomic_write_json(out.report_json, report)
     markdown = render_markdown(report)
-    atomic_write_text(out_dir / "synthesis-report.md", markdown)
-    create_markdown_artifact(markdown=markdown, key="synthesis-report", description=str(out_dir))
+    atomic_write_text(out.report_md, markdown)
+    create_markdown_artifact(markdown=markdown, key="synthesis-report", description=str(out))
     c = report["counts"]
     get_run_logger().info(
         "Synthesis done: %d requested = %d kept + %d repaired + %d dropped; tokens used %d prompt + %d completion "
         "(~$%.4f); %d retries; %s", c["requested"], c["kept"], c["repaired"], c["dropped"], t["prompt"],
-        t["completion"], usd, report["retries"]["total"], out_dir)
-    mark_complete(out_dir, {"counts": c})
+        t["completion"], usd, report["retries"]["total"], out)
+    atomic_write_json(out.complete_marker, {"counts": c})
     return report
 
 
 @task(name="write-template-synthesis")
-def write_template_synthesis(out_dir: Path, config: dict, rows: list[dict]) -> dict:
+def write_template_synthesis(out_dir: Path | SynthFolder, config: dict, rows: list[dict]) -> dict:
     """Records of the template synthesizer (tasks/synth/templates.py) in the same folder layout: every
     requested record is made or the generator raises, so all are kept."""
-    from prefect.artifacts import create_markdown_artifact
-
+    out = SynthFolder(out_dir)
     counts = {"requested": config["n"], "kept": len(rows), "repaired": 0, "dropped": 0, "written": len(rows)}
     report = {"method": "templates", "config": config, "counts": counts}
-    atomic_write_jsonl(out_dir / "synthetic.jsonl", rows)
-    atomic_write_jsonl(out_dir / "ledger.jsonl", [{"id": f"t{i:06d}", "status": "kept", "row": i}
-                                                  for i in range(len(rows))])
-    atomic_write_json(out_dir / "synthesis-report.json", report)
+    atomic_write_jsonl(out.records, rows)
+    atomic_write_jsonl(out.ledger, [{"id": f"t{i:06d}", "status": "kept", "row": i} for i in range(len(rows))])
+    atomic_write_json(out.report_json, report)
     markdown = (f"# Synthesis report: templates\n\n**{counts['requested']} requested = {counts['kept']} kept** "
                 f"(tasks/synth/templates.py, seed {config['seed']}).\n")
-    atomic_write_text(out_dir / "synthesis-report.md", markdown)
-    create_markdown_artifact(markdown=markdown, key="synthesis-report", description=str(out_dir))
-    mark_complete(out_dir, {"counts": counts})
+    atomic_write_text(out.report_md, markdown)
+    create_markdown_artifact(markdown=markdown, key="synthesis-report", description=str(out))
+    atomic_write_json(out.complete_marker, {"counts": counts})
     return report

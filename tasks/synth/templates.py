@@ -8,7 +8,7 @@ anchors) lives in data/slipstream-templates.yaml. A prompt is an optional speake
 of the anchor with the destination agent and every slot of the anchor filled in; the loader refuses a
 phrasing that leaves a slot out, so the number of distinct prompts an anchor can make is exactly the
 product of its slot sizes (its *capacity*). Prompts are drawn without replacement and deduplicated by
-tasks.data.prepare.normalise; asking for more than the capacity raises with the number instead of quietly
+tasks.data.rows.normalise; asking for more than the capacity raises with the number instead of quietly
 returning fewer (slipcore.finetune returns its 149 examples whatever -n says).
 
 Each answer is built by tasks.protocol.format_tqt (so QUANTIZE hints are the UCR-derived ones), written
@@ -31,15 +31,16 @@ from pathlib import Path
 
 import yaml
 from prefect import task
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
-from tasks.data.prepare import normalise
+from tasks.data.rows import normalise
 from tasks.protocol import DATASET_ANCHORS, UCR_ANCHORS
-from tasks.recipe import REPO_ROOT, _key_lines
+from tasks.recipe import DATA_DIR, StrictModel, key_lines
+from tasks.run import atomic_write_jsonl
 from tasks.synth.records import SYSTEM_PROMPT_BASIC, SynthRecord
 
 GENERATOR_VERSION = 1
-TEMPLATES_PATH = REPO_ROOT / "data" / "slipstream-templates.yaml"
+TEMPLATES_PATH = DATA_DIR / "slipstream-templates.yaml"
 NO_QUANTIZE_RATE = 499 / 2283   # share of THOUGHT+SLIP-only answers in the published dataset
 NO_SPEAKER_RATE = 0.4           # share of prompts that do not name their sender
 
@@ -48,11 +49,7 @@ class TemplateError(ValueError):
     """A template file that breaks a rule (file:line: field: rule), or a request beyond capacity."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class AnchorTemplates(_Strict):
+class AnchorTemplates(StrictModel):
     weight: int = Field(gt=0, description="relative share of this anchor in a generated set")
     src: list[str] = Field(min_length=1, description="agent ids or groups that may be named as sender")
     dst: list[str] = Field(min_length=1, description="agent ids or groups that may receive the message")
@@ -62,7 +59,7 @@ class AnchorTemplates(_Strict):
     payload: str
 
 
-class TemplateSpec(_Strict):
+class TemplateSpec(StrictModel):
     version: int
     default_src: str
     speakers: list[str] = Field(min_length=1)
@@ -140,7 +137,8 @@ def _expand_pool(entries: list, flat: dict[str, list[dict]]) -> list[Fill]:
 
 def _fail(path: Path, node, loc: tuple, rule: str):
     """Raise TemplateError at the line of the deepest key of `loc` that the YAML file has."""
-    line = next((_key_lines(node)[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in _key_lines(node)), 1)
+    lines = key_lines(node)
+    line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), 1)
     raise TemplateError(f"{path}:{line}: {'.'.join(map(str, loc))}: {rule}")
 
 
@@ -304,11 +302,11 @@ def generator_fingerprint(path: Path = TEMPLATES_PATH) -> str:
     return h.hexdigest()[:16]
 
 
-def _synth_cache_key(context, parameters) -> str:
+def synth_cache_key(context, parameters) -> str:
     return f"synth-templates-{parameters['n']}-{parameters['seed']}-{generator_fingerprint()}"
 
 
-@task(name="synthesize-from-templates", cache_key_fn=_synth_cache_key, persist_result=True)
+@task(name="synthesize-from-templates", cache_key_fn=synth_cache_key, persist_result=True)
 def synthesize_from_templates(n: int, seed: int) -> list[dict]:
     """n ShareGPT rows (data/slipstream-tqt.jsonl shape) from the Slipstream templates, cached by
     (n, seed, generator version, template file)."""
@@ -316,8 +314,6 @@ def synthesize_from_templates(n: int, seed: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tasks.run import atomic_write_jsonl
-
     parser = argparse.ArgumentParser(description="Generate Slipstream TQT examples from slot templates.")
     parser.add_argument("-n", type=int, required=True, help="number of examples (distinct prompts)")
     parser.add_argument("--seed", type=int, default=42, help="random seed (same seed, same file)")

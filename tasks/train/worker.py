@@ -1,17 +1,20 @@
 """LoRA / QLoRA training with TRL's SFTTrainer (PEFT) or Unsloth, loss on the assistant turn only.
 
-Runs as its own process (`python -m tasks.train.worker RUN_DIR`, or under `accelerate launch` for DDP /
-DeepSpeed ZeRO-2) so that the CPU default, a single GPU and several GPUs share one code path.
-Writes:
+Runs as its own process (`python -m tasks.train.worker RUN_DIR --base BASE_DIR`, or under `accelerate
+launch` for DDP / DeepSpeed ZeRO-2) so that the CPU default, a single GPU and several GPUs share one code
+path; tasks/train/launch.py starts it. It imports nothing of Prefect (tests/train/test_worker.py checks),
+so a GPU machine needs the training stack (torch, transformers, trl, peft, datasets) and the few wheels
+the recipe validates with, not the orchestration.
+Reads RUN_DIR/recipe.json and RUN_DIR/data/{train,val}.jsonl. Writes:
     RUN_DIR/checkpoints/       Trainer checkpoints every `save_steps` (a crash loses at most that much)
-    RUN_DIR/lora/              the final adapter (adapter_config.json, adapter_model.safetensors, tokenizer)
+    RUN_DIR/lora/              the final adapter (adapter_config.json, adapter_model.safetensors) and the
+                               training tokenizer with the chat template it used (model.chat_template)
     RUN_DIR/metrics/training-stats.json, RUN_DIR/metrics/loss-curve.png, RUN_DIR/metrics/mask-check.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -19,10 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-from prefect import task
-
-from tasks.recipe import Recipe
-from tasks.run import atomic_dir, atomic_write_json
+from tasks.models.chat_templates import NAMED_TEMPLATES, apply_template
+from tasks.recipe import ModelConfig, Recipe
+from tasks.run import RunFolder, atomic_dir, atomic_write_json, read_jsonl
 
 log = logging.getLogger("slipway.train")
 
@@ -71,6 +73,26 @@ def check_mask(tokenized: list[dict], rows: list[dict], tokenizer) -> dict:
             "rows_truncated": truncated}
 
 
+def prepare_tokenizer(tokenizer, model: ModelConfig):
+    """The tokenizer as training uses it and saves it beside the adapter: the recipe's chat template
+    (`model.chat_template`: the tokenizer's own, or a named built-in) and a pad token. Merge, GGUF export,
+    the Modelfile and the template check all read the saved tokenizer, so they render what training saw.
+
+    Raises:
+        ValueError: a named template whose end-of-turn marker is not one token of this vocabulary (the
+            model could not learn to stop), or a tokenizer with no template of its own and none named.
+    """
+    apply_template(tokenizer, model.chat_template)
+    if model.chat_template != "model":
+        end_of_turn = NAMED_TEMPLATES[model.chat_template].end_of_turn
+        if end_of_turn not in tokenizer.get_vocab():
+            raise ValueError(f"model.chat_template {model.chat_template!r} ends a turn with {end_of_turn!r}, "
+                             "which is not a token of this model's vocabulary; use 'model'")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(recipe: Recipe, base_dir: Path):
     """Base model + tokenizer with LoRA attached, through Unsloth or plain transformers + PEFT."""
     import torch
@@ -90,7 +112,7 @@ def load_model(recipe: Recipe, base_dir: Path):
             model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
             target_modules=lora.target_modules, bias="none", random_state=recipe.training.seed,
             use_gradient_checkpointing="unsloth" if recipe.training.gradient_checkpointing else False)
-        return model, tokenizer
+        return model, prepare_tokenizer(tokenizer, recipe.model)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -107,9 +129,7 @@ def load_model(recipe: Recipe, base_dir: Path):
             model, use_gradient_checkpointing=recipe.training.gradient_checkpointing)
     model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                              target_modules=lora.target_modules, task_type="CAUSAL_LM"))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return model, prepare_tokenizer(tokenizer, recipe.model)
 
 
 def plot_loss(history: list[dict], path: Path) -> None:
@@ -170,27 +190,29 @@ def resolve_mixed_precision(choice: str) -> str:
     return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no"
 
 
-def train(recipe: Recipe, run_dir: Path, base_dir: Path) -> dict:
+def train(recipe: Recipe, run_dir: Path | RunFolder, base_dir: Path) -> dict:
     """Fine-tune and save the adapter; returns the training stats written to metrics/."""
     import torch
     from datasets import Dataset
+    from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
 
+    run = RunFolder(run_dir)
     cfg = recipe.training
     on_gpu = torch.cuda.is_available()
     if not on_gpu and cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     precision = resolve_mixed_precision(cfg.mixed_precision)
     model, tokenizer = load_model(recipe, base_dir)
-    rows = [json.loads(line) for line in open(run_dir / "data" / "train.jsonl")]
-    val_rows = [json.loads(line) for line in open(run_dir / "data" / "val.jsonl")]
+    rows = read_jsonl(run.split("train"))
+    val_rows = read_jsonl(run.split("val"))
     tokenized = [tokenize_row(r, tokenizer, cfg.max_length) for r in rows]
     mask_report = check_mask(tokenized, rows, tokenizer)
     log.info("mask check: %s", mask_report)
     print(f"[train] mask check: {mask_report}", flush=True)
     val_tok = [tokenize_row(r, tokenizer, cfg.max_length) for r in val_rows]
     args = SFTConfig(
-        output_dir=str(run_dir / "checkpoints"), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
+        output_dir=str(run.checkpoints_dir), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
         learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, gradient_checkpointing=cfg.gradient_checkpointing,
@@ -213,10 +235,8 @@ def train(recipe: Recipe, run_dir: Path, base_dir: Path) -> dict:
                          callbacks=[_progress_callback()])
     lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     start = time.time()
-    from transformers.trainer_utils import get_last_checkpoint
-
     # A resumed run (flow parameter resume_from) picks up its optimizer, scheduler and data order here.
-    last = get_last_checkpoint(str(run_dir / "checkpoints")) if (run_dir / "checkpoints").is_dir() else None
+    last = get_last_checkpoint(str(run.checkpoints_dir)) if run.checkpoints_dir.is_dir() else None
     if last:
         print(f"[train] resuming from {last}", flush=True)
     result = trainer.train(resume_from_checkpoint=last)
@@ -235,12 +255,12 @@ def train(recipe: Recipe, run_dir: Path, base_dir: Path) -> dict:
              "mask": mask_report, "device": "cuda" if on_gpu else "cpu", "mixed_precision": precision,
              "world_size": int(os.environ.get("WORLD_SIZE", "1")), "history": history}
     if trainer.is_world_process_zero():
-        with atomic_dir(run_dir / "lora") as tmp:
+        with atomic_dir(run.lora_dir) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-        atomic_write_json(run_dir / "metrics" / "training-stats.json", stats)
-        atomic_write_json(run_dir / "metrics" / "mask-check.json", mask_report)
-        plot_loss(history, run_dir / "metrics" / "loss-curve.png")
+        atomic_write_json(run.training_stats, stats)
+        atomic_write_json(run.mask_check, mask_report)
+        plot_loss(history, run.loss_curve)
     if stats["final_loss"] is not None and not math.isfinite(stats["final_loss"]):
         raise RuntimeError(f"training diverged: final loss {stats['final_loss']}")
     return stats
@@ -252,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", type=Path, required=True, help="local HF folder of the base model")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    recipe = Recipe.model_validate_json((args.run_dir / "recipe.json").read_text())
+    recipe = Recipe.model_validate_json(RunFolder(args.run_dir).recipe_json.read_text())
     train(recipe, args.run_dir, args.base)
     return 0
 
@@ -260,55 +280,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-ACCELERATE_DIR = Path(__file__).resolve().parents[2] / "accelerate_config"
-
-
-def resolve_accelerate_config(name_or_path: str) -> Path:
-    """'ddp' -> accelerate_config/ddp.yaml; a path is returned as is.
-
-    Raises:
-        ValueError: neither a known name nor an existing file, listing the known names.
-    """
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") and path.exists():
-        return path
-    candidate = ACCELERATE_DIR / f"{name_or_path}.yaml"
-    if candidate.exists():
-        return candidate
-    known = sorted(p.stem for p in ACCELERATE_DIR.glob("*.yaml"))
-    raise ValueError(f"training.accelerate_config {name_or_path!r}: not a file and not one of {known}")
-
-
-def training_command(recipe: Recipe, run_dir: Path, base_dir: Path) -> list[str]:
-    """The process that trains: plain Python, or `accelerate launch` (DDP / DeepSpeed ZeRO-2)."""
-    args = ["-m", "tasks.train.worker", str(run_dir), "--base", str(base_dir)]
-    if recipe.training.accelerate_config:
-        config = resolve_accelerate_config(recipe.training.accelerate_config)
-        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *args]
-    return [sys.executable, *args]
-
-
-@task(name="train-adapter")  # no retries: a failed training step is a bug or a bad config, not bad luck
-def train_adapter(recipe: Recipe, run_dir: Path, base_dir: Path) -> dict:
-    """Run training in its own process, streaming its progress lines into the Prefect log."""
-    import subprocess
-
-    from prefect.logging import get_run_logger
-    from tasks.run import stage_timer
-
-    logger = get_run_logger()
-    cmd = training_command(recipe, run_dir, base_dir)
-    logger.info("training: %s", " ".join(cmd))
-    log_path = run_dir / "metrics" / "train.log"
-    with stage_timer(run_dir, "train"), open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                cwd=Path(__file__).resolve().parents[2])
-        for line in proc.stdout:
-            log.write(line)
-            if line.startswith("[train]"):
-                logger.info(line.rstrip())
-        if proc.wait() != 0:
-            tail = "\n".join(log_path.read_text().splitlines()[-15:])
-            raise RuntimeError(f"training failed (exit {proc.returncode}); log {log_path}:\n{tail}")
-    return json.loads((run_dir / "metrics" / "training-stats.json").read_text())

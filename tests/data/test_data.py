@@ -2,7 +2,9 @@ import json
 
 import pytest
 
-from tasks.data.prepare import DatasetError, dedupe, load_examples, normalise, split_examples
+from tasks.data.dedupe import remove_duplicates
+from tasks.data.prepare import DatasetError, load_examples, split_examples
+from tasks.data.rows import normalise
 from tasks.recipe import DataConfig
 from conftest import ASSETS, REPO
 
@@ -10,8 +12,9 @@ from conftest import ASSETS, REPO
 def test_published_dataset_loads_and_validates():
     examples = load_examples(REPO / "data" / "slipstream-tqt.jsonl")
     assert len(examples) == 2283
-    unique, removed = dedupe(examples)
-    assert removed == len(examples) - len(unique) and removed > 0
+    unique, report = remove_duplicates(examples)
+    removed = report["exact_duplicates"]["removed"] + report["near_duplicates"]["removed"]
+    assert removed == len(examples) - len(unique) and report["exact_duplicates"]["removed"] > 0
 
 
 def test_line_that_is_not_json_is_named(tmp_path):
@@ -33,7 +36,7 @@ def test_answer_that_breaks_the_protocol_is_named(tmp_path):
 
 
 def test_split_is_seeded_and_shares_no_prompt():
-    examples, _ = dedupe(load_examples(REPO / "data" / "slipstream-tqt.jsonl"))
+    examples, _ = remove_duplicates(load_examples(REPO / "data" / "slipstream-tqt.jsonl"))
     cfg = DataConfig(val_ratio=0.05, test_ratio=0.1, seed=7)
     first, second = split_examples(examples, cfg), split_examples(examples, cfg)
     assert [e.prompt for e in first["test"]] == [e.prompt for e in second["test"]]

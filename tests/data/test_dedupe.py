@@ -3,8 +3,9 @@
 import json
 import random
 
-from tasks.data.prepare import Example, load_examples, prepare_splits
 from tasks.data.dedupe import NearIndex, eval_prompts_from_file, jaccard, remove_contaminated, remove_duplicates, word_set
+from tasks.data.prepare import load_examples, prepare_cache_key, prepare_splits
+from tasks.data.rows import Example
 from tasks.recipe import DataConfig, ModelConfig, Recipe
 from tasks.release.report import render_report
 from conftest import ASSETS, REPO
@@ -101,11 +102,9 @@ def test_report_has_a_data_section_with_what_was_removed(tmp_path):
 
 
 def test_prepare_cache_key_follows_eval_files(tmp_path):
-    from tasks.data.prepare import _prepare_cache_key
-
     eval_file = tmp_path / "eval.jsonl"
     eval_file.write_text(json.dumps({"prompt": "a", "keywords": ["b"]}) + "\n")
-    key = lambda cfg: _prepare_cache_key(None, {"cfg": cfg, "system_prompt": "s"})  # noqa: E731
+    key = lambda cfg: prepare_cache_key(None, {"cfg": cfg, "system_prompt": "s"})  # noqa: E731
     plain, with_eval = key(DataConfig()), key(DataConfig(eval_files=[str(eval_file)]))
     eval_file.write_text(json.dumps({"prompt": "changed", "keywords": ["b"]}) + "\n")
     assert len({plain, with_eval, key(DataConfig(eval_files=[str(eval_file)]))}) == 3

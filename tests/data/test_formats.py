@@ -4,8 +4,7 @@ import json
 
 import pytest
 
-from tasks.data.formats import (FORMATS, Conversation, FormatError, convert_file, main, read_file, validate_file,
-                           write_record)
+from tasks.data.formats import FORMATS, Conversation, FormatError, main, read_file, validate_file, write_record
 from tasks.synth.records import SYSTEM_PROMPT_BASIC
 from conftest import REPO
 
@@ -90,7 +89,7 @@ def test_validator_names_file_line_and_rule(fmt, bad, rule, tmp_path):
 def test_broken_json_is_named_with_its_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(GOOD["together"]) + "\n\n" + '{"messages": [\n')
-    with pytest.raises(FormatError, match=rf"^{path}:3: json: not valid JSON"):
+    with pytest.raises(FormatError, match=rf"^{path}:3: not valid JSON"):
         validate_file(path, "together")
 
 

@@ -1,10 +1,9 @@
 """The hand-written Gerbil Scheme Q&A set (seed 003) and its keyword-verify prompts."""
 
-import json
-
-from tasks.data.prepare import Example
 from tasks.data.dedupe import eval_prompts_from_file, remove_contaminated, remove_duplicates
 from tasks.data.formats import read_file, validate_file
+from tasks.data.rows import Example
+from tasks.run import read_jsonl
 from conftest import REPO
 
 QA = REPO / "data" / "gerbil-qa.jsonl"
@@ -26,7 +25,7 @@ def test_qa_set_passes_together_rules_and_has_no_duplicate_questions():
 
 
 def test_verify_prompts_are_held_out_but_their_keywords_are_taught():
-    rows = [json.loads(line) for line in VERIFY.read_text().splitlines()]
+    rows = read_jsonl(VERIFY)
     assert len(rows) >= 10 and all(set(r) == {"prompt", "keywords"} and r["keywords"] for r in rows)
     _, report = remove_contaminated(_examples(), {"verify": eval_prompts_from_file(VERIFY)})
     assert report["removed"] == 0

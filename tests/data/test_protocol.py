@@ -1,14 +1,13 @@
-import json
-
 import pytest
 
 from tasks.protocol import (DATASET_ANCHORS, UCR_ANCHORS, SlipMessage, SlipParseError, extract_slip_loose,
                             format_tqt, parse_slip, parse_tqt, quantize_hint)
+from tasks.run import read_jsonl
 from conftest import REPO
 
 
 def dataset_answers():
-    return [json.loads(line)["conversations"][-1]["value"] for line in open(REPO / "data" / "slipstream-tqt.jsonl")]
+    return [row["conversations"][-1]["value"] for row in read_jsonl(REPO / "data" / "slipstream-tqt.jsonl")]
 
 
 def test_every_published_answer_parses_and_reformats_exactly():

@@ -1,12 +1,12 @@
-"""Built-in chat templates against reference renderings, and the loss-mask view on SmolLM2."""
+"""Built-in chat templates against reference renderings."""
 
 import importlib.resources
-import re
+import typing
 
 import pytest
 
-from tasks.models.chat_templates import (NAMED_TEMPLATES, apply_template, highlight_mask, main, render, render_named,
-                                  template_fingerprint)
+from tasks.models.chat_templates import NAMED_TEMPLATES, apply_template, render, render_named, template_fingerprint
+from tasks.recipe import ModelConfig
 
 THREE_TURNS = [{"role": "system", "content": "You are terse."},
                {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
@@ -86,30 +86,6 @@ def test_each_template_renders_a_three_turn_conversation_with_its_markers(name):
     assert prompt.endswith(assistant if name != "glm-4" else "<|assistant|>")   # GLM-4-0414: no newline yet
 
 
-def test_mask_view_brackets_exactly_the_assistant_answer(tokenizer, tiny_rows):
-    from tasks.train.worker import tokenize_row
-
-    row = tiny_rows[0]
-    tok = tokenize_row(row, tokenizer, 512)
-    plain = highlight_mask(tokenizer, tok["input_ids"], tok["completion_mask"], color=False)
-    assert plain.count("[[") == 1 and plain.count("]]") == 1
-    before, inside = plain.split("[[")
-    inside, after = inside.split("]]")
-    assert inside == row["messages"][-1]["content"] + "<|im_end|>\n" and after == ""
-    assert before == tokenizer.apply_chat_template(row["messages"][:-1], tokenize=False, add_generation_prompt=True)
-    colored = highlight_mask(tokenizer, tok["input_ids"], tok["completion_mask"], color=True)
-    assert colored == before + "\x1b[1;32m" + inside + "\x1b[0m"
-
-
-def test_show_command_prints_a_recipe_row_with_the_mask(capsys):
-    assert main(["show", "--recipe", "slipstream", "--row", "3"]) == 0
-    header, body = capsys.readouterr().out.split("\n", 1)
-    assert header.startswith("# recipe slipstream, train row 3, template model")
-    assert "[[THOUGHT: " in body and body.rstrip("\n").endswith("<|im_end|>\n]]".rstrip("\n"))
-    assert main(["show", "--recipe", "slipstream", "--row", "100000"]) == 2
-    assert re.search(r"--row 100000: the train split has rows 0\.\.\d+", capsys.readouterr().err)
-
-
 def test_fingerprint_follows_the_template_and_unknown_names_fail(tokenizer):
     before = template_fingerprint(tokenizer)
     original = tokenizer.chat_template
@@ -121,3 +97,8 @@ def test_fingerprint_follows_the_template_and_unknown_names_fail(tokenizer):
     assert template_fingerprint(tokenizer) == before
     with pytest.raises(KeyError, match="unknown chat template 'mistral'; built-in: "):
         apply_template(tokenizer, "mistral")
+
+
+def test_the_recipe_accepts_exactly_the_built_in_names():
+    accepted = typing.get_args(ModelConfig.model_fields["chat_template"].annotation)
+    assert list(accepted) == ["model", *NAMED_TEMPLATES]

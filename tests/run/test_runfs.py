@@ -55,7 +55,7 @@ def test_stage_timer_records_failures_and_complete_marker(tmp_path):
 
 def test_resume_refuses_complete_or_foreign_runs(tmp_path):
     from tasks.recipe import Recipe
-    from tasks.run import create_run_folder
+    from tasks.start import create_run_folder
 
     recipe = Recipe(name="r")
     run = create_run_folder.fn(str(tmp_path), recipe, "first")

@@ -13,6 +13,13 @@ import pytest
 
 from conftest import read_jsonl
 from fault_proxy import FaultProxy
+from flows.synthesize import synthesize
+from tasks.data.prepare import load_examples
+from tasks.data.rows import normalise
+from tasks.llamacpp.serve import llama_server
+from tasks.models.bootstrap import embedded_gguf_path
+from tasks.protocol import parse_tqt
+from tasks.synth.llm import PROMPT_TEMPLATE, SynthesisConfig
 
 pytestmark = pytest.mark.integration
 
@@ -25,9 +32,6 @@ PLANTED_KEY = "sk-test-PLANTED-123"
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    from tasks.models.bootstrap import embedded_gguf_path
-    from tasks.llamacpp.serve import llama_server
-
     log = tmp_path_factory.mktemp("llama") / "server.log"
     with llama_server(embedded_gguf_path(), log, parallel=2) as server:
         yield server
@@ -42,8 +46,6 @@ def _report(out_dir) -> dict:
 
 
 def _config(block: str, **changes):
-    from tasks.synth.llm import SynthesisConfig
-
     endpoint = block if "/" in block else f"openai-compatible-endpoint/{block}"
     return SynthesisConfig(**{"endpoint": endpoint, "n": 200, "batch_size": 50,
                               "concurrency": 2, "max_retries": 6, "backoff_base_s": 0.2, "backoff_max_s": 2.0,
@@ -64,10 +66,6 @@ def _task_runs_and_logs(flow_run_id):
 
 def test_200_records_under_injected_faults_are_accounted_for_retried_and_cached(llama, tmp_path):
     from blocks.llm import OpenAICompatibleEndpoint
-    from flows.synthesize import synthesize
-    from tasks.data.prepare import normalise
-    from tasks.protocol import parse_tqt
-    from tasks.synth.llm import PROMPT_TEMPLATE
 
     with FaultProxy(_upstream(llama), fault_rate=0.3, seed=FAULT_SEED, retry_after=1,
                     hang_s=CLIENT_TIMEOUT_S + 5) as proxy:
@@ -134,7 +132,6 @@ def test_200_records_under_injected_faults_are_accounted_for_retried_and_cached(
 
 def test_an_azure_deployment_endpoint_works_through_the_same_interface(llama, tmp_path):
     from blocks.llm import AzureOpenAIEndpoint
-    from flows.synthesize import synthesize
 
     with FaultProxy(_upstream(llama), fault_rate=0.0, azure_paths=True) as proxy:
         AzureOpenAIEndpoint(endpoint=proxy.root, deployment=llama.model, api_key="azure-local",
@@ -149,10 +146,6 @@ def test_an_azure_deployment_endpoint_works_through_the_same_interface(llama, tm
 
 
 def test_the_template_method_runs_the_template_generator_in_the_same_flow(tmp_path):
-    from flows.synthesize import synthesize
-    from tasks.data.prepare import load_examples
-    from tasks.synth.llm import SynthesisConfig
-
     state = synthesize(config=SynthesisConfig(method="templates", n=40, seed=3), output_dir=str(tmp_path / "t"),
                        return_state=True)
     assert state.is_completed(), state.message
@@ -175,7 +168,6 @@ def test_a_planted_key_appears_in_no_log_artifact_or_output_file(llama, tmp_path
     from prefect.settings import get_current_settings
 
     from blocks.llm import AzureOpenAIEndpoint, OpenAICompatibleEndpoint
-    from flows.synthesize import synthesize
 
     collect = _Collect()
     loggers = [logging.getLogger(name) for name in ("", "prefect", "openai", "httpx", "httpx2", "httpcore")]

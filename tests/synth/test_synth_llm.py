@@ -13,9 +13,11 @@ from pydantic import ValidationError
 
 from blocks.llm import AzureOpenAIEndpoint, OpenAICompatibleEndpoint
 from conftest import REPO
+from tasks.data.prepare import load_examples
 from tasks.llm_client import backoff_delay, endpoint_identity, parse_retry_after, to_request_error
 from tasks.protocol import parse_tqt
-from tasks.synth.llm import PROMPT_TEMPLATE, BatchSpec, SynthesisConfig, _batch_cache_key, plan_batches
+from tasks.run import atomic_write_jsonl
+from tasks.synth.llm import PROMPT_TEMPLATE, BatchSpec, SynthesisConfig, batch_cache_key, estimate_cost, plan_batches
 from tasks.synth.repair import Drop, extract_items, repair_llm_record as repair_record
 from tasks.synth.report import assemble_records
 
@@ -192,7 +194,7 @@ def test_cache_key_ignores_the_key_and_n_but_not_model_template_or_sampling(tmp_
     block = OpenAICompatibleEndpoint(provider="deepseek", model="deepseek-chat", api_key="sk-one")
 
     def key(spec=spec, block=block, cfg=cfg):
-        return _batch_cache_key(None, {"spec": spec, "endpoint": block, "cfg": cfg})
+        return batch_cache_key(None, {"spec": spec, "endpoint": block, "cfg": cfg})
 
     assert key() == key(block=block.model_copy(update={"api_key": "sk-two"}))
     assert key() == key(cfg=cfg.model_copy(update={"n": 500}))              # batch 0 is the same request
@@ -255,9 +257,6 @@ def test_every_requested_record_is_accounted_for_and_duplicates_are_dropped():
 def test_rows_written_by_synthesis_load_as_a_dataset(tmp_path):
     import json
 
-    from tasks.data.prepare import load_examples
-    from tasks.run import atomic_write_jsonl
-
     text = json.dumps([GOOD, {**GOOD, "instruction": "Hand the deploy over to ops", "anchor": "handoff"}])
     result = assemble_records.fn([_spec(0, 2)], [_ok(0, text)], "llm:test/m", 0.9)
     atomic_write_jsonl(tmp_path / "synthetic.jsonl", result["rows"])
@@ -267,8 +266,6 @@ def test_rows_written_by_synthesis_load_as_a_dataset(tmp_path):
 
 def test_cost_is_estimated_from_prompt_size_batches_and_block_prices_and_can_stop_a_run():
     from prefect.logging import disable_run_logger
-
-    from tasks.synth.llm import estimate_cost
 
     cfg = SynthesisConfig(endpoint="openai-compatible-endpoint/x", n=100, batch_size=25, max_tokens=1000)
     specs = plan_batches.fn(cfg)

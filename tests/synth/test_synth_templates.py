@@ -6,12 +6,13 @@ import time
 import pytest
 import yaml
 
-from tasks.data.prepare import Example, load_examples, normalise
 from tasks.data.dedupe import remove_duplicates
+from tasks.data.prepare import load_examples
+from tasks.data.rows import Example, normalise
 from tasks.protocol import DATASET_ANCHORS, parse_tqt, quantize_hint
 from tasks.synth.records import SYSTEM_PROMPT_BASIC
-from tasks.synth.templates import (TEMPLATES_PATH, TemplateError, _synth_cache_key, generator_fingerprint,
-                                   load_spaces, main, synthesize, synthesize_from_templates)
+from tasks.synth.templates import (TEMPLATES_PATH, TemplateError, generator_fingerprint, load_spaces, main,
+                                   synth_cache_key, synthesize, synthesize_from_templates)
 from conftest import REPO
 
 
@@ -113,5 +114,5 @@ def test_task_returns_rows_and_cache_key_follows_the_generator(tmp_path):
     changed = tmp_path / "t.yaml"
     changed.write_text(TEMPLATES_PATH.read_text().replace("billing service|", "invoicing service|"))
     assert generator_fingerprint(changed) != generator_fingerprint(TEMPLATES_PATH)
-    keys = {_synth_cache_key(None, {"n": n, "seed": s}) for n, s in ((25, 3), (25, 4), (26, 3))}
+    keys = {synth_cache_key(None, {"n": n, "seed": s}) for n, s in ((25, 3), (25, 4), (26, 3))}
     assert len(keys) == 3 and all(generator_fingerprint() in k for k in keys)

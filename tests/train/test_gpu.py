@@ -7,14 +7,14 @@ import subprocess
 import pytest
 
 from conftest import REPO, gpu_test
+from tasks.recipe import Recipe
+from tasks.run import atomic_write_jsonl, new_run_dir
+from tasks.train.launch import training_command
 
 pytestmark = [pytest.mark.gpu, pytest.mark.integration]
 
 
 def _prepare(tmp_path, tiny_rows, **training):
-    from tasks.recipe import Recipe
-    from tasks.run import atomic_write_jsonl, new_run_dir
-
     recipe = Recipe(name="gpu")
     for key, value in {"epochs": 8, "batch_size": 4, "logging_steps": 1, "save_steps": 100,
                        "warmup_ratio": 0.0, "lr_scheduler": "constant", **training}.items():
@@ -27,8 +27,6 @@ def _prepare(tmp_path, tiny_rows, **training):
 
 
 def _run_training(recipe, run_dir, base_dir):
-    from tasks.train.worker import training_command
-
     proc = subprocess.run(training_command(recipe, run_dir, base_dir), cwd=REPO, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

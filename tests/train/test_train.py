@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from tasks.train.worker import MaskError, check_mask, resolve_accelerate_config, tokenize_row, training_command
+from tasks.recipe import Recipe
+from tasks.run import atomic_write_jsonl, new_run_dir
+from tasks.train.worker import MaskError, check_mask, tokenize_row, train
 
 pytestmark = pytest.mark.integration
 
@@ -47,25 +49,8 @@ def test_zero_trainable_tokens_fails(base_model_dir, tiny_rows):
         check_mask(tokenized, tiny_rows, tokenizer)
 
 
-def test_accelerate_configs_resolve_and_unknown_names_fail(tmp_path):
-    from tasks.recipe import Recipe
-
-    assert resolve_accelerate_config("ddp").name == "ddp.yaml"
-    with pytest.raises(ValueError, match=r"not a file and not one of \['ddp', 'single_gpu', 'zero2'\]"):
-        resolve_accelerate_config("fsdp9")
-    recipe = Recipe(name="x")
-    recipe.training.accelerate_config = "zero2"
-    cmd = training_command(recipe, tmp_path, tmp_path)
-    assert cmd[1:4] == ["-m", "accelerate.commands.launch", "--config_file"]
-    assert cmd[-5:-3] == ["-m", "tasks.train.worker"]
-
-
 def test_training_resumes_from_the_last_checkpoint(tmp_path, base_model_dir, tiny_rows):
     """A crash after step 2 loses nothing: the next attempt restarts from checkpoint-2, not from step 0."""
-    from tasks.recipe import Recipe
-    from tasks.run import atomic_write_jsonl, new_run_dir
-    from tasks.train.worker import train
-
     recipe = Recipe(name="resume")
     recipe.training.batch_size = 4
     recipe.training.logging_steps = 1

@@ -1,0 +1,43 @@
+"""The first two tasks of every flow: validate the recipe, then make (or reopen) the run folder.
+
+They live here, not beside `load_recipe` and `RunFolder`, so that tasks/recipe.py and tasks/run.py stay
+free of Prefect: the training worker imports both and travels to a GPU machine with a handful of wheels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+
+from tasks.recipe import Recipe, load_recipe
+from tasks.run import RunFolder, atomic_write_text, new_run_dir
+
+
+@task(name="validate-recipe")
+def validate_recipe(recipe: str, overrides: dict | None = None) -> Recipe:
+    """First task of every flow: a bad recipe stops the run before any work."""
+    return load_recipe(recipe, overrides)
+
+
+@task(name="create-run-folder")
+def create_run_folder(output_root: str, recipe: Recipe, run_name: str | None = None,
+                      resume_from: str | None = None) -> Path:
+    """A fresh, isolated run folder holding the fully resolved recipe (what the trainer will read), or
+    an earlier run that did not complete, to resume (training restarts from its last checkpoint).
+
+    Raises:
+        ValueError: the folder to resume is complete, missing, or was made with another recipe.
+    """
+    if resume_from:
+        run = RunFolder(Path(resume_from).resolve())
+        if not run.recipe_json.exists():
+            raise ValueError(f"resume_from {run}: not a run folder (no recipe.json)")
+        if run.is_complete():
+            raise ValueError(f"resume_from {run}: that run completed; start a new one")
+        if run.recipe_json.read_text() != recipe.model_dump_json(indent=2):
+            raise ValueError(f"resume_from {run}: made with a different recipe; resume with the same one")
+        return run.root
+    run = RunFolder(new_run_dir(output_root, recipe.name, run_name).resolve())
+    atomic_write_text(run.recipe_json, recipe.model_dump_json(indent=2))
+    return run.root

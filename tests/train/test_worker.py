@@ -1,0 +1,93 @@
+"""The training worker and its launcher without training: what the worker imports, the command that
+starts it, the tokenizer it trains with (the recipe's chat template) and the loss-mask view."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from tasks.models.chat_templates import NAMED_TEMPLATES, render_named
+from tasks.recipe import ModelConfig, Recipe
+from tasks.train.launch import resolve_accelerate_config, training_command
+from tasks.train.mask_view import highlight_mask, main
+from tasks.train.worker import prepare_tokenizer, tokenize_row
+
+
+@pytest.fixture
+def tokenizer(base_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base_model_dir)
+
+
+def test_the_worker_imports_nothing_of_prefect():
+    """What `accelerate launch` starts on a GPU machine: importing it and reading its recipe needs no Prefect."""
+    code = ("import sys\nimport tasks.train.worker\nfrom tasks.recipe import Recipe\n"
+            "Recipe.model_validate_json(Recipe(name='x').model_dump_json())\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'prefect'))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_accelerate_configs_resolve_and_unknown_names_fail(tmp_path):
+    assert resolve_accelerate_config("ddp").name == "ddp.yaml"
+    with pytest.raises(ValueError, match=r"not a file and not one of \['ddp', 'single_gpu', 'zero2'\]"):
+        resolve_accelerate_config("fsdp9")
+    recipe = Recipe(name="x")
+    assert training_command(recipe, tmp_path, tmp_path)[1:] == ["-m", "tasks.train.worker", str(tmp_path),
+                                                                "--base", str(tmp_path)]
+    recipe.training.accelerate_config = "zero2"
+    cmd = training_command(recipe, tmp_path, tmp_path)
+    assert cmd[1:4] == ["-m", "accelerate.commands.launch", "--config_file"]
+    assert cmd[-5:-3] == ["-m", "tasks.train.worker"]
+
+
+def test_a_named_chat_template_is_trained_on_and_saved_with_the_adapter(tokenizer, tiny_rows, tmp_path):
+    from transformers import AutoTokenizer
+
+    own_template = tokenizer.chat_template
+    row = {"messages": tiny_rows[0]["messages"][1:]}   # no system turn: SmolLM2's own template adds one
+    own = tokenizer.decode(tokenize_row(row, tokenizer, 512)["input_ids"])
+    assert own.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+
+    prepare_tokenizer(tokenizer, ModelConfig(chat_template="chatml"))
+    assert tokenizer.chat_template == NAMED_TEMPLATES["chatml"].jinja
+    tokenized = tokenizer.decode(tokenize_row(row, tokenizer, 512)["input_ids"])
+    assert tokenized == render_named(row["messages"], "chatml")
+    tokenizer.save_pretrained(tmp_path)   # what the worker writes into lora/, which export and deploy read
+    assert AutoTokenizer.from_pretrained(tmp_path).chat_template == NAMED_TEMPLATES["chatml"].jinja
+
+    prepare_tokenizer(tokenizer, ModelConfig())   # 'model' keeps whatever template the tokenizer has
+    assert tokenizer.chat_template == NAMED_TEMPLATES["chatml"].jinja != own_template
+
+
+def test_a_template_whose_turns_the_vocabulary_cannot_end_is_refused(tokenizer):
+    with pytest.raises(ValueError, match=r"'llama-3\.1' ends a turn with '<\|eot_id\|>', which is not a token"):
+        prepare_tokenizer(tokenizer, ModelConfig(chat_template="llama-3.1"))
+
+
+def test_mask_view_brackets_exactly_the_assistant_answer(tokenizer, tiny_rows):
+    row = tiny_rows[0]
+    tok = tokenize_row(row, tokenizer, 512)
+    plain = highlight_mask(tokenizer, tok["input_ids"], tok["completion_mask"], color=False)
+    assert plain.count("[[") == 1 and plain.count("]]") == 1
+    before, inside = plain.split("[[")
+    inside, after = inside.split("]]")
+    assert inside == row["messages"][-1]["content"] + "<|im_end|>\n" and after == ""
+    assert before == tokenizer.apply_chat_template(row["messages"][:-1], tokenize=False, add_generation_prompt=True)
+    colored = highlight_mask(tokenizer, tok["input_ids"], tok["completion_mask"], color=True)
+    assert colored == before + "\x1b[1;32m" + inside + "\x1b[0m"
+
+
+def test_mask_view_prints_a_recipe_row_with_the_mask(capsys):
+    assert main(["--recipe", "slipstream", "--row", "3"]) == 0
+    header, body = capsys.readouterr().out.split("\n", 1)
+    assert header.startswith("# recipe slipstream, train row 3, template model")
+    assert "[[THOUGHT: " in body and body.rstrip("\n").endswith("<|im_end|>\n]]".rstrip("\n"))
+    assert main(["--recipe", "slipstream", "--row", "3", "--template", "chatml"]) == 0
+    assert capsys.readouterr().out.startswith("# recipe slipstream, train row 3, template chatml")
+    assert main(["--recipe", "slipstream", "--row", "100000"]) == 2
+    assert re.search(r"--row 100000: the train split has rows 0\.\.\d+", capsys.readouterr().err)
