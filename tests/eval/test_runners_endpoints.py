@@ -31,7 +31,7 @@ def test_deployment_style_url_api_version_and_api_key_header(azure):
     assert req["path"] == "/openai/deployments/gpt-4o-mini/chat/completions"
     assert req["query"] == {"api-version": ["2024-10-21"]}
     assert req["headers"]["api-key"] == "azure-test-key" and "authorization" not in req["headers"]
-    assert req["body"]["temperature"] == 0.0 and req["body"]["max_tokens"] == 32   # greedy by default
+    assert req["body"]["temperature"] == 0.0 and req["body"]["max_completion_tokens"] == 32   # greedy by default
     assert "top_k" not in req["body"]   # hosted APIs reject unknown sampler fields
 
 

@@ -152,7 +152,7 @@ def test_llamacpp_deploy_serves_answers_and_stops_cleanly(exported_run):
 def test_managed_server_restarts_a_crashed_server_on_the_same_port(exported_run, tiny_rows, tmp_path):
     import signal
 
-    from tasks.eval.evaluate import generate_openai
+    from tasks.eval.runners import generate_openai
     from tasks.llamacpp.serve import ManagedLlamaServer
 
     _, _, ggufs = exported_run
@@ -192,7 +192,7 @@ def test_ollama_deploy_uploads_by_digest_creates_shows_and_chats(exported_run, u
 
     from ollama_api_server import ollama_api_server
     from tasks.release.deploy import deploy_model
-    from tasks.eval.evaluate import generate_openai
+    from tasks.eval.runners import generate_openai
 
     run_dir, recipe, ggufs = exported_run
     manifest = json.loads((run_dir / "gguf" / "manifest.json").read_text())
@@ -279,12 +279,12 @@ def test_ollama_rejects_a_wrong_digest_and_deploy_refuses_a_changed_artifact(exp
 # ---------------------------------------------------------------------------------- parity and release
 
 def test_parity_answers_from_every_format_on_the_same_rows(exported_run, base_model_dir):
-    from tasks.eval.parity import evaluate_parity, render_section as parity_section
+    from tasks.eval.parity import measure_parity, render_section as parity_section
 
     run_dir, recipe, ggufs = exported_run
     recipe = recipe.model_copy(deep=True)
     recipe.eval.max_new_tokens = 16
-    result = evaluate_parity.fn(run_dir, base_model_dir, recipe, ggufs)
+    result = measure_parity.fn(run_dir, base_model_dir, recipe, ggufs)
     labels = [v["label"] for v in result["variants"]]
     assert labels == ["base+adapter", "merged", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "gguf-lora"]
     for v in result["variants"]:

@@ -1,36 +1,38 @@
-"""Evaluation tasks: run one model over the test rows through a runner, score every answer, trace every call.
+"""Measure one model on the run's test rows: run it through a runner, score every answer, trace every call.
 
-Each task writes `metrics/eval-<label>.json` (the summary) and `metrics/predictions-<label>.jsonl` (one
-record per row) in the run folder, and, when tracing is on, one span per model with a generation per call
-and the row's metric scores on it, the aggregate metrics as scores on the span.
+`run_and_score` is the one evaluation path: the baseline and merged evaluations, the served GGUF, the LLM
+baseline, the Fledgling SLM evaluations and the parity table all go through it. The measuring tasks write
+`metrics/eval-<label>.json` (the summary) and `metrics/predictions-<label>.jsonl` (one record per row)
+in the run folder, and, when tracing is on, one span per model with a generation per call and the row's
+metric scores on it, the aggregate metrics as scores on the span.
 
-    evaluate_hf_model        the base or fine-tuned SLM with transformers (batched greedy generation)
-    serve_and_evaluate_gguf  an exported GGUF through llama.cpp's server
-    evaluate_llm_baseline    the recipe's LLM baseline: a saved endpoint Block, or a local GGUF stand-in
+    measure_hf_model        the base or fine-tuned SLM with transformers (batched greedy generation)
+    serve_and_measure_gguf  an exported GGUF through llama.cpp's server
+    measure_llm_baseline    the recipe's LLM baseline: a saved endpoint Block, or a local GGUF stand-in
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import time
 from pathlib import Path
 from typing import Callable
 
 from prefect import task
 
-from tasks.eval import metrics
 from tasks import tracing
-from tasks.data.evalfile import task_of
-from tasks.recipe import DeployConfig, EvalConfig, Recipe
-from tasks.run import atomic_write_json, atomic_write_jsonl, stage_timer
+from tasks.eval import metrics
 from tasks.eval.runners import (EndpointConfigError, EndpointRunner, HFRunner, Request, Runner, llama_cpp_runner,
-                           requests_from_rows)
+                                requests_from_rows)
+from tasks.eval.tasktypes import task_of
+from tasks.eval.tasktypes.base import TokenCounter
+from tasks.recipe import DeployConfig, EvalConfig, Recipe
+from tasks.run import RunFolder, atomic_write_json, atomic_write_jsonl, read_jsonl, stage_timer
 
 
 @functools.lru_cache(maxsize=4)
-def token_counter(tokenizer_dir: str) -> metrics.TokenCounter:
+def token_counter(tokenizer_dir: str) -> TokenCounter:
     """Token counts with the SLM's own tokenizer (no special tokens): the unit the SLIP comparison uses."""
     from transformers import AutoTokenizer
 
@@ -68,13 +70,13 @@ class TracingObserver:
         self.generation_ids[request.row_id] = handle.id
 
 
-def run_and_score(runner: Runner, rows: list[dict], run_name: str, count_tokens: metrics.TokenCounter | None = None,
+def run_and_score(runner: Runner, rows: list[dict], run_name: str, count_tokens: TokenCounter | None = None,
                   prices: tuple[float | None, float | None] = (None, None), usd_per_hour: float | None = None,
                   progress: Callable[[int, int], None] | None = None) -> tuple[dict, list[dict]]:
     """Generate, score and trace one model on the rows; returns (summary, per-row records)."""
-    task_type = task_of(rows[0])
+    kind = task_of(rows[0])
     requests = requests_from_rows(rows)
-    with tracing.span(run_name, f"eval {runner.label}", input={"rows": len(rows), "task": task_type},
+    with tracing.span(run_name, f"eval {runner.label}", input={"rows": len(rows), "task": kind.name},
                       metadata={"model": runner.model, "runner": runner.kind}) as parent:
         observer = TracingObserver(parent, runner.label, runner.model, runner.kind,
                                    getattr(runner, "max_new_tokens", 0), prices)
@@ -82,16 +84,16 @@ def run_and_score(runner: Runner, rows: list[dict], run_name: str, count_tokens:
         completions = runner.run(requests, observer=observer, progress=progress)
         seconds = time.perf_counter() - began
         scored = [metrics.score_row(r, c.text, count_tokens, c.tool_calls) for r, c in zip(rows, completions)]
-        summary = metrics.aggregate(task_type, scored, [c.as_call() for c in completions], seconds)
+        summary = metrics.aggregate(kind.name, scored, [c.as_call() for c in completions], seconds)
         for req, s in zip(requests, scored):
-            for key, _ in metrics.METRICS[task_type]:
+            for key in kind.metric_keys:
                 tracing.score(key, s[key], trace_id=parent.trace_id, observation_id=observer.generation_ids.get(
                     req.row_id))
-        for key, _ in metrics.METRICS[task_type]:
+        for key in kind.metric_keys:
             tracing.score(key, summary[key], trace_id=parent.trace_id, observation_id=parent.span_id,
                           comment=f"{runner.label}: mean over {len(rows)} rows")
     cost = metrics.cost_per_1k_requests(summary, prices[0], prices[1], usd_per_hour)
-    summary = {"model": runner.label, "model_name": runner.model, "runner": runner.kind, "task": task_type,
+    summary = {"model": runner.label, "model_name": runner.model, "runner": runner.kind, "task": kind.name,
                **summary, "cost": cost}
     records = [{"id": req.row_id, "prompt": req.messages[-1]["content"], "answer": c.text,
                 **({"tool_calls": c.tool_calls} if c.tool_calls else {}), **c.as_call(), **s}
@@ -99,52 +101,9 @@ def run_and_score(runner: Runner, rows: list[dict], run_name: str, count_tokens:
     return summary, records
 
 
-def generate_openai(base_url: str, model: str, rows: list[dict], max_new_tokens: int, api_key: str = "none",
-                    concurrency: int = 2, progress: Callable[[int, int], None] | None = None
-                    ) -> tuple[list[str], int]:
-    """Greedy answers from an OpenAI-compatible (llama.cpp) server; returns answers and completion tokens."""
-    from blocks.llm import OpenAICompatibleEndpoint
-    from tasks.eval.runners import LLAMA_CPP_GREEDY
-
-    endpoint = OpenAICompatibleEndpoint(base_url=base_url, model=model, api_key=api_key, timeout_s=120,
-                                        extra_body=LLAMA_CPP_GREEDY)
-    completions = EndpointRunner(endpoint, model, max_new_tokens, concurrency).run(
-        requests_from_rows(rows), progress=progress)
-    return [c.text for c in completions], sum(c.completion_tokens or 0 for c in completions)
-
-
-def generate_hf(model_dir: Path, rows: list[dict], max_new_tokens: int, batch_size: int,
-                adapter_dir: Path | None = None, progress: Callable[[int, int], None] | None = None
-                ) -> tuple[list[str], int]:
-    """Greedy batched answers from a local HF model (plus an optional adapter); answers and generated tokens."""
-    runner = HFRunner(Path(model_dir), Path(model_dir).name, max_new_tokens, batch_size, adapter_dir=adapter_dir)
-    completions = runner.run(requests_from_rows(rows), progress=progress)
-    return [c.text for c in completions], sum(c.completion_tokens or 0 for c in completions)
-
-
-def timed(fn, *args, **kwargs):
-    """(fn's result, seconds it took)."""
-    start = time.time()
-    result = fn(*args, **kwargs)
-    return result, time.time() - start
-
-
-def evaluate_answers(rows: list[dict], answers: list[str], seconds: float, tokens: int) -> tuple[dict, list[dict]]:
-    """Score given answers against the gold rows; returns (summary, per-row records)."""
-    task_type = task_of(rows[0])
-    scored = [metrics.score_row(r, a) for r, a in zip(rows, answers)]
-    calls = [{"completion_tokens": tokens / len(rows)} for _ in rows]
-    records = [{"prompt": r["messages"][-2]["content"], "answer": a, **s} for r, a, s in zip(rows, answers, scored)]
-    return metrics.aggregate(task_type, scored, calls, seconds), records
-
-
-def load_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in open(path) if line.strip()]
-
-
-def _save_eval(run_dir: Path, label: str, summary: dict, records: list[dict]) -> dict:
-    atomic_write_json(run_dir / "metrics" / f"eval-{label}.json", summary)
-    atomic_write_jsonl(run_dir / "metrics" / f"predictions-{label}.jsonl", records)
+def _save_eval(run: RunFolder, label: str, summary: dict, records: list[dict]) -> dict:
+    atomic_write_json(run.eval_metrics(label), summary)
+    atomic_write_jsonl(run.predictions(label), records)
     return summary
 
 
@@ -169,47 +128,49 @@ def _progress_logger(label: str):
     return report
 
 
-def _counter_for(rows: list[dict], tokenizer_dir: Path | None) -> metrics.TokenCounter | None:
-    return token_counter(str(tokenizer_dir)) if tokenizer_dir and task_of(rows[0]) == "slipstream" else None
+def _counter_for(rows: list[dict], tokenizer_dir: Path | None) -> TokenCounter | None:
+    return token_counter(str(tokenizer_dir)) if tokenizer_dir and task_of(rows[0]).counts_tokens else None
 
 
-def eval_hf(run_dir: Path, label: str, model_dir: Path, cfg: EvalConfig, adapter_dir: Path | None = None,
-            tokenizer_dir: Path | None = None) -> dict:
+def measure_hf(run_dir: Path, label: str, model_dir: Path, cfg: EvalConfig, adapter_dir: Path | None = None,
+               tokenizer_dir: Path | None = None) -> dict:
     """Greedy HF generation on the run's test rows, scored for the rows' task; writes metrics/eval-<label>.json."""
-    rows = load_rows(run_dir / "data" / "test.jsonl")
+    run = RunFolder(run_dir)
+    rows = read_jsonl(run.split("test"))
     runner = HFRunner(Path(model_dir), label, cfg.max_new_tokens, cfg.batch_size, adapter_dir=adapter_dir)
-    with stage_timer(run_dir, f"eval-{label}"):
-        summary, records = run_and_score(runner, rows, run_dir.name, _counter_for(rows, tokenizer_dir or model_dir),
+    with stage_timer(run, f"eval-{label}"):
+        summary, records = run_and_score(runner, rows, run.name, _counter_for(rows, tokenizer_dir or model_dir),
                                          usd_per_hour=cfg.slm_usd_per_hour, progress=_progress_logger(label))
     tracing.flush()
-    return _save_eval(run_dir, label, summary, records)
+    return _save_eval(run, label, summary, records)
 
 
-def eval_gguf(run_dir: Path, label: str, gguf_path: Path, cfg: EvalConfig, deploy: DeployConfig,
-              tokenizer_dir: Path | None = None, lora_path: Path | None = None) -> dict:
-    """llama.cpp's server on the GGUF (plus a GGUF LoRA), evaluated through the `openai` client, then stopped."""
-    rows = load_rows(run_dir / "data" / "test.jsonl")
-    with stage_timer(run_dir, f"eval-{label}"), llama_cpp_runner(
-            gguf_path, run_dir / "metrics" / f"llama-server-{label}.log", label, cfg.max_new_tokens,
+def measure_gguf(run_dir: Path, label: str, gguf_path: Path, cfg: EvalConfig, deploy: DeployConfig,
+                 tokenizer_dir: Path | None = None, lora_path: Path | None = None) -> dict:
+    """llama.cpp's server on the GGUF (plus a GGUF LoRA), measured through the `openai` client, then stopped."""
+    run = RunFolder(run_dir)
+    rows = read_jsonl(run.split("test"))
+    with stage_timer(run, f"eval-{label}"), llama_cpp_runner(
+            gguf_path, run.server_log(label), label, cfg.max_new_tokens,
             parallel=deploy.parallel, host=deploy.host, port=deploy.port, lora_path=lora_path) as runner:
-        summary, records = run_and_score(runner, rows, run_dir.name, _counter_for(rows, tokenizer_dir),
+        summary, records = run_and_score(runner, rows, run.name, _counter_for(rows, tokenizer_dir),
                                          usd_per_hour=cfg.slm_usd_per_hour, progress=_progress_logger(label))
     tracing.flush()
-    return _save_eval(run_dir, label, summary, records)
+    return _save_eval(run, label, summary, records)
 
 
-@task(name="evaluate-hf-model")
-def evaluate_hf_model(run_dir: Path, label: str, model_dir: Path, cfg: EvalConfig,
-                      adapter_dir: Path | None = None, tokenizer_dir: Path | None = None) -> dict:
+@task(name="measure-hf-model")
+def measure_hf_model(run_dir: Path, label: str, model_dir: Path, cfg: EvalConfig,
+                     adapter_dir: Path | None = None, tokenizer_dir: Path | None = None) -> dict:
     """Greedy HF generation on the run's test rows, scored for the rows' task; writes metrics/eval-<label>.json."""
-    return eval_hf(run_dir, label, model_dir, cfg, adapter_dir, tokenizer_dir)
+    return measure_hf(run_dir, label, model_dir, cfg, adapter_dir, tokenizer_dir)
 
 
-@task(name="serve-and-evaluate-gguf", retries=2, retry_delay_seconds=5)  # I/O: a server and HTTP calls
-def serve_and_evaluate_gguf(run_dir: Path, label: str, gguf_path: Path, cfg: EvalConfig,
-                            deploy: DeployConfig, tokenizer_dir: Path | None = None) -> dict:
-    """Start llama.cpp's OpenAI-compatible server on the GGUF, evaluate through the `openai` client, stop it."""
-    return eval_gguf(run_dir, label, gguf_path, cfg, deploy, tokenizer_dir)
+@task(name="serve-and-measure-gguf", retries=2, retry_delay_seconds=5)  # I/O: a server and HTTP calls
+def serve_and_measure_gguf(run_dir: Path, label: str, gguf_path: Path, cfg: EvalConfig,
+                           deploy: DeployConfig, tokenizer_dir: Path | None = None) -> dict:
+    """Start llama.cpp's OpenAI-compatible server on the GGUF, measure through the `openai` client, stop it."""
+    return measure_gguf(run_dir, label, gguf_path, cfg, deploy, tokenizer_dir)
 
 
 def load_endpoint_block(ref: str):
@@ -231,16 +192,16 @@ def _retry_unless_refused(task, task_run, state) -> bool:
     return False
 
 
-@task(name="evaluate-llm-baseline", retries=2, retry_delay_seconds=10,   # I/O: a remote API or a local server
+@task(name="measure-llm-baseline", retries=2, retry_delay_seconds=10,   # I/O: a remote API or a local server
       retry_condition_fn=_retry_unless_refused)
-def evaluate_llm_baseline(run_dir: Path, recipe: Recipe, tokenizer_dir: Path | None = None) -> dict:
+def measure_llm_baseline(run_dir: Path, recipe: Recipe, tokenizer_dir: Path | None = None) -> dict:
     """The recipe's LLM baseline on the same rows and prompts: a saved endpoint Block (Azure OpenAI, any
     OpenAI-compatible URL) or, for offline demos and tests, a local GGUF served by llama.cpp."""
-    cfg, ev = recipe.baseline, recipe.eval
-    rows = load_rows(run_dir / "data" / "test.jsonl")
+    cfg, ev, run = recipe.baseline, recipe.eval, RunFolder(run_dir)
+    rows = read_jsonl(run.split("test"))
     options = {"structured_output": cfg.structured_output, "tool_calling": cfg.tool_calling}
     label = cfg.label
-    with contextlib.ExitStack() as stack, stage_timer(run_dir, f"eval-{label}"):
+    with contextlib.ExitStack() as stack, stage_timer(run, f"eval-{label}"):
         if cfg.source == "block":
             endpoint = load_endpoint_block(cfg.block)
             runner = EndpointRunner(endpoint, label, ev.max_new_tokens, cfg.concurrency, **options)
@@ -248,11 +209,11 @@ def evaluate_llm_baseline(run_dir: Path, recipe: Recipe, tokenizer_dir: Path | N
                       cfg.output_usd_per_mtok if cfg.output_usd_per_mtok is not None else endpoint.output_cost_per_mtok)
         else:
             runner = stack.enter_context(llama_cpp_runner(
-                cfg.gguf_path(), run_dir / "metrics" / f"llama-server-{label}.log", label, ev.max_new_tokens,
+                cfg.gguf_path(), run.server_log(label), label, ev.max_new_tokens,
                 parallel=cfg.concurrency, **options))
             prices = (cfg.input_usd_per_mtok, cfg.output_usd_per_mtok)   # None: not priced
-        summary, records = run_and_score(runner, rows, run_dir.name, _counter_for(rows, tokenizer_dir), prices=prices,
+        summary, records = run_and_score(runner, rows, run.name, _counter_for(rows, tokenizer_dir), prices=prices,
                                          progress=_progress_logger(label))
     tracing.flush()
-    return _save_eval(run_dir, label, summary, records)
+    return _save_eval(run, label, summary, records)
 
