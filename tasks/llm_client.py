@@ -175,21 +175,21 @@ def complete(endpoint: LLMEndpoint, messages: list[dict], *, max_tokens: int, te
     Raises:
         APIRequestError: the last failure (HTTP, timeout, connection, a response without a choice).
     """
-    began = time.perf_counter()
-    for attempt in range(1, retry.retries + 2):
+    began, retries = time.perf_counter(), 0
+    while True:
         try:
             completion = _complete_once(endpoint, messages, client, max_tokens=max_tokens, temperature=temperature,
                                         seed=seed, response_format=response_format, tools=tools,
                                         extra_body=extra_body)
+            break
         except APIRequestError as exc:
-            wait = retry.delay(attempt, exc)
+            retries += 1
+            wait = retry.delay(retries, exc)
             if wait is None:
                 raise
             time.sleep(wait)
-            continue
-        completion.latency_s = time.perf_counter() - began
-        return completion
-    raise AssertionError("unreachable: the last attempt returns or raises")
+    completion.latency_s = time.perf_counter() - began
+    return completion
 
 
 def _complete_once(endpoint: LLMEndpoint, messages: list[dict], client, *, max_tokens: int, temperature: float,

@@ -6,6 +6,7 @@
                     or `AzureOpenAIEndpoint` (deployment-based with api-version, or the v1 endpoint);
                     concurrent requests from a thread pool
     llama_cpp_runner  llama.cpp: starts `llama-server` on a GGUF and yields an EndpointRunner on it
+    served_model_runner  an EndpointRunner on a llama.cpp-style server that is already running
 
 Every runner answers with `tasks.llm_client.Completion`; endpoints go through `tasks.llm_client.complete`
 (the project's one chat-completions path) with the evaluation retry policy.

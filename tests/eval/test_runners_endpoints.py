@@ -95,3 +95,20 @@ def test_json_schema_mode_sends_response_format_and_extra_body(azure):
     assert sent["response_format"]["type"] == "json_schema"
     assert sent["response_format"]["json_schema"]["schema"] == rows[0]["schema"]
     assert sent["top_k"] == 1   # extra_body fields are merged into the JSON body
+
+
+def test_the_retry_policy_decides_whether_a_rate_limited_call_is_retried(azure):
+    from fault_proxy import FaultProxy
+    from tasks.llm_client import NO_RETRY, RetryPolicy
+
+    quick = RetryPolicy(retries=5, base_s=0.01, max_s=0.05, jitter=0.0, max_wait_s=1.0)
+    with FaultProxy(azure.url, fault_rate=0.5, seed=3, faults=("429",), retry_after=0.02) as proxy:
+        block = OpenAICompatibleEndpoint(base_url=proxy.root + "/openai/v1", model="gpt-4o-mini",
+                                         api_key=SecretStr("azure-test-key"))
+        answers = EndpointRunner(block, "llm", 16, concurrency=1, retry=quick).run(ASK * 4)
+        assert [a.text for a in answers] == ['{"city": "Lisbon"}'] * 4 and not any(a.error for a in answers)
+        assert proxy.stats["fault_429"] > 0   # each one retried after the server's Retry-After
+        assert proxy.stats["requests"] == 4 + proxy.stats["fault_429"] == len(azure.requests) + proxy.stats["fault_429"]
+        proxy.fault_rate = 1.0
+        with pytest.raises(EndpointError, match=r"llm: 3/3 calls failed; first: HTTP 429"):
+            EndpointRunner(block, "llm", 16, retry=NO_RETRY).run(ASK * 3)

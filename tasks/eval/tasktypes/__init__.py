@@ -47,9 +47,13 @@ def check_recipe(recipe: Recipe) -> Recipe:
     """The recipe's task-type rules, checked before any work (the recipe model itself is plain data).
 
     Raises:
-        RecipeError: the task cannot train from data.format, or eval.primary_metric is not one of its metrics.
+        RecipeError: the task is not registered, cannot train from data.format, or eval.primary_metric is
+            not one of its metrics.
     """
-    kind = task_type(recipe.task)
+    if recipe.task not in TASK_TYPES:
+        raise RecipeError(f"recipe {recipe.name!r}: task {recipe.task!r} is not a registered task type; "
+                          f"one of {sorted(TASK_TYPES)}")
+    kind = TASK_TYPES[recipe.task]
     if recipe.data.format not in kind.data_formats:
         raise RecipeError(f"recipe {recipe.name!r}: task {kind.name!r} reads data.format "
                           f"{' or '.join(map(repr, kind.data_formats))} (the sharegpt loader is Slipstream TQT)")
