@@ -7,10 +7,12 @@ One JSON object per line describes one request and what a correct answer is:
     {"task": "slipstream", "prompt": "...", "expected": "THOUGHT: ...\\nSLIP: SLIP v1 ..."}
     {"task": "keyword", "prompt": "...", "keywords": ["...", "..."]}
 
-A bad line fails the whole file with `<file>:<line>: <field>: <reason>`. Rows become chat rows (`messages`
-ending with the gold assistant answer, plus the fields the scorer needs), the one shape that training,
-evaluation and the runners share. The instructions that tell a model the schema or the tools are rendered
-here, once, so every model (SLM, fine-tuned, LLM) is asked the same question.
+A bad line fails the whole file with `<file>:<line>: <field>: <reason>`. The fields every row shares are
+checked here; the rules of its task type (and its gold answer and instruction) come from the task-type
+registry (tasks/eval/tasktypes). Rows become chat rows (`messages` ending with the gold assistant answer,
+plus the fields the scorer needs), the one shape that training, evaluation and the runners share. The
+instructions that tell a model the schema or the tools are rendered here, once, so every model (SLM,
+fine-tuned, LLM) is asked the same question.
 """
 
 from __future__ import annotations

@@ -15,12 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import time
 from pathlib import Path
 from typing import Callable
 
 from prefect import task
+from prefect.blocks.core import Block
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
 
+import blocks.llm  # noqa: F401  (registers OpenAICompatibleEndpoint and AzureOpenAIEndpoint for Block.load)
 from tasks import tracing
 from tasks.eval import metrics
 from tasks.eval.runners import (EndpointConfigError, EndpointRunner, HFRunner, Request, Runner, llama_cpp_runner,
@@ -108,15 +113,10 @@ def _save_eval(run: RunFolder, label: str, summary: dict, records: list[dict]) -
 
 
 def _progress_logger(label: str):
-    import logging
-
-    from prefect.exceptions import MissingContextError
-    from prefect.logging import get_run_logger
-
     try:
         logger = get_run_logger()
     except MissingContextError:   # called outside a flow (tests, notebooks)
-        logger = logging.getLogger("slipway.evaluate")
+        logger = logging.getLogger("slipway.measure")
     step = {"next": 0}
 
     def report(done: int, total: int) -> None:
@@ -174,10 +174,7 @@ def serve_and_measure_gguf(run_dir: Path, label: str, gguf_path: Path, cfg: Eval
 
 
 def load_endpoint_block(ref: str):
-    """Load a saved endpoint Block by '<block-type-slug>/<name>' (its module registers the types)."""
-    import blocks.llm  # noqa: F401  (registers OpenAICompatibleEndpoint and AzureOpenAIEndpoint)
-    from prefect.blocks.core import Block
-
+    """Load a saved endpoint Block by '<block-type-slug>/<name>'."""
     return Block.load(ref)
 
 

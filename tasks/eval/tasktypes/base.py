@@ -19,7 +19,7 @@ from tasks.markdown import pct
 TokenCounter = Callable[[str], int]
 # scorer(chat_row, answer, tool_calls, count_tokens) -> the row's scores: one float per metric key, plus
 # "group" (what the row's breakdown counts it under, or None) and "error" (why the answer failed, or None).
-Scorer = Callable[[dict, str, "list[dict] | None", "TokenCounter | None"], dict]
+Scorer = Callable[[dict, str, list[dict] | None, TokenCounter | None], dict]
 
 
 def _nothing(*_args) -> None:
@@ -43,14 +43,14 @@ class TaskType:
     metrics: tuple[tuple[str, str], ...]          # row scores averaged per model: (key, report column), in order
     primary_metric: str                           # what gates and the Fledgling decision compare by default
     check_row: Callable[[Any], None]              # eval-file row rules; raises ValueError naming the field
-    gold_answer: Callable[[Any], "str | None"]    # the assistant text a perfect model writes (training target)
+    gold_answer: Callable[[Any], str | None]      # the assistant text a perfect model writes (training target)
     score: Scorer
-    instruction: Callable[[Any], "str | None"] = _nothing   # appended to the system prompt (schema, tool list)
+    instruction: Callable[[Any], str | None] = _nothing     # appended to the system prompt (schema, tool list)
     chat_fields: Callable[[Any], dict] = _no_fields          # extra chat-row fields the scorer or splits need
     request_fields: Callable[[dict], dict] = _no_fields      # Request(json_schema=..., tools=...) for native APIs
     split_group: Callable[[Any], str] = lambda row: ""       # stratification key of eval-format training rows
-    breakdown: "tuple[str, str] | None" = None    # (summary key, what a group is): ("per_anchor", "anchor")
-    group_scores: "Callable[[dict], dict] | None" = None     # row -> {group: value}; default {group: primary}
+    breakdown: tuple[str, str] | None = None      # (summary key, what a group is): ("per_anchor", "anchor")
+    group_scores: Callable[[dict], dict] | None = None       # row -> {group: value}; default {group: primary}
     summarize: Callable[[list[dict]], dict] = _no_fields     # extra summary fields from all rows' scores
     report_lines: Callable[[dict], list[str]] = _no_lines    # extra report section from {label: summary}
     counts_tokens: bool = False                   # scorer wants the SLM tokenizer's token counter
