@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
+from blocks.llm import OpenAICompatibleEndpoint
 from tasks.data.evalfile import prompt_messages
 from tasks.eval.tasktypes import task_of
 from tasks.llm_client import EVAL_RETRIES, APIRequestError, Completion, RetryPolicy, complete
@@ -207,14 +208,15 @@ class EndpointRunner:
         return results
 
 
-def served_model_runner(base_url: str, model: str, max_new_tokens: int, concurrency: int = 2,
+def served_model_runner(base_url: str, served_model: str, max_new_tokens: int, concurrency: int = 2,
                         label: str | None = None, timeout_s: float = 300, **runner_kwargs) -> EndpointRunner:
-    """A greedy runner on a llama.cpp-style OpenAI-compatible server that is already running."""
-    from blocks.llm import OpenAICompatibleEndpoint
+    """A greedy runner on a llama.cpp-style OpenAI-compatible server that is already running.
 
-    endpoint = OpenAICompatibleEndpoint(base_url=base_url, model=model, timeout_s=timeout_s,
+    `served_model` is the name the server answers to; `runner_kwargs` may set the runner's own `model`
+    (the name reports show, e.g. the GGUF file's)."""
+    endpoint = OpenAICompatibleEndpoint(base_url=base_url, model=served_model, timeout_s=timeout_s,
                                         extra_body=LLAMA_CPP_GREEDY)
-    return EndpointRunner(endpoint, label or model, max_new_tokens, concurrency=concurrency, **runner_kwargs)
+    return EndpointRunner(endpoint, label or served_model, max_new_tokens, concurrency=concurrency, **runner_kwargs)
 
 
 def generate_openai(base_url: str, model: str, rows: list[dict], max_new_tokens: int, concurrency: int = 2

@@ -9,7 +9,8 @@ from blocks.llm import AzureOpenAIEndpoint, OpenAICompatibleEndpoint
 from receivers import AzureOpenAIServer
 from tasks.data.evalfile import load_eval_file, to_chat_row
 from tasks.eval.metrics import score_row
-from tasks.eval.runners import EndpointError, EndpointRunner, Request, requests_from_rows
+from tasks.eval.runners import (LLAMA_CPP_GREEDY, EndpointError, EndpointRunner, Request, requests_from_rows,
+                               served_model_runner)
 
 from conftest import REPO
 
@@ -112,3 +113,11 @@ def test_the_retry_policy_decides_whether_a_rate_limited_call_is_retried(azure):
         proxy.fault_rate = 1.0
         with pytest.raises(EndpointError, match=r"llm: 3/3 calls failed; first: HTTP 429"):
             EndpointRunner(block, "llm", 16, retry=NO_RETRY).run(ASK * 3)
+
+
+def test_a_served_model_runner_asks_the_servers_model_and_reports_its_own_name():
+    runner = served_model_runner("http://127.0.0.1:9/v1", "slipway", 16, concurrency=2, label="gguf-q8_0",
+                                 kind="llama.cpp server", model="model-q8_0.gguf")
+    assert (runner.endpoint.model, runner.model, runner.label, runner.kind) == (
+        "slipway", "model-q8_0.gguf", "gguf-q8_0", "llama.cpp server")
+    assert runner.endpoint.extra_body == LLAMA_CPP_GREEDY   # llama.cpp's samplers made greedy
