@@ -28,9 +28,9 @@ from flows.finetune import finetune
 from tasks.models.bootstrap import bootstrap_base_model
 from tasks.data.prepare import prepare_splits, write_splits
 from tasks.eval.decision import decide_swap
-from tasks.eval.evaluate import evaluate_llm_baseline
 from tasks.eval.fledgling import (configure_tracing, evaluate_slm, locate_finetuned, require_finished_finetune,
                                   require_llm_baseline, write_eval_file_rows)
+from tasks.eval.measure import measure_llm_baseline
 from tasks.recipe import REPO_ROOT
 from tasks.release.report import write_eval_report
 from tasks.start import create_run_folder, validate_recipe
@@ -62,7 +62,7 @@ def evaluate(recipe: str = "fledgling-structured", eval_file: str | None = None,
         finetune_deployment: run the fine-tune leg as this deployment (e.g. 'finetune/fledgling-gpu')
             instead of in this process.
     """
-    cfg = validate_recipe(recipe, overrides or {})
+    cfg = check_recipe(validate_recipe(recipe, overrides or {}))
     require_llm_baseline(cfg)
     configure_tracing(langfuse_block)
     run_dir = create_run_folder(output_root, cfg, run_name)
@@ -73,7 +73,7 @@ def evaluate(recipe: str = "fledgling-structured", eval_file: str | None = None,
     base_dir = bootstrap_base_model(cfg.model)
     source = eval_file or f"{cfg.data.source} (test split)"
     results = {"base": evaluate_slm(run_dir, "base", cfg, base_dir),
-               cfg.baseline.label: evaluate_llm_baseline(run_dir, cfg, base_dir)}
+               cfg.baseline.label: measure_llm_baseline(run_dir, cfg, base_dir)}
     finetuned = locate_finetuned(finetuned_run) if finetuned_run else None
     if finetuned:
         results["fine-tuned"] = evaluate_slm(run_dir, "fine-tuned", cfg, base_dir, finetuned)

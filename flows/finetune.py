@@ -18,12 +18,13 @@ from prefect import flow
 from tasks.models.bootstrap import bootstrap_base_model
 from tasks.data.prepare import prepare_splits, write_splits
 from tasks.release.deploy import deploy_model
-from tasks.eval.evaluate import evaluate_hf_model, evaluate_llm_baseline, serve_and_evaluate_gguf
+from tasks.eval.measure import measure_hf_model, measure_llm_baseline, serve_and_measure_gguf
 from tasks.export.convert import export_gguf, merge_lora_adapter
 from tasks.eval.gates import check_gates, enforce_gates
+from tasks.eval.tasktypes import check_recipe
 from tasks.release.model_card import publish_release, write_model_card
 from tasks.ollama.modelfile import write_modelfile
-from tasks.eval.parity import evaluate_parity
+from tasks.eval.parity import measure_parity
 from tasks.recipe import REPO_ROOT
 from tasks.release.report import write_report
 from tasks.start import create_run_folder, validate_recipe
@@ -44,22 +45,22 @@ def finetune(recipe: str = "slipstream", overrides: dict | None = None, output_r
         resume_from: an earlier run folder that did not complete: its stages run again in it, and
             training restarts from its last checkpoint instead of from scratch.
     """
-    cfg = validate_recipe(recipe, overrides or {})
+    cfg = check_recipe(validate_recipe(recipe, overrides or {}))
     run_dir = create_run_folder(output_root, cfg, run_name, resume_from)
     base_dir = bootstrap_base_model(cfg.model)
     write_splits(run_dir, prepare_splits(cfg.data, cfg.model.system_prompt, cfg.task))
-    base = evaluate_hf_model(run_dir, "base", base_dir, cfg.eval)
-    llm = evaluate_llm_baseline(run_dir, cfg, base_dir) if cfg.baseline.source != "none" else None
+    base = measure_hf_model(run_dir, "base", base_dir, cfg.eval)
+    llm = measure_llm_baseline(run_dir, cfg, base_dir) if cfg.baseline.source != "none" else None
     training = train_adapter(cfg, run_dir, base_dir)
     merged_dir = merge_lora_adapter(run_dir, base_dir)
     ggufs = export_gguf(run_dir, base_dir, cfg.export)
     write_modelfile(run_dir, cfg, ggufs)
     template_gate = verify_chat_template(run_dir, cfg)
-    merged = evaluate_hf_model(run_dir, "merged", merged_dir, cfg.eval)
+    merged = measure_hf_model(run_dir, "merged", merged_dir, cfg.eval)
     served_label = f"gguf-{cfg.export.serve_type}"
-    served = serve_and_evaluate_gguf(run_dir, served_label, ggufs[cfg.export.serve_type], cfg.eval, cfg.deploy,
-                                     tokenizer_dir=base_dir)
-    evaluate_parity(run_dir, base_dir, cfg, ggufs)
+    served = serve_and_measure_gguf(run_dir, served_label, ggufs[cfg.export.serve_type], cfg.eval, cfg.deploy,
+                                    tokenizer_dir=base_dir)
+    measure_parity(run_dir, base_dir, cfg, ggufs)
     results = {"base": base, "merged": merged, served_label: served} | ({cfg.baseline.label: llm} if llm else {})
     gates = [*check_gates(cfg, results, served_label, training), template_gate]
     deploy_model(run_dir, cfg, gates)

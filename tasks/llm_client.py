@@ -1,8 +1,12 @@
-"""One chat-completions interface over the LLM endpoint Blocks (OpenAI, Azure OpenAI, Together, DeepSeek,
-Anthropic's OpenAI-compatible endpoint, any local OpenAI-compatible server).
+"""The one chat-completions path of the project, over the LLM endpoint Blocks (OpenAI, Azure OpenAI, Together,
+DeepSeek, Anthropic's OpenAI-compatible endpoint, llama.cpp's server, any OpenAI-compatible server).
+Synthesis (tasks/synth/llm.py) and evaluation (tasks/eval/runners.py) both call `complete`.
 
-Every call goes through the official `openai` client with `max_retries=0`: retrying is the caller's job
-(tasks/synth/llm.py), so each retry can honour `Retry-After`, be counted and show up in Prefect.
+Retrying is a parameter, a `RetryPolicy`: transient failures (408/409/429/5xx, timeouts, connection
+errors) wait for max(Retry-After, exponential backoff) plus jitter. Evaluation retries inside the call
+(`EVAL_RETRIES`); synthesis passes `NO_RETRY` and retries whole Prefect task runs with the same
+backoff, so each retry is counted and shows up in Prefect. The openai client's own retries are off.
+
 Errors come back as `APIRequestError`, whose message is built here from the status code and the
 server's error text with the API key redacted; the openai exception (which carries the request, its
 headers and the raw body) is never chained, so no traceback or log line can echo the key.
@@ -10,6 +14,7 @@ headers and the raw body) is never chained, so no traceback or log line can echo
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import random
 import time
@@ -35,12 +40,21 @@ class APIRequestError(RuntimeError):
         self.transient = transient
 
 
-@dataclass(frozen=True)
+@dataclass
 class Completion:
+    """One model answer, from any runner (an endpoint through `complete`, or transformers)."""
+
     text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str | None
+    latency_s: float = 0.0
+    prompt_tokens: int | None = None      # None: the server did not report usage
+    completion_tokens: int | None = None
+    tool_calls: list[dict] | None = None  # native tool calls: [{"name", "arguments" (JSON text)}]
+    finish_reason: str | None = None
+    error: str | None = None              # the call failed (a runner records it and carries on)
+
+    def as_call(self) -> dict:
+        return {"latency_s": self.latency_s, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "error": self.error}
 
 
 def provider_of(endpoint: LLMEndpoint) -> str:
@@ -89,6 +103,35 @@ def backoff_delay(retry: int, retry_after: float | None, base_s: float, max_s: f
     return max(retry_after or 0.0, backoff) + rng.uniform(0, jitter * backoff)
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When and how long to wait before retrying a failed request.
+
+    Only transient failures are retried, at most `retries` times; the wait is exponential backoff from
+    `base_s` (capped at `max_s`) plus up to `jitter` x backoff, never shorter than the server's
+    Retry-After. A Retry-After longer than `max_wait_s` is not waited for.
+    """
+
+    retries: int = 0
+    base_s: float = 1.0
+    max_s: float = 60.0
+    jitter: float = 0.5
+    max_wait_s: float = 300.0
+
+    def delay(self, retry: int, error: APIRequestError, rng: random.Random | None = None) -> float | None:
+        """Seconds to wait before retry number `retry` (from 1), or None when the error is not retried."""
+        if not error.transient or retry > self.retries:
+            return None
+        wait = backoff_delay(retry, error.retry_after, self.base_s, self.max_s, self.jitter, rng)
+        return wait if wait <= self.max_wait_s else None
+
+
+NO_RETRY = RetryPolicy(retries=0)
+# Evaluation's calls: what the openai client's own retries did before (3 retries from 0.5 s, at most 8 s
+# apart, a Retry-After of up to a minute honoured).
+EVAL_RETRIES = RetryPolicy(retries=3, base_s=0.5, max_s=8.0, jitter=0.25, max_wait_s=60.0)
+
+
 def _error_text(body: object) -> str:
     """The server's own error message, if it sent a JSON one (OpenAI-style or plain)."""
     if isinstance(body, dict):
@@ -120,23 +163,55 @@ def to_request_error(exc: Exception, secret: str) -> APIRequestError:
 
 
 def complete(endpoint: LLMEndpoint, messages: list[dict], *, max_tokens: int, temperature: float,
-             seed: int | None = None) -> Completion:
-    """One chat completion, no retries.
+             seed: int | None = None, response_format: dict | None = None, tools: list[dict] | None = None,
+             extra_body: dict | None = None, retry: RetryPolicy = NO_RETRY, client=None) -> Completion:
+    """One chat completion, retried as `retry` says; `latency_s` covers every attempt.
+
+    Args:
+        response_format, tools: OpenAI's structured-output and tool-calling fields, sent when given.
+        extra_body: server-specific JSON fields merged into the body (llama.cpp's sampler settings).
+        client: an `endpoint.client()` to reuse across calls (connection pooling); one per call otherwise.
 
     Raises:
-        APIRequestError: on any HTTP, timeout or connection failure, or a response without a choice.
+        APIRequestError: the last failure (HTTP, timeout, connection, a response without a choice).
     """
+    began, retries = time.perf_counter(), 0
+    while True:
+        try:
+            completion = _complete_once(endpoint, messages, client, max_tokens=max_tokens, temperature=temperature,
+                                        seed=seed, response_format=response_format, tools=tools,
+                                        extra_body=extra_body)
+            break
+        except APIRequestError as exc:
+            retries += 1
+            wait = retry.delay(retries, exc)
+            if wait is None:
+                raise
+            time.sleep(wait)
+    completion.latency_s = time.perf_counter() - began
+    return completion
+
+
+def _complete_once(endpoint: LLMEndpoint, messages: list[dict], client, *, max_tokens: int, temperature: float,
+                   seed: int | None, response_format: dict | None, tools: list[dict] | None,
+                   extra_body: dict | None) -> Completion:
     import openai
 
     secret = endpoint.api_key.get_secret_value()
     provider = provider_of(endpoint)
     # OpenAI's and Azure's reasoning models reject `max_tokens`; the other providers document `max_tokens`.
-    limit = {"max_completion_tokens" if provider in ("openai", "azure") else "max_tokens": max_tokens}
+    body = {"model": endpoint.model, "messages": messages, "temperature": temperature, "seed": seed,
+            "max_completion_tokens" if provider in ("openai", "azure") else "max_tokens": max_tokens}
+    if response_format is not None:
+        body["response_format"] = response_format
+    if tools:
+        body["tools"] = [{"type": "function", "function": t} for t in tools]
+    if extra_body:
+        body["extra_body"] = dict(extra_body)
     error = None
-    with endpoint.client(max_retries=0) as client:
+    with contextlib.nullcontext(client) if client is not None else endpoint.client(max_retries=0) as session:
         try:
-            response = client.chat.completions.create(model=endpoint.model, messages=messages,
-                                                      temperature=temperature, seed=seed, **limit)
+            response = session.chat.completions.create(**body)
         except openai.OpenAIError as exc:
             error = to_request_error(exc, secret)
     if error is not None:
@@ -145,7 +220,9 @@ def complete(endpoint: LLMEndpoint, messages: list[dict], *, max_tokens: int, te
         raise APIRequestError("response has no choices", kind="bad response", transient=True)
     choice = response.choices[0]
     usage = response.usage
+    calls = [{"name": c.function.name, "arguments": c.function.arguments}
+             for c in (choice.message.tool_calls or [])] or None
     return Completion(text=choice.message.content or "",
-                      prompt_tokens=usage.prompt_tokens if usage else 0,
-                      completion_tokens=usage.completion_tokens if usage else 0,
-                      finish_reason=choice.finish_reason)
+                      prompt_tokens=usage.prompt_tokens if usage else None,
+                      completion_tokens=usage.completion_tokens if usage else None,
+                      tool_calls=calls, finish_reason=choice.finish_reason)

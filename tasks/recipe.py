@@ -232,28 +232,10 @@ class Recipe(StrictModel):
     baseline: BaselineConfig = BaselineConfig()
 
     @model_validator(mode="after")
-    def check_task_fits(self) -> "Recipe":
-        if self.task != "slipstream" and self.data.format == "sharegpt":
-            raise ValueError(f"task {self.task!r} reads data.format 'eval' (the sharegpt loader is Slipstream TQT)")
-        from tasks.eval.metrics import METRICS
-
-        allowed = [key for key, _ in METRICS[self.task]]
-        metric = self.eval.primary_metric
-        if metric is not None and metric not in allowed:
-            raise ValueError(f"eval.primary_metric {metric!r} is not a {self.task} metric; one of {allowed}")
-        return self
-
-    @model_validator(mode="after")
     def check_adapter_deployment(self) -> "Recipe":
         if self.deploy.artifact == "adapter" and not self.export.lora_gguf:
             raise ValueError("deploy.artifact 'adapter' needs export.lora_gguf: true")
         return self
-
-    @property
-    def primary_metric(self) -> str:
-        """The metric the gates and the Fledgling decision compare."""
-        from tasks.eval.metrics import PRIMARY_METRIC
-        return self.eval.primary_metric or PRIMARY_METRIC[self.task]
 
 
 class RecipeError(ValueError):

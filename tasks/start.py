@@ -10,14 +10,15 @@ from pathlib import Path
 
 from prefect import task
 
+from tasks.eval.tasktypes import check_recipe
 from tasks.recipe import Recipe, load_recipe
 from tasks.run import RunFolder, atomic_write_text, new_run_dir
 
 
 @task(name="validate-recipe")
 def validate_recipe(recipe: str, overrides: dict | None = None) -> Recipe:
-    """First task of every flow: a bad recipe stops the run before any work."""
-    return load_recipe(recipe, overrides)
+    """First task of every flow: a bad recipe (or one its task type cannot run) stops the run before any work."""
+    return check_recipe(load_recipe(recipe, overrides))
 
 
 @task(name="create-run-folder")

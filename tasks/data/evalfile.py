@@ -7,10 +7,12 @@ One JSON object per line describes one request and what a correct answer is:
     {"task": "slipstream", "prompt": "...", "expected": "THOUGHT: ...\\nSLIP: SLIP v1 ..."}
     {"task": "keyword", "prompt": "...", "keywords": ["...", "..."]}
 
-A bad line fails the whole file with `<file>:<line>: <field>: <reason>`. Rows become chat rows (`messages`
-ending with the gold assistant answer, plus the fields the scorer needs), the one shape that training,
-evaluation and the runners share. The instructions that tell a model the schema or the tools are rendered
-here, once, so every model (SLM, fine-tuned, LLM) is asked the same question.
+A bad line fails the whole file with `<file>:<line>: <field>: <reason>`. The fields every row shares are
+checked here; the rules of its task type (and its gold answer and instruction) come from the task-type
+registry (tasks/eval/tasktypes). Rows become chat rows (`messages` ending with the gold assistant answer,
+plus the fields the scorer needs), the one shape that training, evaluation and the runners share. The
+instructions that tell a model the schema or the tools are rendered here, once, so every model (SLM,
+fine-tuned, LLM) is asked the same question.
 """
 
 from __future__ import annotations
@@ -22,15 +24,7 @@ from typing import Any, Literal
 import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tasks.protocol import SlipParseError, parse_tqt
-
-TaskType = Literal["slipstream", "structured", "toolcall", "keyword"]
-TASK_TYPES: tuple[str, ...] = ("slipstream", "structured", "toolcall", "keyword")
-
-STRUCTURED_INSTRUCTION = ("Answer with only a JSON value that is valid against this JSON Schema, and nothing "
-                          "else:\n{schema}")
-TOOLCALL_INSTRUCTION = ("You can call one of these tools:\n{tools}\nAnswer with only a JSON object "
-                        '{{"name": <tool name>, "arguments": {{...}}}} that calls the right tool, and nothing else.')
+from tasks.eval.tasktypes import TASK_TYPES, task_type
 
 
 class EvalFileError(ValueError):
@@ -63,7 +57,7 @@ class EvalRow(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     id: str | None = None
-    task: TaskType
+    task: str = Field(description="A registered task type (tasks/eval/tasktypes).")
     prompt: str | None = Field(None, min_length=1)
     messages: list[Message] | None = None
     system: str | None = None
@@ -82,61 +76,21 @@ class EvalRow(BaseModel):
                     else t for t in value]
         return value
 
+    @field_validator("task")
+    @classmethod
+    def _registered_task(cls, value: str) -> str:
+        if value not in TASK_TYPES:
+            raise ValueError(f"got {value!r}; allowed values: {sorted(TASK_TYPES)}")
+        return value
+
     @model_validator(mode="after")
     def _check_task_fields(self) -> "EvalRow":
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of 'prompt' (text) or 'messages' (chat turns ending with a user turn)")
         if self.messages is not None and (not self.messages or self.messages[-1].role != "user"):
             raise ValueError("'messages' must end with a user turn (put the gold answer in 'expected')")
-        check = {"slipstream": _check_slipstream, "structured": _check_structured,
-                 "toolcall": _check_toolcall, "keyword": _check_keyword}[self.task]
-        check(self)
+        task_type(self.task).check_row(self)
         return self
-
-
-def _check_slipstream(row: EvalRow) -> None:
-    if not isinstance(row.expected, str):
-        raise ValueError("slipstream: 'expected' must be the gold TQT answer text")
-    try:
-        parse_tqt(row.expected)
-    except SlipParseError as exc:
-        raise ValueError(f"slipstream: 'expected' is not a valid TQT answer: {exc}") from None
-
-
-def _check_structured(row: EvalRow) -> None:
-    if row.json_schema is None:
-        raise ValueError("structured: 'schema' (a JSON Schema) is required")
-    try:
-        jsonschema.Draft202012Validator.check_schema(row.json_schema)
-    except jsonschema.SchemaError as exc:
-        raise ValueError(f"structured: 'schema' is not a valid JSON Schema: {exc.message}") from None
-    errors = sorted(jsonschema.Draft202012Validator(row.json_schema).iter_errors(row.expected), key=str)
-    if row.expected is None or errors:
-        reason = errors[0].message if errors else "missing"
-        raise ValueError(f"structured: 'expected' does not match 'schema': {reason}")
-
-
-def _check_toolcall(row: EvalRow) -> None:
-    if not row.tools:
-        raise ValueError("toolcall: 'tools' (a non-empty list of functions) is required")
-    exp = row.expected
-    if not (isinstance(exp, dict) and set(exp) == {"name", "arguments"} and isinstance(exp["arguments"], dict)):
-        raise ValueError("toolcall: 'expected' must be {\"name\": ..., \"arguments\": {...}}")
-    tool = next((t for t in row.tools if t.name == exp["name"]), None)
-    if tool is None:
-        raise ValueError(f"toolcall: expected tool {exp['name']!r} is not in 'tools' "
-                         f"{[t.name for t in row.tools]}")
-    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(tool.parameters).iter_errors(
-        exp["arguments"]))
-    if error is not None:
-        raise ValueError(f"toolcall: expected arguments do not match {tool.name}'s parameters: {error.message}")
-
-
-def _check_keyword(row: EvalRow) -> None:
-    if not row.keywords or not all(isinstance(k, str) and k.strip() for k in row.keywords):
-        raise ValueError("keyword: 'keywords' must be a non-empty list of non-empty strings")
-    if row.expected is not None and not isinstance(row.expected, str):
-        raise ValueError("keyword: 'expected' (a reference answer, optional) must be text")
 
 
 def _describe(err: dict) -> str:
@@ -192,21 +146,14 @@ def load_eval_file(path: str | Path, task: str | None = None) -> list[EvalRow]:
 
 def gold_answer(row: EvalRow) -> str | None:
     """The assistant text a perfect model writes (what training teaches); None when there is none."""
-    if row.task in ("slipstream", "keyword"):
-        return row.expected
-    if row.task == "structured":
-        return json.dumps(row.expected, ensure_ascii=False)
-    return json.dumps({"name": row.expected["name"], "arguments": row.expected["arguments"]}, ensure_ascii=False)
+    return task_type(row.task).gold_answer(row)
 
 
 def system_prompt_for(row: EvalRow, system_prompt: str) -> str:
-    """The recipe's (or the row's own) system prompt plus the task's schema or tool list."""
+    """The recipe's (or the row's own) system prompt plus the task's instruction (schema, tool list)."""
     base = row.system if row.system is not None else system_prompt
-    if row.task == "structured":
-        extra = STRUCTURED_INSTRUCTION.format(schema=json.dumps(row.json_schema, ensure_ascii=False))
-    elif row.task == "toolcall":
-        extra = TOOLCALL_INSTRUCTION.format(tools=json.dumps([t.model_dump() for t in row.tools], ensure_ascii=False))
-    else:
+    extra = task_type(row.task).instruction(row)
+    if not extra:
         return base
     return f"{base}\n\n{extra}" if base else extra
 
@@ -223,8 +170,7 @@ def to_chat_row(row: EvalRow, system_prompt: str) -> dict:
         messages.append({"role": "assistant", "content": gold})
     chat = {"id": row.id, "task": row.task, "messages": messages, "expected": row.expected,
             "has_gold": gold is not None, "metadata": row.metadata}
-    if row.task == "slipstream":
-        chat["anchor"] = parse_tqt(row.expected).slip.anchor
+    chat.update(task_type(row.task).chat_fields(row))
     if row.json_schema is not None:
         chat["schema"] = row.json_schema
     if row.tools is not None:
@@ -240,7 +186,3 @@ def prompt_messages(chat_row: dict) -> list[dict]:
     has_gold = chat_row.get("has_gold", messages[-1]["role"] == "assistant")
     return messages[:-1] if has_gold else messages
 
-
-def task_of(chat_row: dict) -> str:
-    """Rows written before task types existed are slipstream rows."""
-    return chat_row.get("task", "slipstream")

@@ -18,6 +18,7 @@ from prefect import task
 from tasks.data.dedupe import eval_prompts_from_file, merge_contamination, remove_contaminated, remove_duplicates
 from tasks.data.evalfile import EvalFileError, gold_answer, load_eval_file, to_chat_row
 from tasks.data.rows import Example, normalise, read_json_lines
+from tasks.eval.tasktypes import task_type
 from tasks.protocol import SlipParseError, parse_tqt
 from tasks.recipe import DataConfig, repo_path
 from tasks.run import RunFolder, atomic_write_json, atomic_write_jsonl, stage_timer
@@ -87,7 +88,7 @@ def load_eval_examples(path: Path, task: str) -> list[Example]:
         if answer is None:
             raise DatasetError(f"{path}: row {row.id!r} has no 'expected' answer to train on")
         prompt = row.prompt if row.prompt is not None else row.messages[-1].content
-        group = row.expected["name"] if task == "toolcall" else (row.json_schema or {}).get("title", "")
+        group = task_type(task).split_group(row)
         line = int(row.id.removeprefix("line-")) if row.id.startswith("line-") else 0
         examples.append(Example(prompt=prompt.strip(), answer=answer, anchor=group, line=line, row=row))
     return examples
@@ -123,12 +124,14 @@ def fingerprint(path: Path) -> str:
 
 def prepare_cache_key(context, parameters) -> str:
     """Inputs that decide the splits: the data section, the system prompt, the task type, the source and
-    eval-file bytes, and the code that prepares them (this module, tasks/data/{rows,dedupe,formats}.py, and
-    tasks/data/evalfile.py, which renders eval-format rows)."""
+    eval-file bytes, and the code that prepares them (this module, tasks/data/{rows,dedupe,formats}.py,
+    tasks/data/evalfile.py and tasks/eval/tasktypes/, which render eval-format rows)."""
     cfg: DataConfig = parameters["cfg"]
     here = Path(__file__).parent
+    task_types = sorted((here.parent / "eval" / "tasktypes").glob("*.py"))   # gold answers, instructions
     code = hashlib.sha256(b"".join((here / f).read_bytes()
-                                   for f in ("prepare.py", "rows.py", "dedupe.py", "formats.py", "evalfile.py")))
+                                   for f in ("prepare.py", "rows.py", "dedupe.py", "formats.py", "evalfile.py"))
+                          + b"".join(p.read_bytes() for p in task_types))
     key = json.dumps([cfg.model_dump(), parameters["system_prompt"], parameters.get("task", "slipstream"),
                       fingerprint(cfg.source), [fingerprint(f) for f in cfg.eval_files], code.hexdigest()[:12]])
     return "prepare-splits-" + hashlib.sha256(key.encode()).hexdigest()

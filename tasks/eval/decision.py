@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from prefect import task
 
 from tasks import tracing
+from tasks.eval.tasktypes import primary_metric
 from tasks.recipe import Recipe
 
 SLM_LABELS = ("base", "fine-tuned")
@@ -38,7 +39,7 @@ class Decision:
 
 def decide(recipe: Recipe, results: dict[str, dict], finetune_gates_passed: bool | None = None) -> Decision:
     """Apply the rule to the evaluation summaries (keyed by model label)."""
-    metric, margin = recipe.primary_metric, recipe.baseline.swap_margin
+    metric, margin = primary_metric(recipe), recipe.baseline.swap_margin
     llm = results[recipe.baseline.label][metric]
     slm = {label: results[label][metric] for label in SLM_LABELS if label in results}
     eligible = {k: v for k, v in slm.items() if k != "fine-tuned" or finetune_gates_passed is not False}

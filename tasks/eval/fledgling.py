@@ -13,7 +13,7 @@ from prefect import task
 
 from tasks import tracing
 from tasks.data.evalfile import load_eval_file, to_chat_row
-from tasks.eval.evaluate import eval_gguf, eval_hf
+from tasks.eval.measure import measure_gguf, measure_hf
 from tasks.recipe import Recipe
 from tasks.run import RunFolder, atomic_write_json, atomic_write_jsonl, slipway_home
 
@@ -75,11 +75,11 @@ def evaluate_slm(run_dir: Path, label: str, recipe: Recipe, base_dir: Path, fine
     if ev.slm_runner == "transformers":
         model_dir = Path(finetuned["model_dir"]) if finetuned and finetuned["model_dir"] else base_dir
         adapter = Path(finetuned["adapter_dir"]) if finetuned and finetuned.get("adapter_dir") else None
-        return eval_hf(run_dir, label, model_dir, ev, adapter_dir=adapter, tokenizer_dir=base_dir)
+        return measure_hf(run_dir, label, model_dir, ev, adapter_dir=adapter, tokenizer_dir=base_dir)
     if finetuned and finetuned.get("gguf"):
-        return eval_gguf(run_dir, label, Path(finetuned["gguf"]), ev, recipe.deploy, tokenizer_dir=base_dir)
+        return measure_gguf(run_dir, label, Path(finetuned["gguf"]), ev, recipe.deploy, tokenizer_dir=base_dir)
     lora = Path(finetuned["lora_gguf"]) if finetuned else None
-    return eval_gguf(run_dir, label, ensure_base_gguf(base_dir), ev, recipe.deploy, tokenizer_dir=base_dir,
+    return measure_gguf(run_dir, label, ensure_base_gguf(base_dir), ev, recipe.deploy, tokenizer_dir=base_dir,
                      lora_path=lora)
 
 

@@ -19,10 +19,8 @@ from dataclasses import asdict, dataclass
 
 from prefect import task
 
+from tasks.eval.tasktypes import primary_metric
 from tasks.recipe import Recipe
-
-GATE_METRIC = "anchor_accuracy"   # slipstream's primary metric; other task types use recipe.primary_metric
-
 
 class GateFailed(RuntimeError):
     """At least one gate failed; the report and every artifact are kept."""
@@ -41,7 +39,7 @@ class Gate:
 
 def baseline_gate(recipe: Recipe, results: dict[str, dict]) -> Gate:
     """Passes when the base SLM (and the configured LLM baseline) have recorded metrics on >= 1 row."""
-    metric = recipe.primary_metric
+    metric = primary_metric(recipe)
     needed = ["base"] + ([recipe.baseline.label] if recipe.baseline.source != "none" else [])
     recorded = {k: results.get(k) for k in needed}
     ok = all(r is not None and r.get("rows", 0) > 0 and r.get(metric) is not None for r in recorded.values())
@@ -66,7 +64,7 @@ def loss_gate(recipe: Recipe, training: dict | None) -> Gate:
 def evaluate_gates(recipe: Recipe, results: dict[str, dict], served_label: str,
                    training: dict | None = None) -> list[Gate]:
     """Compute every gate from the evaluation summaries (keyed by model label) and the training stats."""
-    metric = recipe.primary_metric
+    metric = primary_metric(recipe)
     base, merged, served = (results[k][metric] for k in ("base", "merged", served_label))
     gain = merged - base
     drop = merged - served

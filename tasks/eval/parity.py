@@ -4,30 +4,34 @@
   merged         transformers, the merged 16-bit folder (the reference: the model the gates judged)
   gguf-<type>    llama.cpp server, each exported GGUF (f16, bf16, q8_0, q4_k_m)
   gguf-lora      llama.cpp server, the f16 base GGUF + the LoRA GGUF (the ADAPTER deployment)
-One table with the anchor accuracy (and parse rate) of each and its drop from `merged`:
-metrics/parity.json, per-row answers in metrics/predictions-parity-<label>.jsonl.
+One table with the recipe's primary metric (and the Slipstream parse and accuracy columns) of each and its
+drop from `merged`: metrics/parity.json, per-row answers in metrics/predictions-parity-<label>.jsonl. Every
+form is measured by the same `run_and_score` as the run's own evaluations (traced as `parity-<label>`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 from prefect import task
 
-from tasks.eval.evaluate import evaluate_answers, generate_hf, generate_openai, timed
+from tasks.eval.measure import run_and_score
+from tasks.eval.runners import HFRunner, llama_cpp_runner
+from tasks.eval.tasktypes import primary_metric
+from tasks.markdown import pct
 from tasks.recipe import Recipe
-from tasks.run import atomic_write_json, atomic_write_jsonl, stage_timer
-from tasks.llamacpp.serve import llama_server
+from tasks.run import RunFolder, atomic_write_json, atomic_write_jsonl, read_jsonl, stage_timer
 
 REFERENCE = "merged"
-METRIC = "anchor_accuracy"
 
 
 def parity_variants(run_dir: Path, base_dir: Path, ggufs: dict[str, str]) -> list[dict]:
     """Every shipped form of the model, in report order."""
-    variants = [{"label": "base+adapter", "runner": "transformers + PEFT", "model": base_dir, "lora": run_dir / "lora"},
-                {"label": REFERENCE, "runner": "transformers", "model": run_dir / "merged", "lora": None}]
+    run = RunFolder(run_dir)
+    variants = [{"label": "base+adapter", "runner": "transformers + PEFT", "model": base_dir, "lora": run.lora_dir},
+                {"label": REFERENCE, "runner": "transformers", "model": run.merged_dir, "lora": None}]
     for kind in ("f16", "bf16", "q8_0", "q4_k_m"):
         if kind in ggufs:
             variants.append({"label": f"gguf-{kind}", "runner": "llama.cpp server", "model": Path(ggufs[kind]),
@@ -45,19 +49,20 @@ def _size(v: dict) -> int:
     return sum(f.stat().st_size for f in files)
 
 
-def evaluate_variant(run_dir: Path, v: dict, rows: list[dict], max_new_tokens: int, batch_size: int,
-                     parallel: int, metric: str = METRIC) -> dict:
-    """One row of the parity table: generate greedily with the variant's runner and score."""
-    if v["runner"].startswith("transformers"):
-        (answers, tokens), seconds = timed(generate_hf, v["model"], rows, max_new_tokens, batch_size,
-                                           adapter_dir=v["lora"] if v["label"] == "base+adapter" else None)
-    else:
-        with llama_server(v["model"], run_dir / "metrics" / f"llama-server-parity-{v['label']}.log",
-                          alias=v["label"], parallel=parallel, lora_path=v["lora"]) as server:
-            (answers, tokens), seconds = timed(generate_openai, server.base_url, server.model, rows,
-                                               max_new_tokens, concurrency=parallel)
-    summary, records = evaluate_answers(rows, answers, seconds, tokens)
-    atomic_write_jsonl(run_dir / "metrics" / f"predictions-parity-{v['label']}.jsonl", records)
+def measure_variant(run_dir: Path, v: dict, rows: list[dict], max_new_tokens: int, batch_size: int,
+                    parallel: int, metric: str) -> dict:
+    """One row of the parity table: the variant's runner over the rows, scored by `run_and_score`."""
+    run = RunFolder(run_dir)
+    label = f"parity-{v['label']}"
+    with contextlib.ExitStack() as stack:
+        if v["runner"].startswith("transformers"):
+            runner = HFRunner(Path(v["model"]), label, max_new_tokens, batch_size,
+                              adapter_dir=v["lora"] if v["label"] == "base+adapter" else None)
+        else:
+            runner = stack.enter_context(llama_cpp_runner(v["model"], run.server_log(label), label,
+                                                          max_new_tokens, parallel=parallel, lora_path=v["lora"]))
+        summary, records = run_and_score(runner, rows, run.name)
+    atomic_write_jsonl(run.predictions(label), records)
     return {"label": v["label"], "runner": v["runner"], "artifact": str(v["model"]) + (f" + {v['lora'].name}" if v["lora"] else ""),
             "bytes": _size(v), metric: summary.get(metric),
             # Slipstream columns; other task types (Fledgling tracks) have none of them and show '–'.
@@ -66,49 +71,45 @@ def evaluate_variant(run_dir: Path, v: dict, rows: list[dict], max_new_tokens: i
                                                           "tokens_per_second")}}
 
 
-@task(name="evaluate-parity")
-def evaluate_parity(run_dir: Path, base_dir: Path, recipe: Recipe, ggufs: dict[str, str]) -> dict:
+@task(name="measure-parity")
+def measure_parity(run_dir: Path, base_dir: Path, recipe: Recipe, ggufs: dict[str, str]) -> dict:
     """The parity table over the first export.parity_rows test rows (metrics/parity.json)."""
-    n = recipe.export.parity_rows
-    rows = [json.loads(line) for line in open(run_dir / "data" / "test.jsonl") if line.strip()][:n]
+    run = RunFolder(run_dir)
+    rows = read_jsonl(run.split("test"))[:recipe.export.parity_rows]
     if not rows:
         return {}
-    with stage_timer(run_dir, "parity"):
-        metric = recipe.primary_metric
-        table = [evaluate_variant(run_dir, v, rows, recipe.eval.max_new_tokens, recipe.eval.batch_size,
-                                  recipe.deploy.parallel, metric)
-                 for v in parity_variants(run_dir, base_dir, ggufs)]
+    with stage_timer(run, "parity"):
+        metric = primary_metric(recipe)
+        table = [measure_variant(run, v, rows, recipe.eval.max_new_tokens, recipe.eval.batch_size,
+                                 recipe.deploy.parallel, metric)
+                 for v in parity_variants(run, base_dir, ggufs)]
     ref = next(r for r in table if r["label"] == REFERENCE)
     for r in table:
         r["drop"] = round(ref[metric] - r[metric], 4)
     result = {"rows": len(rows), "reference": REFERENCE, "metric": metric,
               "chosen": f"gguf-{recipe.export.serve_type}", "max_drop": recipe.eval.max_quant_drop, "variants": table}
-    atomic_write_json(run_dir / "metrics" / "parity.json", result)
+    atomic_write_json(run.parity, result)
     return result
-
-
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f}%"
 
 
 def render_section(run_dir: Path) -> list[str]:
     """Report lines for metrics/parity.json (empty when the run has none)."""
-    path = run_dir / "metrics" / "parity.json"
+    path = RunFolder(run_dir).parity
     if not path.exists():
         return []
     p = json.loads(path.read_text())
     lines = ["## Parity across formats", "",
              f"The same greedy evaluation on the first {p['rows']} test rows for every shipped form; drop = "
              f"{p['reference']} {p['metric'].replace('_', ' ')} minus the form's (the chosen artifact "
-             f"`{p['chosen']}` may drop at most {_pct(p['max_drop'])} on the full test split: gate "
+             f"`{p['chosen']}` may drop at most {pct(p['max_drop'])} on the full test split: gate "
              "quantization-verified).", "",
              f"| form | runner | size | {p['metric'].replace('_', ' ')} | strict parse | anchor acc. | src/dst acc. "
              "| drop | tokens/s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in p["variants"]:
         name = f"**{r['label']}**" if r["label"] == p["chosen"] else r["label"]
-        lines.append(f"| {name} | {r['runner']} | {r['bytes'] / 1e6:.0f} MB | {_pct(r.get(p['metric']))} | "
-                     f"{_pct(r['strict_parse'])} | "
-                     f"{_pct(r['anchor_accuracy'])} | {_pct(r['src_dst_accuracy'])} | {100 * r['drop']:+.1f} pts | "
+        lines.append(f"| {name} | {r['runner']} | {r['bytes'] / 1e6:.0f} MB | {pct(r.get(p['metric']))} | "
+                     f"{pct(r['strict_parse'])} | "
+                     f"{pct(r['anchor_accuracy'])} | {pct(r['src_dst_accuracy'])} | {100 * r['drop']:+.1f} pts | "
                      f"{r['tokens_per_second'] or '–'} |")
     return lines + [""]

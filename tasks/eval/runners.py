@@ -6,6 +6,10 @@
                     or `AzureOpenAIEndpoint` (deployment-based with api-version, or the v1 endpoint);
                     concurrent requests from a thread pool
     llama_cpp_runner  llama.cpp: starts `llama-server` on a GGUF and yields an EndpointRunner on it
+    served_model_runner  an EndpointRunner on a llama.cpp-style server that is already running
+
+Every runner answers with `tasks.llm_client.Completion`; endpoints go through `tasks.llm_client.complete`
+(the project's one chat-completions path) with the evaluation retry policy.
 
 A runner reports each call to an optional observer (`tasks.tracing`) as it starts and ends, so latency is
 measured around the real call: per request for endpoints, per batch for HF (every row of a batch waits
@@ -22,7 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
-from tasks.data.evalfile import prompt_messages, task_of
+from blocks.llm import OpenAICompatibleEndpoint
+from tasks.data.evalfile import prompt_messages
+from tasks.eval.tasktypes import task_of
+from tasks.llm_client import EVAL_RETRIES, APIRequestError, Completion, RetryPolicy, complete
 
 # llama.cpp's default samplers (top_k 40, repeat_penalty 1.1, ...) change a tiny model's greedy answer.
 LLAMA_CPP_GREEDY = {"top_k": 1, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0}
@@ -36,20 +43,6 @@ class Request:
     messages: list[dict]
     json_schema: dict | None = None
     tools: list[dict] | None = None
-
-
-@dataclass
-class Completion:
-    text: str
-    latency_s: float
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    tool_calls: list[dict] | None = None
-    error: str | None = None
-
-    def as_call(self) -> dict:
-        return {"latency_s": self.latency_s, "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens, "error": self.error}
 
 
 class Observer(Protocol):
@@ -70,9 +63,7 @@ class Runner(Protocol):
 
 def requests_from_rows(rows: list[dict]) -> list[Request]:
     """Chat rows (tasks.data.evalfile.to_chat_row / tasks.data.prepare.to_messages) to requests."""
-    return [Request(row_id=str(r.get("id", i)), messages=prompt_messages(r),
-                    json_schema=r.get("schema") if task_of(r) == "structured" else None,
-                    tools=r.get("tools") if task_of(r) == "toolcall" else None)
+    return [Request(row_id=str(r.get("id", i)), messages=prompt_messages(r), **task_of(r).request_fields(r))
             for i, r in enumerate(rows)]
 
 
@@ -151,12 +142,13 @@ class EndpointConfigError(EndpointError):
 
 @dataclass
 class EndpointRunner:
-    """Chat completions through an endpoint Block's own client, `concurrency` requests at a time.
+    """Chat completions through an endpoint Block, `concurrency` requests at a time.
 
     Greedy: temperature 0 and a fixed seed; the block's `extra_body` adds server-specific sampler fields.
     `structured_output='json_schema'` sends the row's schema as `response_format` (OpenAI/Azure structured
     outputs, llama.cpp grammar); `tool_calling='native'` sends `tools` and reads `tool_calls`. Otherwise
-    the schema and tools are only in the prompt, exactly as the SLM sees them.
+    the schema and tools are only in the prompt, exactly as the SLM sees them. Transient failures are
+    retried as `retry` says; a call that still fails is recorded, and most calls failing stops the run.
     """
 
     endpoint: object
@@ -167,53 +159,40 @@ class EndpointRunner:
     tool_calling: str = "prompt"
     kind: str = ""
     model: str = ""
+    retry: RetryPolicy = EVAL_RETRIES
 
     def __post_init__(self):
         self.model = self.model or self.endpoint.model
         self.kind = self.kind or type(self.endpoint).__name__
 
-    def _body(self, request: Request) -> dict:
-        body: dict = {"model": self.endpoint.model, "messages": request.messages, "temperature": 0.0,
-                      "max_tokens": self.max_new_tokens, "seed": 0}
-        if self.structured_output == "json_schema" and (request.json_schema or request.tools):
-            schema = request.json_schema or {"anyOf": [
-                {"type": "object", "properties": {"name": {"const": t["name"]}, "arguments": t["parameters"]},
-                 "required": ["name", "arguments"]} for t in request.tools]}
-            body["response_format"] = {"type": "json_schema",
-                                       "json_schema": {"name": "answer", "schema": schema, "strict": False}}
-        if self.tool_calling == "native" and request.tools:
-            body["tools"] = [{"type": "function", "function": t} for t in request.tools]
-        extra = getattr(self.endpoint, "extra_body", None)
-        if extra:
-            body["extra_body"] = dict(extra)
-        return body
+    def _response_format(self, request: Request) -> dict | None:
+        if self.structured_output != "json_schema" or not (request.json_schema or request.tools):
+            return None
+        schema = request.json_schema or {"anyOf": [
+            {"type": "object", "properties": {"name": {"const": t["name"]}, "arguments": t["parameters"]},
+             "required": ["name", "arguments"]} for t in request.tools]}
+        return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": False}}
+
+    def _ask(self, client, request: Request) -> Completion:
+        began = time.perf_counter()
+        try:
+            return complete(self.endpoint, request.messages, max_tokens=self.max_new_tokens, temperature=0.0,
+                            seed=0, response_format=self._response_format(request),
+                            tools=request.tools if self.tool_calling == "native" else None,
+                            extra_body=getattr(self.endpoint, "extra_body", None), retry=self.retry, client=client)
+        except APIRequestError as exc:
+            if exc.status in (400, 401, 403, 404):   # configuration, not bad luck: stop at once
+                raise EndpointConfigError(f"{self.label}: {type(self.endpoint).__name__} refused the request "
+                                          f"({exc.status}): {exc}") from None
+            return Completion("", time.perf_counter() - began, error=str(exc))
 
     def run(self, requests, observer=None, progress=None):
-        import openai
-
-        client = self.endpoint.client(max_retries=3)   # I/O: the client retries 408/429/5xx, honouring Retry-After
         done = 0
 
-        def one(request: Request) -> Completion:
+        def one(client, request: Request) -> Completion:
             nonlocal done
             handle = observer.start(request) if observer else None
-            began = time.perf_counter()
-            try:
-                resp = client.chat.completions.create(**self._body(request))
-                msg = resp.choices[0].message
-                calls = [{"name": c.function.name, "arguments": c.function.arguments}
-                         for c in (msg.tool_calls or [])] or None
-                completion = Completion(text=msg.content or "", latency_s=time.perf_counter() - began,
-                                        prompt_tokens=resp.usage.prompt_tokens if resp.usage else None,
-                                        completion_tokens=resp.usage.completion_tokens if resp.usage else None,
-                                        tool_calls=calls)
-            except openai.APIStatusError as exc:
-                if exc.status_code in (400, 401, 403, 404):   # configuration, not bad luck: stop at once
-                    raise EndpointConfigError(f"{self.label}: {type(self.endpoint).__name__} refused the request "
-                                        f"({exc.status_code}): {exc.message}") from None
-                completion = Completion("", time.perf_counter() - began, error=f"{exc.status_code}: {exc.message}")
-            except openai.APIConnectionError as exc:
-                completion = Completion("", time.perf_counter() - began, error=f"connection: {exc}")
+            completion = self._ask(client, request)
             if observer:
                 observer.end(handle, request, completion)
             done += 1
@@ -221,12 +200,31 @@ class EndpointRunner:
                 progress(done, len(requests))
             return completion
 
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            results = list(pool.map(one, requests))
+        with self.endpoint.client(max_retries=0) as client, ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            results = list(pool.map(lambda request: one(client, request), requests))
         failed = [c for c in results if c.error]
         if results and len(failed) > len(results) // 2:
             raise EndpointError(f"{self.label}: {len(failed)}/{len(results)} calls failed; first: {failed[0].error}")
         return results
+
+
+def served_model_runner(base_url: str, served_model: str, max_new_tokens: int, concurrency: int = 2,
+                        label: str | None = None, timeout_s: float = 300, **runner_kwargs) -> EndpointRunner:
+    """A greedy runner on a llama.cpp-style OpenAI-compatible server that is already running.
+
+    `served_model` is the name the server answers to; `runner_kwargs` may set the runner's own `model`
+    (the name reports show, e.g. the GGUF file's)."""
+    endpoint = OpenAICompatibleEndpoint(base_url=base_url, model=served_model, timeout_s=timeout_s,
+                                        extra_body=LLAMA_CPP_GREEDY)
+    return EndpointRunner(endpoint, label or served_model, max_new_tokens, concurrency=concurrency, **runner_kwargs)
+
+
+def generate_openai(base_url: str, model: str, rows: list[dict], max_new_tokens: int, concurrency: int = 2
+                    ) -> tuple[list[str], int]:
+    """Greedy answers to chat rows from a running server, and their completion tokens (deploy smoke tests)."""
+    completions = served_model_runner(base_url, model, max_new_tokens, concurrency, timeout_s=120).run(
+        requests_from_rows(rows))
+    return [c.text for c in completions], sum(c.completion_tokens or 0 for c in completions)
 
 
 @contextlib.contextmanager
@@ -234,12 +232,9 @@ def llama_cpp_runner(gguf_path: Path, log_path: Path, label: str, max_new_tokens
                      host: str = "127.0.0.1", port: int = 0, model: str | None = None,
                      lora_path: Path | None = None, **runner_kwargs) -> Iterator[EndpointRunner]:
     """llama.cpp's OpenAI-compatible server on a GGUF for the block's duration, with an EndpointRunner on it."""
-    from blocks.llm import OpenAICompatibleEndpoint
     from tasks.llamacpp.serve import llama_server
 
     with llama_server(Path(gguf_path), log_path, alias=label, host=host, port=port, parallel=parallel,
                       lora_path=lora_path) as server:
-        endpoint = OpenAICompatibleEndpoint(base_url=server.base_url, model=server.model, timeout_s=300,
-                                            extra_body=LLAMA_CPP_GREEDY)
-        yield EndpointRunner(endpoint, label, max_new_tokens, concurrency=parallel, kind="llama.cpp server",
-                             model=model or Path(gguf_path).name, **runner_kwargs)
+        yield served_model_runner(server.base_url, server.model, max_new_tokens, concurrency=parallel, label=label,
+                                  kind="llama.cpp server", model=model or Path(gguf_path).name, **runner_kwargs)

@@ -17,7 +17,7 @@ from pathlib import Path
 from prefect import task
 
 from tasks.eval import parity
-from tasks.eval.evaluate import generate_openai
+from tasks.eval.runners import generate_openai
 from tasks.export import template_check
 from tasks.llamacpp.serve import ManagedLlamaServer
 from tasks.ollama.adapter_guard import ModelfileRefused, base_identity, gguf_metadata

@@ -16,7 +16,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from tasks.release.deploy import report_sections as export_report_sections
-from tasks.eval.metrics import BREAKDOWN, METRICS
+from tasks.eval.tasktypes import primary_metric, task_type
 from tasks.markdown import pct
 from tasks.recipe import Recipe
 from tasks.run import RunFolder, atomic_write_json, atomic_write_text, mark_complete, read_json
@@ -33,7 +33,7 @@ def plot_comparison(results: dict[str, dict], path: Path, task: str = "slipstrea
     import matplotlib.pyplot as plt
 
     labels = list(results)
-    metrics = METRICS[task][:4]
+    metrics = task_type(task).metrics[:4]
     width = 0.8 / len(labels)
     fig, (ax, lat) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110, gridspec_kw={"width_ratios": [3, 1]})
     for i, label in enumerate(labels):
@@ -75,7 +75,7 @@ def _data_lines(run_dir: RunFolder | Path) -> list[str]:
 
 def results_section(task: str, results: dict[str, dict]) -> list[str]:
     """Metrics, per-group accuracy, latency/tokens/cost and (Slipstream) token-reduction tables."""
-    cols = METRICS[task]
+    cols = task_type(task).metrics
     lines = ["| model | runner | " + " | ".join(n for _, n in cols) + " |", "|---|---|" + "---|" * len(cols)]
     for label, res in results.items():
         lines.append(f"| {label} | {res.get('runner')} | " + " | ".join(pct(res.get(k)) for k, _ in cols) + " |")
@@ -90,29 +90,7 @@ def results_section(task: str, results: dict[str, dict]) -> list[str]:
                      f"{_num(res.get('requests_per_second'))} | {_num(res.get('tokens_per_second'))} | "
                      f"{_num(res.get('mean_prompt_tokens'))} | {_num(res.get('mean_completion_tokens'))} | "
                      f"{_num(cost.get('usd_per_1k_requests'), '${:.4f}')} | {cost.get('basis', '–')} |")
-    breakdown = BREAKDOWN[task]
-    groups = sorted({g for res in results.values() for g in (res.get(breakdown) or {})}) if breakdown else []
-    if groups:
-        title = {"per_anchor": "anchor", "per_field": "field", "per_function": "function"}[breakdown]
-        lines += ["", f"### Accuracy per {title} (rows where it is the gold {title})", "",
-                  f"| {title} | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
-        lines += [f"| {g} | " + " | ".join(pct((res.get(breakdown) or {}).get(g)) for res in results.values()) + " |"
-                  for g in groups]
-    if task == "slipstream":
-        lines += ["", "### SLIP message tokens vs the natural-language instruction", "",
-                  "Counted with the SLM's own tokenizer (not tiktoken: it needs a download): the gold answers' "
-                  "messages on every test row, each model's on the rows whose answer parsed. The seeds' \"82% "
-                  "fewer tokens\" is measured against JSON; both are shown.", "",
-                  "| messages | rows | instruction tokens | SLIP tokens | same message as JSON | "
-                  "reduction vs instruction | reduction vs JSON |", "|---|---|---|---|---|---|---|"]
-        gold = next((res["gold_slip_tokens"] for res in results.values() if res.get("gold_slip_tokens")), None)
-        rows = ([("gold answers", gold)] if gold else []) + [(label, res.get("slip_tokens") or {})
-                                                             for label, res in results.items()]
-        for label, t in rows:
-            lines.append(f"| {label} | {t.get('rows', 0)} | {t.get('instruction', '–')} | {t.get('slip', '–')} | "
-                         f"{t.get('json', '–')} | {pct(t.get('reduction_vs_instruction'))} | "
-                         f"{pct(t.get('reduction_vs_json'))} |")
-    return lines
+    return lines + task_type(task).report_sections(results)
 
 
 def gates_section(gates: list[dict]) -> list[str]:
@@ -135,7 +113,7 @@ def render_report(recipe: Recipe, run_dir: RunFolder | Path, results: dict[str, 
     lines = [f"# Slipway run `{run_dir.name}` — gates {verdict}", "",
              f"Recipe **{recipe.name}** ({recipe.task}) · base model **{recipe.model.name}** · "
              f"{training.get('train_rows')} training rows · test rows: "
-             f"{next(iter(results.values()))['rows']} · primary metric `{recipe.primary_metric}` · finished "
+             f"{next(iter(results.values()))['rows']} · primary metric `{primary_metric(recipe)}` · finished "
              f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}", "",
              "## Results on the test split", ""]
     lines += results_section(recipe.task, results)

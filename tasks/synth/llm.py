@@ -294,7 +294,7 @@ def request_batch(spec: BatchSpec, endpoint: LLMEndpoint, cfg: SynthesisConfig) 
             with _RETRIES_LOCK:
                 _RETRIES.pop(run_id, None)
     return {"index": spec.index, "text": answer.text, "finish_reason": answer.finish_reason,
-            "prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+            "prompt_tokens": answer.prompt_tokens or 0, "completion_tokens": answer.completion_tokens or 0,
             "retries": history}
 
 

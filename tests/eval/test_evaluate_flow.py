@@ -10,7 +10,7 @@ import pytest
 from receivers import LangfuseReceiver
 from tasks import tracing
 from tasks.eval.decision import decide
-from tasks.eval.metrics import METRICS
+from tasks.eval.tasktypes import task_type
 from tasks.recipe import load_recipe
 from tasks.run import is_complete
 
@@ -31,7 +31,7 @@ def test_slipstream_base_vs_finetuned_vs_llm_with_every_call_traced(trained_run,
         tracing.reset()
         run_dir = evaluate(recipe="slipstream", finetuned_run=str(finetuned_run), overrides=overrides,
                            output_root=str(tmp_path / "runs"), run_name="slipstream-eval")
-        metrics = [k for k, _ in METRICS["slipstream"]]
+        metrics = task_type("slipstream").metric_keys
         expected_scores = 3 * (4 * len(metrics) + len(metrics)) + 1   # rows, aggregates, the decision
         receiver.wait_for(lambda: len(receiver.generations()) == 12 and len(receiver.scores) == expected_scores)
     tracing.reset()

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from tasks.data.evalfile import load_eval_file, to_chat_row
-from tasks.eval.metrics import aggregate, cost_per_1k_requests, f1, parse_json_answer, score_row
+from tasks.eval.metrics import aggregate, cost_per_1k_requests, score_row
+from tasks.eval.tasktypes.base import f1, parse_json_answer
 
 from conftest import REPO
 
@@ -57,7 +58,7 @@ def test_keyword_scores():
 
 
 def test_slipstream_scores_and_token_reduction_with_the_slm_tokenizer(tiny_rows, base_model_dir):
-    from tasks.eval.evaluate import token_counter
+    from tasks.eval.measure import token_counter
 
     count = token_counter(str(base_model_dir))
     row = tiny_rows[0]

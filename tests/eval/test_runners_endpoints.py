@@ -9,7 +9,8 @@ from blocks.llm import AzureOpenAIEndpoint, OpenAICompatibleEndpoint
 from receivers import AzureOpenAIServer
 from tasks.data.evalfile import load_eval_file, to_chat_row
 from tasks.eval.metrics import score_row
-from tasks.eval.runners import EndpointError, EndpointRunner, Request, requests_from_rows
+from tasks.eval.runners import (LLAMA_CPP_GREEDY, EndpointError, EndpointRunner, Request, requests_from_rows,
+                               served_model_runner)
 
 from conftest import REPO
 
@@ -31,7 +32,7 @@ def test_deployment_style_url_api_version_and_api_key_header(azure):
     assert req["path"] == "/openai/deployments/gpt-4o-mini/chat/completions"
     assert req["query"] == {"api-version": ["2024-10-21"]}
     assert req["headers"]["api-key"] == "azure-test-key" and "authorization" not in req["headers"]
-    assert req["body"]["temperature"] == 0.0 and req["body"]["max_tokens"] == 32   # greedy by default
+    assert req["body"]["temperature"] == 0.0 and req["body"]["max_completion_tokens"] == 32   # greedy by default
     assert "top_k" not in req["body"]   # hosted APIs reject unknown sampler fields
 
 
@@ -95,3 +96,28 @@ def test_json_schema_mode_sends_response_format_and_extra_body(azure):
     assert sent["response_format"]["type"] == "json_schema"
     assert sent["response_format"]["json_schema"]["schema"] == rows[0]["schema"]
     assert sent["top_k"] == 1   # extra_body fields are merged into the JSON body
+
+
+def test_the_retry_policy_decides_whether_a_rate_limited_call_is_retried(azure):
+    from fault_proxy import FaultProxy
+    from tasks.llm_client import NO_RETRY, RetryPolicy
+
+    quick = RetryPolicy(retries=5, base_s=0.01, max_s=0.05, jitter=0.0, max_wait_s=1.0)
+    with FaultProxy(azure.url, fault_rate=0.5, seed=3, faults=("429",), retry_after=0.02) as proxy:
+        block = OpenAICompatibleEndpoint(base_url=proxy.root + "/openai/v1", model="gpt-4o-mini",
+                                         api_key=SecretStr("azure-test-key"))
+        answers = EndpointRunner(block, "llm", 16, concurrency=1, retry=quick).run(ASK * 4)
+        assert [a.text for a in answers] == ['{"city": "Lisbon"}'] * 4 and not any(a.error for a in answers)
+        assert proxy.stats["fault_429"] > 0   # each one retried after the server's Retry-After
+        assert proxy.stats["requests"] == 4 + proxy.stats["fault_429"] == len(azure.requests) + proxy.stats["fault_429"]
+        proxy.fault_rate = 1.0
+        with pytest.raises(EndpointError, match=r"llm: 3/3 calls failed; first: HTTP 429"):
+            EndpointRunner(block, "llm", 16, retry=NO_RETRY).run(ASK * 3)
+
+
+def test_a_served_model_runner_asks_the_servers_model_and_reports_its_own_name():
+    runner = served_model_runner("http://127.0.0.1:9/v1", "slipway", 16, concurrency=2, label="gguf-q8_0",
+                                 kind="llama.cpp server", model="model-q8_0.gguf")
+    assert (runner.endpoint.model, runner.model, runner.label, runner.kind) == (
+        "slipway", "model-q8_0.gguf", "gguf-q8_0", "llama.cpp server")
+    assert runner.endpoint.extra_body == LLAMA_CPP_GREEDY   # llama.cpp's samplers made greedy

@@ -13,8 +13,8 @@ from receivers import LangfuseReceiver
 from tasks import tracing
 from tasks.models.bootstrap import embedded_gguf_path
 from tasks.data.evalfile import load_eval_file, to_chat_row
-from tasks.eval.evaluate import run_and_score
-from tasks.eval.metrics import METRICS
+from tasks.eval.measure import run_and_score
+from tasks.eval.tasktypes import task_type
 from tasks.eval.runners import HFRunner, llama_cpp_runner
 
 from conftest import REPO
@@ -65,7 +65,7 @@ def test_every_call_is_a_generation_and_every_metric_a_score(receiver, rows, tmp
     with llama_cpp_runner(embedded_gguf_path(), tmp_path / "server.log", "llm", 8) as runner:
         llm, _ = run_and_score(runner, rows, "trace-run", prices=(0.15, 0.6))
     tracing.flush()
-    metrics = [key for key, _ in METRICS["structured"]]
+    metrics = task_type("structured").metric_keys
     n_scores = 2 * (len(rows) * len(metrics) + len(metrics))
     receiver.wait_for(lambda: len(receiver.generations()) == 6 and len(receiver.scores) == n_scores)
     trace_id = tracing.trace_id_for("trace-run")

@@ -13,8 +13,8 @@ import yaml
 
 from blocks.hub import HuggingFaceHubCredentials
 from ollama_api_server import ollama_api_server
-from tasks.eval.evaluate import generate_openai
-from tasks.eval.parity import evaluate_parity, render_section as parity_section
+from tasks.eval.parity import measure_parity, render_section as parity_section
+from tasks.eval.runners import generate_openai
 from tasks.export.convert import ExportError, convert_hf_to_gguf, sha256_file
 from tasks.export.template_check import check_run, gate, render_section
 from tasks.llamacpp import build as llamacpp
@@ -261,7 +261,7 @@ def test_parity_answers_from_every_format_on_the_same_rows(exported_run, base_mo
     run_dir, recipe, ggufs = exported_run
     recipe = recipe.model_copy(deep=True)
     recipe.eval.max_new_tokens = 16
-    result = evaluate_parity.fn(run_dir, base_model_dir, recipe, ggufs)
+    result = measure_parity.fn(run_dir, base_model_dir, recipe, ggufs)
     labels = [v["label"] for v in result["variants"]]
     assert labels == ["base+adapter", "merged", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "gguf-lora"]
     for v in result["variants"]:

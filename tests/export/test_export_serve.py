@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from tasks.eval.evaluate import evaluate_answers, generate_openai
+from tasks.eval.measure import run_and_score
+from tasks.eval.runners import generate_openai, served_model_runner
 from tasks.export.convert import (convert_hf_to_gguf, convert_lora_to_gguf, merge_adapter, quantize_gguf,
                           write_manifest)
 from tasks.llamacpp.serve import llama_server
@@ -38,12 +39,11 @@ def test_llama_server_answers_from_the_q8_0_gguf(exported, tiny_rows):
     run_dir, files = exported
     rows = tiny_rows[10:12]
     with llama_server(files["q8_0"], run_dir / "metrics" / "server-test.log", alias="ft") as server:
-        answers, tokens = generate_openai(server.base_url, server.model, rows, max_new_tokens=32)
+        summary, records = run_and_score(served_model_runner(server.base_url, server.model, 32), rows, "serve-test")
         process = server.process
     assert process.poll() is not None, "the server must be stopped when the block ends"
-    assert tokens > 0 and all(a.strip() for a in answers)
-    summary, records = evaluate_answers(rows, answers, 1.0, tokens)
-    assert summary["rows"] == 2 and len(records) == 2
+    assert summary["rows"] == 2 and summary["generated_tokens"] > 0 and len(records) == 2
+    assert all(r["answer"].strip() for r in records)
 
 
 def test_llama_server_applies_the_lora_gguf_to_the_base(exported, tiny_rows):

@@ -6,6 +6,7 @@ import json
 import pytest
 import yaml
 
+from tasks.eval.tasktypes import check_recipe
 from tasks.recipe import load_recipe
 from conftest import REPO
 
@@ -19,7 +20,7 @@ def test_deployment_entrypoint_and_parameters(deployment):
     flow = getattr(module, attr)
     params = deployment.get("parameters", {})
     flow.validate_parameters(params)   # Prefect's own check of names and types
-    load_recipe(params["recipe"], params.get("overrides"))
+    check_recipe(load_recipe(params["recipe"], params.get("overrides")))
     assert deployment["work_pool"]["name"] in {"cpu", "gpu-a", "gpu-b"}
 
 

@@ -2,12 +2,13 @@ from pathlib import Path
 
 import pytest
 
+from tasks.eval.tasktypes import check_recipe, primary_metric
 from tasks.recipe import RECIPES_DIR, Recipe, RecipeError, load_recipe
 
 
 @pytest.mark.parametrize("path", sorted(RECIPES_DIR.glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_recipe_validates(path):
-    assert isinstance(load_recipe(path), Recipe)
+    assert isinstance(check_recipe(load_recipe(path)), Recipe)
 
 
 def test_name_resolves_to_recipes_folder():
@@ -61,16 +62,16 @@ def test_overrides_are_validated_too():
 
 
 def test_task_types_baseline_and_primary_metric_are_validated(tmp_path):
-    assert load_recipe("fledgling-toolcall").primary_metric == "call_exact"
-    assert load_recipe("slipstream").primary_metric == "anchor_accuracy"
+    assert primary_metric(load_recipe("fledgling-toolcall")) == "call_exact"
+    assert primary_metric(load_recipe("slipstream")) == "anchor_accuracy"
     with pytest.raises(RecipeError, match="'valid_json' is not a slipstream metric"):
-        load_recipe("slipstream", {"eval.primary_metric": "valid_json"})
+        check_recipe(load_recipe("slipstream", {"eval.primary_metric": "valid_json"}))
     with pytest.raises(RecipeError, match="baseline: .*needs block: '<block-type-slug>/<block-name>'"):
         load_recipe("fledgling-structured", {"baseline.source": "block"})
     with pytest.raises(RecipeError, match="label 'base' is taken"):
         load_recipe("fledgling-structured", {"baseline.label": "base"})
     with pytest.raises(RecipeError, match="task 'structured' reads data.format 'eval'"):
-        load_recipe("fledgling-structured", {"data.format": "sharegpt"})
+        check_recipe(load_recipe("fledgling-structured", {"data.format": "sharegpt"}))
     path = write(tmp_path, "name: x\ntask: translation\n")
     with pytest.raises(RecipeError, match=rf"{path}:2: task: got 'translation'; allowed values: .*'toolcall'"):
         load_recipe(path)
