@@ -21,7 +21,7 @@ from tasks.release.deploy import deploy_model
 from tasks.eval.measure import measure_hf_model, measure_llm_baseline, serve_and_measure_gguf
 from tasks.export.convert import export_gguf, merge_lora_adapter
 from tasks.eval.gates import check_gates, enforce_gates
-from tasks.eval.tasktypes import check_recipe
+from tasks.tasktypes import check_recipe
 from tasks.release.model_card import publish_release, write_model_card
 from tasks.ollama.modelfile import write_modelfile
 from tasks.eval.parity import measure_parity

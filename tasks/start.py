@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.eval.tasktypes import check_recipe
+from tasks.tasktypes import check_recipe
 from tasks.recipe import Recipe, load_recipe
 from tasks.run import RunFolder, atomic_write_text, new_run_dir
 

@@ -9,7 +9,7 @@ One JSON object per line describes one request and what a correct answer is:
 
 A bad line fails the whole file with `<file>:<line>: <field>: <reason>`. The fields every row shares are
 checked here; the rules of its task type (and its gold answer and instruction) come from the task-type
-registry (tasks/eval/tasktypes). Rows become chat rows (`messages` ending with the gold assistant answer,
+registry (tasks/tasktypes). Rows become chat rows (`messages` ending with the gold assistant answer,
 plus the fields the scorer needs), the one shape that training, evaluation and the runners share. The
 instructions that tell a model the schema or the tools are rendered here, once, so every model (SLM,
 fine-tuned, LLM) is asked the same question.
@@ -24,7 +24,7 @@ from typing import Any, Literal
 import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tasks.eval.tasktypes import TASK_TYPES, task_type
+from tasks.tasktypes import TASK_TYPES, task_type
 
 
 class EvalFileError(ValueError):
@@ -57,7 +57,7 @@ class EvalRow(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     id: str | None = None
-    task: str = Field(description="A registered task type (tasks/eval/tasktypes).")
+    task: str = Field(description="A registered task type (tasks/tasktypes).")
     prompt: str | None = Field(None, min_length=1)
     messages: list[Message] | None = None
     system: str | None = None

@@ -18,7 +18,7 @@ from prefect import task
 from tasks.data.dedupe import eval_prompts_from_file, merge_contamination, remove_contaminated, remove_duplicates
 from tasks.data.evalfile import EvalFileError, gold_answer, load_eval_file, to_chat_row
 from tasks.data.rows import Example, normalise, read_json_lines
-from tasks.eval.tasktypes import task_type
+from tasks.tasktypes import task_type
 from tasks.protocol import SlipParseError, parse_tqt
 from tasks.recipe import DataConfig, repo_path
 from tasks.run import RunFolder, atomic_write_json, atomic_write_jsonl, stage_timer
@@ -125,10 +125,10 @@ def fingerprint(path: Path) -> str:
 def prepare_cache_key(context, parameters) -> str:
     """Inputs that decide the splits: the data section, the system prompt, the task type, the source and
     eval-file bytes, and the code that prepares them (this module, tasks/data/{rows,dedupe,formats}.py,
-    tasks/data/evalfile.py and tasks/eval/tasktypes/, which render eval-format rows)."""
+    tasks/data/evalfile.py and tasks/tasktypes/, which render eval-format rows)."""
     cfg: DataConfig = parameters["cfg"]
     here = Path(__file__).parent
-    task_types = sorted((here.parent / "eval" / "tasktypes").glob("*.py"))   # gold answers, instructions
+    task_types = sorted((here.parent / "tasktypes").glob("*.py"))   # gold answers, instructions
     code = hashlib.sha256(b"".join((here / f).read_bytes()
                                    for f in ("prepare.py", "rows.py", "dedupe.py", "formats.py", "evalfile.py"))
                           + b"".join(p.read_bytes() for p in task_types))

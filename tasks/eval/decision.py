@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from prefect import task
 
 from tasks import tracing
-from tasks.eval.tasktypes import primary_metric
+from tasks.tasktypes import primary_metric
 from tasks.recipe import Recipe
 
 SLM_LABELS = ("base", "fine-tuned")

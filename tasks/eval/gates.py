@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 from prefect import task
 
-from tasks.eval.tasktypes import primary_metric
+from tasks.tasktypes import primary_metric
 from tasks.recipe import Recipe
 
 class GateFailed(RuntimeError):

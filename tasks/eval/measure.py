@@ -31,8 +31,8 @@ from tasks.models.bootstrap import baseline_gguf
 from tasks.eval import metrics
 from tasks.eval.runners import (EndpointConfigError, EndpointRunner, HFRunner, Request, Runner, llama_cpp_runner,
                                 requests_from_rows)
-from tasks.eval.tasktypes import task_of
-from tasks.eval.tasktypes.base import TokenCounter
+from tasks.tasktypes import task_of
+from tasks.tasktypes.base import TokenCounter
 from tasks.recipe import DeployConfig, EvalConfig, Recipe
 from tasks.run import RunFolder, atomic_write_json, atomic_write_jsonl, read_jsonl, stage_timer
 

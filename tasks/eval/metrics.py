@@ -1,4 +1,4 @@
-"""Scores per row and one summary per model, for any registered task type (tasks/eval/tasktypes).
+"""Scores per row and one summary per model, for any registered task type (tasks/tasktypes).
 
 A row's scores come from its task type's scorer; a model's summary is the mean of each metric, the
 task's per-group breakdown and extra fields, the most common errors, latency, tokens and throughput.
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from tasks.eval.tasktypes import task_of, task_type
-from tasks.eval.tasktypes.base import TokenCounter
+from tasks.tasktypes import task_of, task_type
+from tasks.tasktypes.base import TokenCounter
 
 
 def score_row(row: dict, answer: str, count_tokens: TokenCounter | None = None,

@@ -19,7 +19,7 @@ from prefect import task
 
 from tasks.eval.measure import run_and_score
 from tasks.eval.runners import HFRunner, llama_cpp_runner
-from tasks.eval.tasktypes import primary_metric
+from tasks.tasktypes import primary_metric
 from tasks.markdown import pct
 from tasks.recipe import Recipe
 from tasks.run import RunFolder, atomic_write_json, atomic_write_jsonl, read_jsonl, stage_timer

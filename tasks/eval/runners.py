@@ -28,7 +28,7 @@ from typing import Callable, Iterator, Protocol
 
 from blocks.llm import OpenAICompatibleEndpoint
 from tasks.data.evalfile import prompt_messages
-from tasks.eval.tasktypes import task_of
+from tasks.tasktypes import task_of
 from tasks.llm_client import EVAL_RETRIES, APIRequestError, Completion, RetryPolicy, complete
 
 # llama.cpp's default samplers (top_k 40, repeat_penalty 1.1, ...) change a tiny model's greedy answer.

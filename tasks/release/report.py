@@ -16,7 +16,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from tasks.release.deploy import report_sections as export_report_sections
-from tasks.eval.tasktypes import primary_metric, task_type
+from tasks.tasktypes import primary_metric, task_type
 from tasks.markdown import pct
 from tasks.recipe import Recipe
 from tasks.run import RunFolder, atomic_write_json, atomic_write_text, mark_complete, read_json

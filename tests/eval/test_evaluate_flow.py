@@ -10,7 +10,7 @@ import pytest
 from receivers import LangfuseReceiver
 from tasks import tracing
 from tasks.eval.decision import decide
-from tasks.eval.tasktypes import task_type
+from tasks.tasktypes import task_type
 from tasks.recipe import load_recipe
 from tasks.run import is_complete
 

@@ -6,7 +6,7 @@ import pytest
 
 from tasks.data.evalfile import load_eval_file, to_chat_row
 from tasks.eval.metrics import aggregate, cost_per_1k_requests, score_row
-from tasks.eval.tasktypes.base import f1, parse_json_answer
+from tasks.tasktypes.base import f1, parse_json_answer
 
 from conftest import REPO
 

@@ -7,13 +7,13 @@ import pytest
 
 from tasks.data.evalfile import EvalFileError, load_eval_file, to_chat_row
 from tasks.eval.measure import run_and_score
-from tasks.eval.tasktypes import TASK_TYPES, task_type
-from tasks.eval.tasktypes.base import TaskType
+from tasks.tasktypes import TASK_TYPES, task_type
+from tasks.tasktypes.base import TaskType
 from tasks.llm_client import Completion
 from tasks.release.report import results_section
 
 
-# ---- the whole toy task type: what a module tasks/eval/tasktypes/exact.py would hold ----------------------
+# ---- the whole toy task type: what a module tasks/tasktypes/exact.py would hold ----------------------
 def check_exact_row(row) -> None:
     if not isinstance(row.expected, str) or not row.expected.strip():
         raise ValueError("exact: 'expected' must be the gold answer text")

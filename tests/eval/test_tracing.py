@@ -14,7 +14,7 @@ from tasks import tracing
 from tasks.models.bootstrap import embedded_gguf_path
 from tasks.data.evalfile import load_eval_file, to_chat_row
 from tasks.eval.measure import run_and_score
-from tasks.eval.tasktypes import task_type
+from tasks.tasktypes import task_type
 from tasks.eval.runners import HFRunner, llama_cpp_runner
 
 from conftest import REPO

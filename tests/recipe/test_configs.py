@@ -6,7 +6,7 @@ import json
 import pytest
 import yaml
 
-from tasks.eval.tasktypes import check_recipe
+from tasks.tasktypes import check_recipe
 from tasks.recipe import load_recipe
 from conftest import REPO
 

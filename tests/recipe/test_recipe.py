@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.eval.tasktypes import check_recipe, primary_metric
+from tasks.tasktypes import check_recipe, primary_metric
 from tasks.recipe import RECIPES_DIR, Recipe, RecipeError, load_recipe
 
 

@@ -2,7 +2,7 @@
 gold answer, scorer, primary metric, report breakdown); everything else looks them up here instead of
 branching on the name. Adding a type is one module and one line in TASK_TYPES.
 
-    from tasks.eval.tasktypes import task_type
+    from tasks.tasktypes import task_type
     kind = task_type(recipe.task)
     kind.score(chat_row, answer, tool_calls, count_tokens), kind.primary_metric, kind.breakdown
 
@@ -11,11 +11,11 @@ Light: no Prefect, no runners, no model code (the training worker and data prepa
 
 from __future__ import annotations
 
-from tasks.eval.tasktypes.base import TaskType
-from tasks.eval.tasktypes.keyword import KEYWORD
-from tasks.eval.tasktypes.slipstream import SLIPSTREAM
-from tasks.eval.tasktypes.structured import STRUCTURED
-from tasks.eval.tasktypes.toolcall import TOOLCALL
+from tasks.tasktypes.base import TaskType
+from tasks.tasktypes.keyword import KEYWORD
+from tasks.tasktypes.slipstream import SLIPSTREAM
+from tasks.tasktypes.structured import STRUCTURED
+from tasks.tasktypes.toolcall import TOOLCALL
 from tasks.recipe import Recipe, RecipeError
 
 TASK_TYPES: dict[str, TaskType] = {t.name: t for t in (SLIPSTREAM, STRUCTURED, TOOLCALL, KEYWORD)}

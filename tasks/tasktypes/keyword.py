@@ -5,7 +5,7 @@ Metrics: share of keywords present, case-insensitive; all present (primary). No 
 
 from __future__ import annotations
 
-from tasks.eval.tasktypes.base import TaskType
+from tasks.tasktypes.base import TaskType
 
 
 def check_row(row) -> None:

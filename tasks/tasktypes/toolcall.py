@@ -11,7 +11,7 @@ import json
 
 import jsonschema
 
-from tasks.eval.tasktypes.base import TaskType, f1, parse_json_answer
+from tasks.tasktypes.base import TaskType, f1, parse_json_answer
 
 INSTRUCTION = ("You can call one of these tools:\n{tools}\nAnswer with only a JSON object "
                '{{"name": <tool name>, "arguments": {{...}}}} that calls the right tool, and nothing else.')

@@ -1,5 +1,5 @@
 """What a task type is: everything evaluation, data preparation and the reports need to know about one kind
-of request. One module per type fills in a `TaskType`; tasks/eval/tasktypes/__init__.py registers them.
+of request. One module per type fills in a `TaskType`; tasks/tasktypes/__init__.py registers them.
 
 Light on purpose: no Prefect, no runners, no model code, so the training worker and data preparation can
 import the registry. Row arguments are duck-typed: `EvalRow` (tasks/data/evalfile.py) for validation and

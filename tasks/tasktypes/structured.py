@@ -10,7 +10,7 @@ import json
 
 import jsonschema
 
-from tasks.eval.tasktypes.base import TaskType, parse_json_answer
+from tasks.tasktypes.base import TaskType, parse_json_answer
 
 INSTRUCTION = "Answer with only a JSON value that is valid against this JSON Schema, and nothing else:\n{schema}"
 

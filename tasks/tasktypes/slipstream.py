@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from tasks.eval.tasktypes.base import TaskType, TokenCounter, f1
+from tasks.tasktypes.base import TaskType, TokenCounter, f1
 from tasks.markdown import pct
 from tasks.protocol import SlipParseError, extract_slip_loose, parse_tqt
 
