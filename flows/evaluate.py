@@ -62,7 +62,7 @@ def evaluate(recipe: str = "fledgling-structured", eval_file: str | None = None,
         finetune_deployment: run the fine-tune leg as this deployment (e.g. 'finetune/fledgling-gpu')
             instead of in this process.
     """
-    cfg = check_recipe(validate_recipe(recipe, overrides or {}))
+    cfg = validate_recipe(recipe, overrides or {})
     require_llm_baseline(cfg)
     configure_tracing(langfuse_block)
     run_dir = create_run_folder(output_root, cfg, run_name)

@@ -21,7 +21,6 @@ from tasks.release.deploy import deploy_model
 from tasks.eval.measure import measure_hf_model, measure_llm_baseline, serve_and_measure_gguf
 from tasks.export.convert import export_gguf, merge_lora_adapter
 from tasks.eval.gates import check_gates, enforce_gates
-from tasks.tasktypes import check_recipe
 from tasks.release.model_card import publish_release, write_model_card
 from tasks.ollama.modelfile import write_modelfile
 from tasks.eval.parity import measure_parity
@@ -45,28 +44,31 @@ def finetune(recipe: str = "slipstream", overrides: dict | None = None, output_r
         resume_from: an earlier run folder that did not complete: its stages run again in it, and
             training restarts from its last checkpoint instead of from scratch.
     """
-    cfg = check_recipe(validate_recipe(recipe, overrides or {}))
+    cfg = validate_recipe(recipe, overrides or {})
     run_dir = create_run_folder(output_root, cfg, run_name, resume_from)
     base_dir = bootstrap_base_model(cfg.model)
-    write_splits(run_dir, prepare_splits(cfg.data, cfg.model.system_prompt, cfg.task))
-    base = measure_hf_model(run_dir, "base", base_dir, cfg.eval)
-    llm = measure_llm_baseline(run_dir, cfg, base_dir) if cfg.baseline.source != "none" else None
-    training = train_adapter(cfg, run_dir, base_dir)
-    merged_dir = merge_lora_adapter(run_dir, base_dir)
-    ggufs = export_gguf(run_dir, base_dir, cfg.export)
-    write_modelfile(run_dir, cfg, ggufs)
-    template_gate = verify_chat_template(run_dir, cfg)
-    merged = measure_hf_model(run_dir, "merged", merged_dir, cfg.eval)
+    # Later tasks read what earlier ones wrote through the run folder (tasks/run.py); `wait_for` names
+    # the artifact each one reads, so the Prefect graph shows the real dependencies.
+    splits = write_splits(run_dir, prepare_splits(cfg.data, cfg.model.system_prompt, cfg.task))
+    base = measure_hf_model(run_dir, "base", base_dir, cfg.eval, wait_for=[splits])
+    llm = (measure_llm_baseline(run_dir, cfg, base_dir, wait_for=[splits])
+           if cfg.baseline.source != "none" else None)
+    training = train_adapter(cfg, run_dir, base_dir, wait_for=[splits])
+    merged_dir = merge_lora_adapter(run_dir, base_dir, wait_for=[training])
+    ggufs = export_gguf(run_dir, base_dir, cfg.export, wait_for=[merged_dir])
+    modelfile = write_modelfile(run_dir, cfg, ggufs)
+    template_gate = verify_chat_template(run_dir, cfg, wait_for=[modelfile])
+    merged = measure_hf_model(run_dir, "merged", merged_dir, cfg.eval, wait_for=[splits])
     served_label = f"gguf-{cfg.export.serve_type}"
     served = serve_and_measure_gguf(run_dir, served_label, ggufs[cfg.export.serve_type], cfg.eval, cfg.deploy,
-                                    tokenizer_dir=base_dir)
-    measure_parity(run_dir, base_dir, cfg, ggufs)
+                                    tokenizer_dir=base_dir, wait_for=[splits])
+    parity = measure_parity(run_dir, base_dir, cfg, ggufs, wait_for=[splits])
     results = {"base": base, "merged": merged, served_label: served} | ({cfg.baseline.label: llm} if llm else {})
     gates = [*check_gates(cfg, results, served_label, training), template_gate]
-    deploy_model(run_dir, cfg, gates)
-    write_model_card(run_dir, cfg, results, training)
-    publish_release(run_dir, cfg, gates)
-    write_report(cfg, run_dir, results, gates, training)
+    deployment = deploy_model(run_dir, cfg, gates, wait_for=[modelfile])
+    release = write_model_card(run_dir, cfg, results, training, wait_for=[modelfile, parity])
+    publish_release(run_dir, cfg, gates, wait_for=[release])
+    write_report(cfg, run_dir, results, gates, training, wait_for=[parity, deployment])
     enforce_gates(gates)
     return str(run_dir)
 

@@ -220,7 +220,9 @@ class Recipe(StrictModel):
     """One fine-tuning recipe: `slipstream` (TQT), or a Fledgling track (`structured`, `toolcall`, `keyword`)."""
 
     name: str
-    task: Literal["slipstream", "structured", "toolcall", "keyword"] = "slipstream"
+    # A registered task type (tasks/tasktypes: slipstream, structured, toolcall, keyword, ...). Checked against
+    # the registry by tasks.tasktypes.check_recipe, so a new type needs no edit here.
+    task: str = "slipstream"
     model: ModelConfig = ModelConfig()
     lora: LoraConfig = LoraConfig()
     training: TrainingConfig = TrainingConfig()

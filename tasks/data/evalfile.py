@@ -17,13 +17,13 @@ fine-tuned, LLM) is asked the same question.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tasks.data.rows import read_json_lines
 from tasks.tasktypes import TASK_TYPES, task_type
 
 
@@ -115,30 +115,22 @@ def load_eval_file(path: str | Path, task: str | None = None) -> list[EvalRow]:
         raise EvalFileError(f"{path}: eval file not found")
     rows: list[EvalRow] = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise EvalFileError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(obj, dict):
-                raise EvalFileError(f"{where}: a line must be a JSON object, got {type(obj).__name__}")
-            if task is not None:
-                obj.setdefault("task", task)
-            try:
-                row = EvalRow.model_validate(obj)
-            except ValidationError as exc:
-                raise EvalFileError(f"{where}: " + "; ".join(_describe(e) for e in exc.errors())) from None
-            if task is not None and row.task != task:
-                raise EvalFileError(f"{where}: task {row.task!r} but this evaluation is {task!r}")
-            row.id = row.id or f"line-{line_no}"
-            if row.id in seen:
-                raise EvalFileError(f"{where}: id {row.id!r} already used on line {seen[row.id]}")
-            seen[row.id] = line_no
-            rows.append(row)
+    for line_no, obj, where in read_json_lines(path, EvalFileError):
+        if not isinstance(obj, dict):
+            raise EvalFileError(f"{where}: a line must be a JSON object, got {type(obj).__name__}")
+        if task is not None:
+            obj.setdefault("task", task)
+        try:
+            row = EvalRow.model_validate(obj)
+        except ValidationError as exc:
+            raise EvalFileError(f"{where}: " + "; ".join(_describe(e) for e in exc.errors())) from None
+        if task is not None and row.task != task:
+            raise EvalFileError(f"{where}: task {row.task!r} but this evaluation is {task!r}")
+        row.id = row.id or f"line-{line_no}"
+        if row.id in seen:
+            raise EvalFileError(f"{where}: id {row.id!r} already used on line {seen[row.id]}")
+        seen[row.id] = line_no
+        rows.append(row)
     if not rows:
         raise EvalFileError(f"{path}: no rows")
     return rows

@@ -11,9 +11,11 @@ from pathlib import Path
 
 from prefect import task
 
+from blocks.tracing import LangfuseCredentials
 from tasks import tracing
 from tasks.data.evalfile import load_eval_file, to_chat_row
 from tasks.eval.measure import measure_gguf, measure_hf
+from tasks.export.convert import convert_hf_to_gguf
 from tasks.recipe import Recipe
 from tasks.run import RunFolder, atomic_write_json, atomic_write_jsonl, slipway_home
 
@@ -22,7 +24,6 @@ from tasks.run import RunFolder, atomic_write_json, atomic_write_jsonl, slipway_
 def configure_tracing(langfuse_block: str | None = None) -> bool:
     """Langfuse from a saved `LangfuseCredentials` block, else from LANGFUSE_* variables; off without keys."""
     if langfuse_block:
-        from blocks.tracing import LangfuseCredentials
         return tracing.configure(LangfuseCredentials.load(langfuse_block))
     return tracing.configure()
 
@@ -58,8 +59,6 @@ def write_eval_file_rows(run_dir: Path, recipe: Recipe, eval_file: str) -> dict:
 
 def ensure_base_gguf(base_dir: Path) -> Path:
     """The base SLM as an f16 GGUF, converted once and cached beside the converted HF folder."""
-    from tasks.export.convert import convert_hf_to_gguf
-
     target = slipway_home() / "models" / f"{Path(base_dir).name}-f16.gguf"
     return target if target.exists() else convert_hf_to_gguf(Path(base_dir), target, "f16")   # atomic
 

@@ -28,8 +28,9 @@ from typing import Callable, Iterator, Protocol
 
 from blocks.llm import OpenAICompatibleEndpoint
 from tasks.data.evalfile import prompt_messages
-from tasks.tasktypes import task_of
+from tasks.llamacpp.serve import llama_server
 from tasks.llm_client import EVAL_RETRIES, APIRequestError, Completion, RetryPolicy, complete
+from tasks.tasktypes import task_of
 
 # llama.cpp's default samplers (top_k 40, repeat_penalty 1.1, ...) change a tiny model's greedy answer.
 LLAMA_CPP_GREEDY = {"top_k": 1, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0}
@@ -232,8 +233,6 @@ def llama_cpp_runner(gguf_path: Path, log_path: Path, label: str, max_new_tokens
                      host: str = "127.0.0.1", port: int = 0, model: str | None = None,
                      lora_path: Path | None = None, **runner_kwargs) -> Iterator[EndpointRunner]:
     """llama.cpp's OpenAI-compatible server on a GGUF for the block's duration, with an EndpointRunner on it."""
-    from tasks.llamacpp.serve import llama_server
-
     with llama_server(Path(gguf_path), log_path, alias=label, host=host, port=port, parallel=parallel,
                       lora_path=lora_path) as server:
         yield served_model_runner(server.base_url, server.model, max_new_tokens, concurrency=parallel, label=label,
