@@ -33,9 +33,9 @@ from tasks.data.evalfile import EvalFileError, load_eval_file
 from tasks.data.formats import FORMATS, FormatError, convert_file
 from tasks.export import template_check
 from tasks.llamacpp import serve as llamacpp_serve
-from tasks.tasktypes import check_recipe
-from tasks.recipe import REPO_ROOT, RecipeError, load_recipe
+from tasks.recipe import REPO_ROOT, RecipeError
 from tasks.run import RunFolder
+from tasks.start import validate_recipe
 from tasks.synth.llm import SynthesisConfig
 
 app = typer.Typer(help="Slipway: fine-tune a small model that beats its prompted baseline, and ship it.",
@@ -62,7 +62,7 @@ def stop(message: str) -> NoReturn:
 def check_input(recipe: str, overrides: dict, eval_file: Path | None = None) -> None:
     """The recipe (and an eval file) as the flow will read them; a bad one stops here, before Prefect starts."""
     try:
-        cfg = check_recipe(load_recipe(recipe, overrides))
+        cfg = validate_recipe.fn(recipe, overrides)   # the flow's own first task, run before Prefect starts
         if eval_file:
             load_eval_file(eval_file, cfg.task)
     except (RecipeError, EvalFileError) as exc:
