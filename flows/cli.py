@@ -16,7 +16,6 @@ a flow run that fails exits 1 after printing where its report is.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Literal, NoReturn
 
@@ -34,7 +33,7 @@ from tasks.data.formats import FORMATS, FormatError, convert_file
 from tasks.export import template_check
 from tasks.llamacpp import serve as llamacpp_serve
 from tasks.recipe import REPO_ROOT, RecipeError
-from tasks.run import RunFolder
+from tasks.run import RunFolder, find_run_of_flow_run
 from tasks.start import validate_recipe
 from tasks.synth.llm import SynthesisConfig
 
@@ -69,9 +68,15 @@ def check_input(recipe: str, overrides: dict, eval_file: Path | None = None) -> 
         stop(str(exc))
 
 
-def default_run_name(recipe: str, kind: str = "") -> str:
-    """<recipe>-<UTC timestamp>, or <recipe>-<kind>-<UTC timestamp>."""
-    return f"{Path(recipe).stem}{'-' + kind if kind else ''}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+def run_folder_of(state: State, output_root: Path, resume: Path | None = None) -> RunFolder | None:
+    """The folder the flow run really used: its return value, or (failed) the resumed folder or the one
+    that recorded this flow run as an attempt. Never a name guessed before the run: another run started
+    in the same second may have taken it."""
+    if state.is_completed():
+        return RunFolder(Path(state.result()))
+    if resume:
+        return RunFolder(resume)
+    return find_run_of_flow_run(output_root, str(state.state_details.flow_run_id))
 
 
 def finish(state: State, report: Path | None) -> None:
@@ -96,10 +101,10 @@ def run(recipe: Annotated[str, typer.Argument(help="A recipe name in recipes/ or
     """Fine-tune, export, serve, evaluate and gate one recipe (the finetune flow)."""
     overrides = parse_overrides(set_)
     check_input(recipe, overrides)
-    run_name = run_name or default_run_name(recipe)
     state = finetune(recipe=recipe, overrides=overrides, output_root=str(output_root), run_name=run_name,
                      resume_from=str(resume) if resume else None, return_state=True)
-    finish(state, RunFolder(resume or output_root / run_name).report_md)
+    run_dir = run_folder_of(state, output_root, resume)
+    finish(state, run_dir.report_md if run_dir else None)
 
 
 @app.command()
@@ -121,12 +126,12 @@ def evaluate(recipe: Annotated[str, typer.Argument(help="A recipe with a `baseli
     """Measure the SLM against an LLM on a track and decide keep-llm / swap-now / fine-tune (the evaluate flow)."""
     overrides = parse_overrides(set_)
     check_input(recipe, overrides, eval_file)
-    run_name = run_name or default_run_name(recipe, "eval")
     state = evaluate_flow(recipe=recipe, eval_file=str(eval_file) if eval_file else None,
                           finetuned_run=str(finetuned_run) if finetuned_run else None, overrides=overrides,
                           output_root=str(output_root), run_name=run_name, langfuse_block=langfuse_block,
                           finetune_deployment=finetune_deployment, return_state=True)
-    finish(state, RunFolder(output_root / run_name).report_md)
+    run_dir = run_folder_of(state, output_root)
+    finish(state, run_dir.report_md if run_dir else None)
 
 
 @app.command()

@@ -65,7 +65,7 @@ def evaluate(recipe: str = "fledgling-structured", eval_file: str | None = None,
     cfg = validate_recipe(recipe, overrides or {})
     require_llm_baseline(cfg)
     configure_tracing(langfuse_block)
-    run_dir = create_run_folder(output_root, cfg, run_name)
+    run_dir = create_run_folder(output_root, cfg, run_name, kind="eval")
     if eval_file:
         stats = write_eval_file_rows(run_dir, cfg, eval_file)
     else:

@@ -9,6 +9,8 @@ run never looks complete. No other module joins a path inside a run folder by st
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 import os
 import shutil
@@ -17,7 +19,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 RUN_SUBDIRS = ("data", "checkpoints", "lora", "merged", "gguf", "metrics")
 COMPLETE_MARKER = "COMPLETE"
@@ -63,6 +65,20 @@ class RunFolder(Folder):
     @property
     def report_md(self) -> Path:
         return self.root / "report.md"
+
+    @property
+    def attempts(self) -> Path:
+        """attempts.jsonl: one line per flow run that worked in this folder (the first, then each resume)."""
+        return self.root / "attempts.jsonl"
+
+    @property
+    def stages_dir(self) -> Path:
+        return self.root / "stages"
+
+    def stage_record(self, stage: str) -> Path:
+        """stages/<stage>.json: written when a stage completed, with what it returned; a resumed run
+        skips the stages that have one."""
+        return self.stages_dir / f"{stage}.json"
 
     # --- data ---------------------------------------------------------------------------------------
     @property
@@ -238,17 +254,95 @@ def slipway_home() -> Path:
     return home
 
 
-def new_run_dir(output_root: str | Path, recipe_name: str, run_name: str | None = None) -> Path:
-    """Create an isolated run folder with the standard sub-folders; never reuse an existing one."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    base = Path(output_root) / (run_name or f"{recipe_name}-{stamp}")
-    run_dir, n = base, 1
-    while run_dir.exists():
+def cache_lock(entry: str | Path, timeout: float = 3600):
+    """A lock across processes for one entry of the shared cache (a model folder, the llama.cpp tools):
+    whoever builds or replaces the entry holds it, and whoever checks whether the entry is ready takes it
+    too, so a concurrent run waits for a build instead of reading a half-replaced folder.
+    The lock file sits beside the entry (`.<name>.lock`) and is never deleted: deleting it would let two
+    processes hold two different locks. `timeout` seconds: a build that long is stuck; fail loudly."""
+    from filelock import FileLock   # a dependency of huggingface_hub: on every machine that trains
+
+    entry = Path(entry)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(entry.with_name(f".{entry.name}.lock"), timeout=timeout)
+
+
+def rotate_log(path: str | Path) -> Path | None:
+    """Keep an earlier attempt's log: `train.log` becomes `train.1.log` (then `.2`, ...) before a new
+    attempt writes `train.log` afresh. Returns where the old log went (None when there was none)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    n = 1
+    while (kept := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists():
         n += 1
-        run_dir = base.with_name(f"{base.name}-{n}")
+    os.replace(path, kept)
+    return kept
+
+
+def record_attempt(run: RunFolder, flow_run_id: str | None, resumed: bool) -> None:
+    """Note which flow run works in this folder (the CLI finds a failed run's folder by it)."""
+    rows = read_jsonl(run.attempts, missing_ok=True)
+    rows.append({"attempt": len(rows) + 1, "flow_run_id": flow_run_id, "resumed": resumed,
+                 "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    atomic_write_jsonl(run.attempts, rows)
+
+
+def find_run_of_flow_run(output_root: str | Path, flow_run_id: str) -> RunFolder | None:
+    """The run folder under `output_root` that the flow run `flow_run_id` claimed or resumed."""
+    for attempts in sorted(Path(output_root).glob("*/attempts.jsonl")):
+        if any(row.get("flow_run_id") == flow_run_id for row in read_jsonl(attempts)):
+            return RunFolder(attempts.parent)
+    return None
+
+
+def utc_stamp() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+
+
+def claim_dir(parent: str | Path, name: str, unique: bool = True) -> Path:
+    """Create `parent/name` and return it, atomically: `mkdir` without `exist_ok` lets exactly one
+    process win a name, so two runs started in the same second never share a folder.
+
+    Args:
+        unique: on a taken name, claim `name-2`, `name-3`, ... instead of refusing.
+
+    Raises:
+        FileExistsError: the name is taken and `unique` is False.
+    """
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    candidate, n = parent / name, 1
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            if not unique:
+                raise FileExistsError(f"{candidate} exists: choose another name (a run never reuses a "
+                                      "folder; an unfinished run is continued with --resume)") from None
+            n += 1
+            candidate = parent / f"{name}-{n}"
+
+
+def new_run_dir(output_root: str | Path, recipe_name: str, run_name: str | None = None) -> Path:
+    """Claim an isolated run folder with the standard sub-folders; never reuse an existing one.
+
+    Without `run_name` it is `<recipe>-<UTC time>` (`-2`, `-3`, ... when another run claimed that second);
+    a `run_name` that is taken is refused.
+
+    Raises:
+        FileExistsError: `run_name` names an existing folder.
+    """
+    run_dir = claim_dir(output_root, run_name or f"{recipe_name}-{utc_stamp()}", unique=run_name is None)
     for sub in RUN_SUBDIRS:
-        run_dir.joinpath(sub).mkdir(parents=True)
+        run_dir.joinpath(sub).mkdir()
     return run_dir
+
+
+def new_synth_dir(output_root: str | Path) -> Path:
+    """Claim a fresh `synth-<UTC time>` folder (`-2`, ... when another synthesis claimed that second)."""
+    return claim_dir(output_root, f"synth-{utc_stamp()}")
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
@@ -296,6 +390,23 @@ def atomic_write_jsonl(path: Path, rows) -> Path:
 
 
 @contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yield a unique temp name beside `path` for a tool to write (a converter's --outfile); renamed to
+    `path` only if the block succeeds, removed otherwise. Unique, so two processes writing the same
+    shared file never write into one temp file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a temp folder beside `target`; rename it to `target` only if the block succeeds."""
     target = Path(target)
@@ -333,6 +444,59 @@ def stage_timer(run_dir: Path | RunFolder, stage: str) -> Iterator[None]:
         timings = json.loads(path.read_text()) if path.exists() else {}
         timings[stage] = {"seconds": round(time.time() - start, 1), "status": status}
         atomic_write_json(path, timings)
+
+
+def _to_record(value: Any) -> Any:
+    """A stage's result as JSON: paths tagged so they come back as paths."""
+    if isinstance(value, Path):
+        return {"__path__": str(value)}
+    if isinstance(value, dict):
+        return {k: _to_record(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_record(v) for v in value]
+    return value
+
+
+def _from_record(value: Any) -> Any:
+    if isinstance(value, dict):
+        return Path(value["__path__"]) if set(value) == {"__path__"} else {k: _from_record(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_record(v) for v in value]
+    return value
+
+
+def completed_stage(run_dir: Path | RunFolder, stage: str) -> dict | None:
+    """The record of a stage that completed in this run folder (None when it has not)."""
+    return read_json(RunFolder(Path(run_dir)).stage_record(stage), missing_ok=True)
+
+
+def resumable_stage(stage: str | Callable[[dict], str]):
+    """Make a stage function (one with a `run_dir` argument) run once per run folder: when it returns,
+    its result is recorded in stages/<stage>.json; when that record exists (a resumed run), the function
+    is not run again and the recorded result is returned. `stage` is the name, or a function of the
+    call's arguments that gives it (one task measuring several models: `eval-<label>`).
+    Put it under `@task`, so Prefect still sees the function's own signature."""
+    def decorate(fn: Callable) -> Callable:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def run_once(*args, **kwargs):
+            arguments = signature.bind(*args, **kwargs).arguments
+            run = RunFolder(Path(arguments["run_dir"]))
+            name = stage(arguments) if callable(stage) else stage
+            if (record := completed_stage(run, name)) is not None:
+                # print: a Prefect task's prints go to its run log (log_prints), and this module has no Prefect
+                print(f"stage {name}: completed by an earlier attempt at {record['completed_at']}; skipped")
+                return _from_record(record["result"])
+            result = fn(*args, **kwargs)
+            atomic_write_json(run.stage_record(name), {
+                "stage": name, "completed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "result": _to_record(result)})
+            return result
+
+        return run_once
+
+    return decorate
 
 
 @dataclass(frozen=True)

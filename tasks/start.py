@@ -9,10 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import task
+from prefect.runtime import flow_run
 
 from tasks.tasktypes import check_recipe
 from tasks.recipe import Recipe, load_recipe
-from tasks.run import RunFolder, atomic_write_text, new_run_dir
+from tasks.run import RunFolder, atomic_write_text, new_run_dir, record_attempt
 
 
 @task(name="validate-recipe")
@@ -23,12 +24,18 @@ def validate_recipe(recipe: str, overrides: dict | None = None) -> Recipe:
 
 @task(name="create-run-folder")
 def create_run_folder(output_root: str, recipe: Recipe, run_name: str | None = None,
-                      resume_from: str | None = None) -> Path:
+                      resume_from: str | None = None, kind: str = "") -> Path:
     """A fresh, isolated run folder holding the fully resolved recipe (what the trainer will read), or
-    an earlier run that did not complete, to resume (training restarts from its last checkpoint).
+    an earlier run that did not complete, to resume (training restarts from its last checkpoint and
+    completed stages are skipped). Either way the folder records this flow run as an attempt.
+
+    Args:
+        run_name: the folder's name; default `<recipe>[-<kind>]-<UTC time>`, made unique when another
+            run claimed the same second.
 
     Raises:
         ValueError: the folder to resume is complete, missing, or was made with another recipe.
+        FileExistsError: `run_name` is taken.
     """
     if resume_from:
         run = RunFolder(Path(resume_from).resolve())
@@ -38,7 +45,10 @@ def create_run_folder(output_root: str, recipe: Recipe, run_name: str | None = N
             raise ValueError(f"resume_from {run}: that run completed; start a new one")
         if run.recipe_json.read_text() != recipe.model_dump_json(indent=2):
             raise ValueError(f"resume_from {run}: made with a different recipe; resume with the same one")
+        record_attempt(run, flow_run.id, resumed=True)
         return run.root
-    run = RunFolder(new_run_dir(output_root, recipe.name, run_name).resolve())
+    name = f"{recipe.name}-{kind}" if kind else recipe.name
+    run = RunFolder(new_run_dir(output_root, name, run_name).resolve())
     atomic_write_text(run.recipe_json, recipe.model_dump_json(indent=2))
+    record_attempt(run, flow_run.id, resumed=False)
     return run.root

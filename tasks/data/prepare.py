@@ -21,7 +21,7 @@ from tasks.data.rows import Example, normalise, read_json_lines
 from tasks.tasktypes import task_type
 from tasks.protocol import SlipParseError, parse_tqt
 from tasks.recipe import DataConfig, repo_path
-from tasks.run import RunFolder, atomic_write_json, atomic_write_jsonl, stage_timer
+from tasks.run import RunFolder, atomic_write_json, atomic_write_jsonl, resumable_stage, stage_timer
 
 _ROLE_MAP = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
@@ -137,7 +137,7 @@ def prepare_cache_key(context, parameters) -> str:
     return "prepare-splits-" + hashlib.sha256(key.encode()).hexdigest()
 
 
-@task(name="prepare-splits", cache_key_fn=prepare_cache_key, persist_result=True)
+@task(name="prepare-splits", cache_key_fn=prepare_cache_key, persist_result=True, result_serializer="json")
 def prepare_splits(cfg: DataConfig, system_prompt: str, task: str = "slipstream") -> dict:
     """Validate, dedupe and split the source; returns chat rows per split and what was removed.
 
@@ -171,6 +171,7 @@ def prepare_splits(cfg: DataConfig, system_prompt: str, task: str = "slipstream"
 
 
 @task(name="write-splits")
+@resumable_stage("splits")   # a resumed run keeps its splits: the same data, the same order
 def write_splits(run_dir: Path, prepared: dict) -> dict:
     """Write data/{train,val,test}.jsonl and data/stats.json into the run folder."""
     run = RunFolder(run_dir)

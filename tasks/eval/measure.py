@@ -34,7 +34,7 @@ from tasks.eval.runners import (EndpointConfigError, EndpointRunner, HFRunner, R
 from tasks.tasktypes import task_of
 from tasks.tasktypes.base import TokenCounter
 from tasks.recipe import DeployConfig, EvalConfig, Recipe
-from tasks.run import RunFolder, atomic_write_json, atomic_write_jsonl, read_jsonl, stage_timer
+from tasks.run import RunFolder, atomic_write_json, atomic_write_jsonl, read_jsonl, resumable_stage, stage_timer
 
 
 @functools.lru_cache(maxsize=4)
@@ -161,6 +161,7 @@ def measure_gguf(run_dir: Path, label: str, gguf_path: Path, cfg: EvalConfig, de
 
 
 @task(name="measure-hf-model")
+@resumable_stage(lambda args: f"eval-{args['label']}")
 def measure_hf_model(run_dir: Path, label: str, model_dir: Path, cfg: EvalConfig,
                      adapter_dir: Path | None = None, tokenizer_dir: Path | None = None) -> dict:
     """Greedy HF generation on the run's test rows, scored for the rows' task; writes metrics/eval-<label>.json."""
@@ -192,6 +193,7 @@ def _retry_unless_refused(task, task_run, state) -> bool:
 
 @task(name="measure-llm-baseline", retries=2, retry_delay_seconds=10,   # I/O: a remote API or a local server
       retry_condition_fn=_retry_unless_refused)
+@resumable_stage(lambda args: f"baseline-{args['recipe'].baseline.label}")
 def measure_llm_baseline(run_dir: Path, recipe: Recipe, tokenizer_dir: Path | None = None) -> dict:
     """The recipe's LLM baseline on the same rows and prompts: a saved endpoint Block (Azure OpenAI, any
     OpenAI-compatible URL) or, for offline demos and tests, a local GGUF served by llama.cpp."""

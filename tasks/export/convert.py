@@ -22,7 +22,7 @@ from prefect import task
 
 from tasks.llamacpp import build as llamacpp
 from tasks.recipe import ExportConfig
-from tasks.run import RunFolder, atomic_dir, atomic_write_json, stage_timer
+from tasks.run import RunFolder, atomic_dir, atomic_output, atomic_write_json, resumable_stage, stage_timer
 
 # GGUF types produced by the converter directly vs. by llama-quantize from the f16 file.
 CONVERTER_TYPES = {"f16", "bf16"}
@@ -106,12 +106,10 @@ def convert_hf_to_gguf(hf_dir: Path, out_file: Path, outtype: str) -> Path:
         ExportError: the converter is missing, the architecture is unsupported, or conversion failed.
     """
     preflight(hf_dir, need_quantizer=False)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(out_file.name + ".part")
-    _run_tool(f"convert_hf_to_gguf ({outtype})",
-              [sys.executable, llamacpp.script("convert_hf_to_gguf.py"), hf_dir, "--outfile", tmp,
-               "--outtype", outtype], env=_converter_env())
-    os.replace(tmp, out_file)
+    with atomic_output(out_file) as tmp:
+        _run_tool(f"convert_hf_to_gguf ({outtype})",
+                  [sys.executable, llamacpp.script("convert_hf_to_gguf.py"), hf_dir, "--outfile", tmp,
+                   "--outtype", outtype], env=_converter_env())
     return out_file
 
 
@@ -121,9 +119,9 @@ def quantize_gguf(src: Path, out_file: Path, qtype: str, threads: int | None = N
         quantizer = llamacpp.tool("llama-quantize")
     except llamacpp.LlamaCppMissing as exc:
         raise ExportError(str(exc)) from None
-    tmp = out_file.with_name(out_file.name + ".part")
-    _run_tool(f"llama-quantize ({qtype})", [quantizer, src, tmp, QUANTIZE_TYPES[qtype], str(threads or os.cpu_count())])
-    os.replace(tmp, out_file)
+    with atomic_output(out_file) as tmp:
+        _run_tool(f"llama-quantize ({qtype})",
+                  [quantizer, src, tmp, QUANTIZE_TYPES[qtype], str(threads or os.cpu_count())])
     return out_file
 
 
@@ -138,11 +136,10 @@ def convert_lora_to_gguf(lora_dir: Path, base_dir: Path, out_file: Path) -> Path
         raise ExportError(f"{lora_dir} was trained on {trained_on}, not on {base_dir}: converting it against "
                           "another base would produce an adapter for the wrong model")
     preflight(base_dir, need_quantizer=False)
-    tmp = out_file.with_name(out_file.name + ".part")
-    _run_tool("convert_lora_to_gguf",
-              [sys.executable, llamacpp.script("convert_lora_to_gguf.py"), lora_dir, "--base", base_dir,
-               "--outfile", tmp, "--outtype", "f16"], env=_converter_env())
-    os.replace(tmp, out_file)
+    with atomic_output(out_file) as tmp:
+        _run_tool("convert_lora_to_gguf",
+                  [sys.executable, llamacpp.script("convert_lora_to_gguf.py"), lora_dir, "--base", base_dir,
+                   "--outfile", tmp, "--outtype", "f16"], env=_converter_env())
     return out_file
 
 
@@ -174,6 +171,7 @@ def write_manifest(run_dir: RunFolder | Path, artifacts: dict[str, Path]) -> dic
 
 
 @task(name="merge-adapter")
+@resumable_stage("merge")
 def merge_lora_adapter(run_dir: RunFolder | Path, base_dir: Path) -> Path:
     """run/merged: base + adapter folded into one 16-bit HF model; returns that folder."""
     run = RunFolder(run_dir)
@@ -182,6 +180,7 @@ def merge_lora_adapter(run_dir: RunFolder | Path, base_dir: Path) -> Path:
 
 
 @task(name="export-gguf")
+@resumable_stage("export")
 def export_gguf(run_dir: RunFolder | Path, base_dir: Path, cfg: ExportConfig) -> dict[str, str]:
     """run/gguf: the merged model in every requested GGUF type, the adapter as GGUF (plus the f16 base it
     applies to), and a manifest; returns {type or "lora"/"base": path}.

@@ -18,7 +18,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from tasks.run import slipway_home
+from tasks.run import cache_lock, slipway_home
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # vendors ggml-org/llama.cpp@0c1e57098
 TOOLS = ("llama-server", "llama-quantize")
@@ -36,6 +36,12 @@ def source_dir() -> Path:
     return home() / "src"
 
 
+def _ready(path: Path) -> bool:
+    """Whether a file of the tools exists, once no other process is building them (held for a moment)."""
+    with cache_lock(home()):
+        return path.exists()
+
+
 def tool(name: str) -> Path:
     """Path of a built llama.cpp binary.
 
@@ -43,7 +49,7 @@ def tool(name: str) -> Path:
         LlamaCppMissing: not built yet.
     """
     path = home() / "bin" / name
-    if not path.exists():
+    if not _ready(path):
         raise LlamaCppMissing(f"{name} not found at {path}: run `make setup` "
                               f"(python -m tasks.llamacpp.build build) once")
     return path
@@ -52,7 +58,7 @@ def tool(name: str) -> Path:
 def script(name: str) -> Path:
     """Path of one of llama.cpp's Python converters (convert_hf_to_gguf.py, convert_lora_to_gguf.py)."""
     path = source_dir() / name
-    if not path.exists():
+    if not _ready(path):
         raise LlamaCppMissing(f"{name} not found at {path}: run `make setup` (python -m tasks.llamacpp.build build)")
     return path
 
@@ -63,8 +69,13 @@ def _run(cmd: list[str], **kw) -> None:
 
 
 def build(jobs: int | None = None) -> Path:
-    """Download the pinned sdist from PyPI, extract vendor/llama.cpp, compile the tools; idempotent."""
-    target = home()
+    """Download the pinned sdist from PyPI, extract vendor/llama.cpp, compile the tools; idempotent.
+    One process builds at a time (a lock beside the folder); the others wait, then find it built."""
+    with cache_lock(home()):
+        return _build(home(), jobs)
+
+
+def _build(target: Path, jobs: int | None) -> Path:
     if all((target / "bin" / t).exists() for t in TOOLS) and (target / "src" / "convert_hf_to_gguf.py").exists():
         print(f"llama.cpp {LLAMA_CPP_PYTHON_VERSION} already built at {target}")
         return target
@@ -88,8 +99,11 @@ def build(jobs: int | None = None) -> Path:
           "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_UI=OFF"], stdout=subprocess.DEVNULL)
     _run(["cmake", "--build", str(build_dir), "-j", str(jobs or os.cpu_count() or 2), "--target", *TOOLS])
     (target / "bin").mkdir(exist_ok=True)
-    for name in TOOLS:
-        shutil.copy2(build_dir / "bin" / name, target / "bin" / name)
+    for name in TOOLS:   # copied under a unique temp name, then renamed: never a half-copied binary
+        fd, tmp_bin = tempfile.mkstemp(dir=target / "bin", prefix=f".{name}.", suffix=".tmp")
+        os.close(fd)
+        shutil.copy2(build_dir / "bin" / name, tmp_bin)
+        os.replace(tmp_bin, target / "bin" / name)
     shutil.rmtree(build_dir, ignore_errors=True)  # ~400 MB of objects; the static binaries are enough
     print(f"llama.cpp {LLAMA_CPP_PYTHON_VERSION} built at {target}")
     return target

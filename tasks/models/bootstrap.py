@@ -16,7 +16,7 @@ from pathlib import Path
 from prefect import task
 
 from tasks.recipe import BaselineConfig, ModelConfig, repo_path
-from tasks.run import atomic_dir, slipway_home
+from tasks.run import atomic_dir, cache_lock, slipway_home
 
 log = logging.getLogger(__name__)
 
@@ -138,13 +138,14 @@ def resolve_base_model(cfg: ModelConfig) -> Path:
     gguf = embedded_gguf_path()
     digest = _sha256(gguf)
     target = slipway_home() / "models" / f"{cfg.name}-{digest[:12]}-v{CONVERTER_VERSION}"
-    if (target / "slipway-source.json").exists():
-        log.info("base model cached at %s", target)
-        return target
-    log.info("converting %s to an HF folder at %s (once)", gguf, target)
-    with atomic_dir(target) as tmp:
-        convert_gguf_to_hf(gguf, tmp)
-        (tmp / "slipway-source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": digest}, indent=2))
+    with cache_lock(target):   # one process converts; the others wait and reuse its folder
+        if (target / "slipway-source.json").exists():
+            log.info("base model cached at %s", target)
+            return target
+        log.info("converting %s to an HF folder at %s (once)", gguf, target)
+        with atomic_dir(target) as tmp:
+            convert_gguf_to_hf(gguf, tmp)
+            (tmp / "slipway-source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": digest}, indent=2))
     return target
 
 
@@ -161,7 +162,8 @@ def _bootstrap_cache_key(context, parameters) -> str | None:
     return f"bootstrap-{cfg.name}-{gguf.stat().st_size}-v{CONVERTER_VERSION}" if target_glob else None
 
 
-@task(name="bootstrap-base-model", cache_key_fn=_bootstrap_cache_key, persist_result=True)
+@task(name="bootstrap-base-model", cache_key_fn=_bootstrap_cache_key, persist_result=True,
+      result_serializer="json")   # a path: data, so JSON (readable, no pickle to trust)
 def bootstrap_base_model(cfg: ModelConfig) -> Path:
     """Local HF folder of the base model (converted once from the embedded GGUF)."""
     return resolve_base_model(cfg)

@@ -256,7 +256,7 @@ _RETRIES_LOCK = threading.Lock()
 
 
 @task(name="request-batch", task_run_name="request-batch-{spec.index}", cache_key_fn=batch_cache_key,
-      persist_result=True, retry_condition_fn=_retry_if_transient)
+      persist_result=True, result_serializer="json", retry_condition_fn=_retry_if_transient)
 def request_batch(spec: BatchSpec, endpoint: LLMEndpoint, cfg: SynthesisConfig) -> dict:
     """Ask for one batch. Retries (set with `.with_options(retries=...)`) are Prefect task-run retries.
 

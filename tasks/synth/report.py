@@ -16,7 +16,6 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -25,7 +24,7 @@ from prefect.artifacts import create_markdown_artifact
 from tasks.data.dedupe import NearIndex, word_rank, word_set
 from tasks.data.rows import normalise
 from tasks.recipe import REPO_ROOT
-from tasks.run import SynthFolder, atomic_write_json, atomic_write_jsonl, atomic_write_text
+from tasks.run import SynthFolder, atomic_write_json, atomic_write_jsonl, atomic_write_text, new_synth_dir
 from tasks.synth.repair import Drop, Repaired, extract_items, repair_llm_record
 
 
@@ -35,13 +34,15 @@ class SynthesisAccountingError(RuntimeError):
 
 @task(name="create-synthesis-folder")
 def create_output_dir(output_dir: str | None) -> SynthFolder:
-    """A fresh folder for this run (default runs/synth-<UTC time>).
+    """A fresh folder for this run (default runs/synth-<UTC time>, claimed atomically: `-2`, ... when
+    another synthesis started in the same second).
 
     Raises:
         FileExistsError: the folder exists and is not empty (a run never overwrites another).
     """
-    path = Path(output_dir) if output_dir else REPO_ROOT / "runs" / (
-        "synth-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
+    if not output_dir:
+        return SynthFolder(new_synth_dir(REPO_ROOT / "runs").resolve())
+    path = Path(output_dir)
     if path.exists() and any(path.iterdir()):
         raise FileExistsError(f"{path}: output folder exists and is not empty")
     path.mkdir(parents=True, exist_ok=True)

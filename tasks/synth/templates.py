@@ -306,7 +306,8 @@ def synth_cache_key(context, parameters) -> str:
     return f"synth-templates-{parameters['n']}-{parameters['seed']}-{generator_fingerprint()}"
 
 
-@task(name="synthesize-from-templates", cache_key_fn=synth_cache_key, persist_result=True)
+@task(name="synthesize-from-templates", cache_key_fn=synth_cache_key, persist_result=True,
+      result_serializer="json")
 def synthesize_from_templates(n: int, seed: int) -> list[dict]:
     """n ShareGPT rows (data/slipstream-tqt.jsonl shape) from the Slipstream templates, cached by
     (n, seed, generator version, template file)."""

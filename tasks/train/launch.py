@@ -16,7 +16,7 @@ from prefect import task
 from prefect.logging import get_run_logger
 
 from tasks.recipe import REPO_ROOT, Recipe
-from tasks.run import RunFolder, stage_timer
+from tasks.run import RunFolder, resumable_stage, rotate_log, stage_timer
 from tasks.train import worker
 
 ACCELERATE_DIR = REPO_ROOT / "accelerate_config"
@@ -48,6 +48,7 @@ def training_command(recipe: Recipe, run_dir: Path | RunFolder, base_dir: Path) 
 
 
 @task(name="train-adapter")  # no retries: a failed training step is a bug or a bad config, not bad luck
+@resumable_stage("train")
 def train_adapter(recipe: Recipe, run_dir: Path, base_dir: Path) -> dict:
     """Run training in its own process, streaming its progress lines into the Prefect log; returns the
     training stats the worker wrote."""
@@ -55,6 +56,8 @@ def train_adapter(recipe: Recipe, run_dir: Path, base_dir: Path) -> dict:
     run = RunFolder(run_dir)
     cmd = training_command(recipe, run, base_dir)
     logger.info("training: %s", " ".join(cmd))
+    if kept := rotate_log(run.train_log):   # an earlier (crashed) attempt's log stays, as train.<n>.log
+        logger.info("earlier attempt's log kept as %s", kept)
     with stage_timer(run, "train"), open(run.train_log, "w") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT)
         for line in proc.stdout:

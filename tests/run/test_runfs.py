@@ -9,9 +9,12 @@ from tasks.run import (RUN_SUBDIRS, atomic_dir, atomic_write_json, is_complete, 
 
 def test_run_folders_are_isolated_and_never_reused(tmp_path):
     first = new_run_dir(tmp_path, "r", "same")
-    second = new_run_dir(tmp_path, "r", "same")
-    assert first != second and second.name == "same-2"
     assert all((first / sub).is_dir() for sub in RUN_SUBDIRS)
+    with pytest.raises(FileExistsError, match="same exists: choose another name"):
+        new_run_dir(tmp_path, "r", "same")     # a name the user chose is theirs exactly, or refused
+    default = new_run_dir(tmp_path, "r")
+    again = new_run_dir(tmp_path, "r")         # the same second: the default name gets a suffix
+    assert default != again and again.name.startswith(default.name[:len("r-20261130-")])
 
 
 def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
