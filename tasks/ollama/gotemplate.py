@@ -1,16 +1,26 @@
-"""The part of Go's `text/template` language that chat templates (Ollama's TEMPLATE) use.
+"""Go's `text/template` language as Ollama executes chat templates (its Modelfile TEMPLATE).
 
-Text, `{{- -}}` trimming, comments, `if`/`else if`/`else`, `range` (with `$i, $m :=`), `with`,
-variables, fields, parenthesised pipelines, `|`, and the functions and, or, not, eq, ne, lt, le, gt, ge,
-len, index, slice, print, json, executed with option missingkey=zero as Ollama does. Anything else is
-refused with `GoTemplateError` naming it, never rendered approximately. Ollama's own rules around the
-template (SYSTEM, collation, legacy templates) are in tasks.ollama.prompt.
+Text, `{{- -}}` trimming, comments, `if`/`else if`/`else`, `range` (with `$i, $m :=`, `break`,
+`continue`; maps in sorted key order), `with`, variables (`$`, `:=`, `=`), fields, Go number, string,
+raw-string and character constants, parenthesised pipelines, `|`, and the builtins and, or, not, eq,
+ne, lt, le, gt, ge, len, index, slice, print, printf, println, html, js, urlquery, plus Ollama's `json`;
+values print as Go's fmt prints them (`map[a:1]`, `[1 2]`, `1e+06`, `<no value>`), executed with option
+missingkey=zero as Ollama does. Go's own comparison and indexing errors are errors here too. `define`,
+`template`, `block` and `call` are refused with `GoTemplateError` naming them, never rendered
+approximately. tests/ollama/vectors/ holds the byte-exact checks: every template Ollama ships, Ollama's
+expected outputs, and Go's own text/template test vectors. Ollama's rules around the template (SYSTEM,
+collation, legacy templates) are in tasks.ollama.prompt.
 """
 
 from __future__ import annotations
 
+import ast
+import html
 import json
+import math
 import re
+import urllib.parse
+from decimal import Decimal
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,18 +32,60 @@ class GoTemplateError(ValueError):
 # ----------------------------------------------------------------------------------------------- lexing
 
 _ACTION = re.compile(r"\{\{(-[ \t\r\n])?(.*?)([ \t\r\n]-)?\}\}", re.S)
+_NUM = r"""(?:0[xX][0-9a-fA-F_]*\.?[0-9a-fA-F_]*(?:[pP][+-]?[0-9_]+)?|0[bB][01_]+|0[oO][0-7_]+
+             |(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9][0-9_]*)(?:[eE][+-]?[0-9_]+)?)"""
 _TOKEN = re.compile(r"""
     (?P<ws>\s+)
   | (?P<str>"(?:[^"\\]|\\.)*")
   | (?P<raw>`[^`]*`)
-  | (?P<num>-?\d+(?:\.\d+)?)
+  | (?P<char>'(?:[^'\\]|\\.)+')
+  | (?P<num>[+-]?NUM(?:i|[+-]NUMi)?(?![A-Za-z0-9_.]))
   | (?P<decl>:=)
   | (?P<assign>=)
   | (?P<punct>[()|,])
   | (?P<var>\$[A-Za-z0-9_]*)
   | (?P<field>(?:\.[A-Za-z_][A-Za-z0-9_]*)+|\.)
   | (?P<ident>[A-Za-z_][A-Za-z0-9_]*)
-""", re.X)
+""".replace("NUM", _NUM), re.X)
+
+
+def _number(text: str, where: str):
+    """A Go numeric constant as the template's untyped constant: int, float64 or complex128."""
+    t = text.replace("_", "")
+    try:
+        if t.endswith("i"):
+            body = t[:-1]
+            split = max((i for i, c in enumerate(body) if c in "+-" and i and body[i - 1] not in "eEpP"),
+                        default=0)
+            if split:   # 1+2i: a real and an imaginary part
+                return complex(_number(body[:split], where), _number(body[split:], where))
+            return complex(0, _number(body, where))
+        sign = -1 if t.startswith("-") else 1
+        t = t.lstrip("+-")
+        low = t.lower()
+        if low.startswith("0x"):
+            if "." in low or "p" in low:
+                return sign * float.fromhex(t)
+            return sign * int(t, 16)
+        if low.startswith(("0b", "0o")):
+            return sign * int(t, 0)
+        if any(c in low for c in ".e"):
+            return sign * float(t)
+        if len(t) > 1 and t.startswith("0"):
+            return sign * int(t, 8)   # Go's legacy octal: 0377
+        return sign * int(t)
+    except ValueError:
+        raise GoTemplateError(f"{where}: bad number syntax: {text!r}") from None
+
+
+def _unquote(text: str, where: str) -> str:
+    """A Go interpreted string or character literal's value (Go's escapes are Python's)."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise GoTemplateError(f"{where}: bad quoted string {text!r}") from None
+
+
 # A chained field after a variable or parenthesis: $m.Role, (index .Messages 0).Role
 _CHAIN = re.compile(r"(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
 
@@ -78,6 +130,11 @@ class Action:
 
 
 @dataclass
+class LoopControl:
+    kind: str                # "break" | "continue"
+
+
+@dataclass
 class Branch:
     kind: str                # "if" | "range" | "with"
     pipe: Pipe
@@ -111,16 +168,21 @@ def _parse_operand(toks: list, i: int, where: str) -> tuple[tuple, int]:
             i += 1
         return node, i
     if kind == "str":
-        return ("lit", json.loads(text)), i + 1
+        return ("lit", _unquote(text, where)), i + 1
     if kind == "raw":
         return ("lit", text[1:-1]), i + 1
+    if kind == "char":
+        char = _unquote(text, where)
+        if len(char) != 1:
+            raise GoTemplateError(f"{where}: malformed character constant {text}")
+        return ("lit", ord(char)), i + 1
     if kind == "num":
-        return ("lit", float(text) if "." in text else int(text)), i + 1
+        return ("lit", _number(text, where)), i + 1
     if kind == "ident":
         if text in ("true", "false"):
             return ("lit", text == "true"), i + 1
         if text == "nil":
-            return ("lit", None), i + 1
+            return ("nil",), i + 1
         if text not in _FUNCS:
             raise GoTemplateError(f"{where}: function {text!r} is not supported")
         return ("func", text), i + 1
@@ -202,7 +264,13 @@ def parse(src: str) -> list:
             stack.pop()
             while len(stack) > 1 and isinstance(stack[-1][1], _Chained):
                 stack.pop()
-        elif head in ("define", "template", "block", "break", "continue"):
+        elif head in ("break", "continue"):
+            if len(toks) > 1:
+                raise GoTemplateError(f"{where}: unexpected {toks[1][1]!r} in {head}")
+            if not any(b is not None and not isinstance(b, _Chained) and b.kind == "range" for _, b in stack):
+                raise GoTemplateError(f"{where}: {{{{{head}}}}} outside {{{{range}}}}")
+            stack[-1][0].append(LoopControl(head))
+        elif head in ("define", "template", "block"):
             raise GoTemplateError(f"{where}: {head!r} is not supported")
         else:
             stack[-1][0].append(Action(_parse_pipe(toks, where)))
@@ -225,51 +293,372 @@ class _Chained:
 
 # ------------------------------------------------------------------------------------------- execution
 
-_NO_VALUE = object()
+_NO_VALUE = object()   # Go's invalid reflect.Value: a missing key, nil interface; prints "<no value>"
+
+
+class _Break(Exception):
+    pass
+
+
+class _Continue(Exception):
+    pass
+
+
+def _kind(v: Any) -> str:
+    """Go's basicKind for a value (or 'invalid' for nil, 'other' for maps, slices, structs)."""
+    if v is None or v is _NO_VALUE:
+        return "invalid"
+    if isinstance(v, bool):
+        return "bool"
+    if isinstance(v, int):
+        return "int"
+    if isinstance(v, float):
+        return "float"
+    if isinstance(v, complex):
+        return "complex"
+    if isinstance(v, str):
+        return "string"
+    return "other"
 
 
 def _truth(v: Any) -> bool:
-    return not (v is None or v is _NO_VALUE or v is False or v == 0 and not isinstance(v, bool)
-                or (isinstance(v, (str, list, tuple, dict)) and len(v) == 0))
-
-
-def _fmt(v: Any) -> str:
     if v is None or v is _NO_VALUE:
+        return False
+    if isinstance(v, (bool, int, float, complex)):
+        return bool(v)
+    if isinstance(v, (str, list, tuple, dict)):
+        return len(v) > 0
+    return True   # a struct (pointer) is true
+
+
+def _go_float(f: float, verb: str = "v", prec: int = -1) -> str:
+    """strconv.FormatFloat as fmt uses it: %v/%g shortest ('1e+06', '15.1'), %e, %f."""
+    if math.isnan(f):
+        return "NaN"
+    if math.isinf(f):
+        return "+Inf" if f > 0 else "-Inf"
+    if verb in ("e", "E"):
+        out = f"{f:.{6 if prec < 0 else prec}e}"
+        mant, exp = out.split("e")
+        out = f"{mant}e{exp[0]}{int(exp[1:]):02d}"
+        return out.upper() if verb == "E" else out
+    if verb == "f":
+        return f"{f:.{6 if prec < 0 else prec}f}"
+    if prec >= 0:   # %.Ng
+        digits = Decimal(f"{f:.{max(prec, 1)}e}")
+    else:
+        digits = Decimal(repr(f))
+    sign, ds, exp = digits.as_tuple()
+    ds = list(ds)
+    while len(ds) > 1 and ds[-1] == 0:
+        ds.pop()
+        exp += 1
+    nd = len(ds)
+    dp = nd + exp             # the decimal point's position in the digit string
+    eprec = 6 if prec < 0 else (prec if prec else 1)
+    if prec >= 0 and eprec > nd and nd >= dp:
+        eprec = nd
+    x = dp - 1
+    text = "".join(map(str, ds))
+    minus = "-" if sign else ""
+    if f == 0:
+        return minus + "0"
+    if x < -4 or x >= eprec:
+        mant = text[0] + ("." + text[1:] if nd > 1 else "")
+        return f"{minus}{mant}e{'-' if x < 0 else '+'}{abs(x):02d}"
+    if dp <= 0:
+        return f"{minus}0.{'0' * -dp}{text}"
+    if dp >= nd:
+        return minus + text + "0" * (dp - nd)
+    return f"{minus}{text[:dp]}.{text[dp:]}"
+
+
+def _fmt(v: Any, top: bool = False) -> str:
+    """Go's fmt %v of a template value (`top`: an action's output, where nil prints `<no value>`)."""
+    if v is _NO_VALUE or (top and v is None):
         return "<no value>"
+    if v is None:
+        return "<nil>"
     if isinstance(v, bool):
         return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return _go_float(v)
+    if isinstance(v, complex):
+        imag = _go_float(v.imag)
+        return f"({_go_float(v.real)}{'' if imag.startswith(('-', '+')) else '+'}{imag}i)"
+    if isinstance(v, str):
+        return v
     if isinstance(v, (list, tuple)):
         return "[" + " ".join(_fmt(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "map[" + " ".join(f"{_fmt(k)}:{_fmt(v[k])}" for k in sorted(v)) + "]"
+    if hasattr(v, "FIELDS"):   # a struct pointer, as Ollama passes messages
+        if hasattr(v, "String"):
+            return v.String()
+        return "&{" + " ".join(_fmt(getattr(v, a)) for a in v.FIELDS.values()) + "}"
     return str(v)
 
 
-def _eq(a, *bs):
-    return any(a == b for b in bs)
+def _go_type(v: Any) -> str:
+    """%T of a value as Go names its type (data from JSON: float64, map[string]interface {}, ...)."""
+    return {"bool": "bool", "int": "int", "float": "float64", "complex": "complex128", "string": "string",
+            "invalid": "<nil>"}.get(_kind(v)) or (
+        "[]interface {}" if isinstance(v, (list, tuple)) else "map[string]interface {}" if isinstance(v, dict)
+        else f"*template.{type(v).__name__}")
 
 
-def _slice(v, *idx):
-    if len(idx) > 2:
-        raise GoTemplateError("slice: 3-index slices are not supported")
-    return v[idx[0]:idx[1]] if len(idx) == 2 else v[idx[0]:] if idx else v
+_VERB = re.compile(r"%([-+# 0]*)(\*|\d+)?(?:\.(\*|\d*))?([a-zA-Z%])")
+
+
+def _printf(fmt: Any, *args) -> str:
+    """Go's fmt.Sprintf for the verbs templates use (%v %s %d %q %x %X %o %b %c %e %f %g %t %T %%),
+    with flags, width and precision; a wrong or missing operand prints Go's %!verb(...) note."""
+    if not isinstance(fmt, str):
+        raise GoTemplateError(f"wrong type for value; expected string; got {_go_type(fmt)}")
+    out, pos, argi = [], 0, 0
+    args = list(args)
+    for m in _VERB.finditer(fmt):
+        out.append(fmt[pos:m.start()])
+        pos = m.end()
+        flags, width, prec, verb = m.group(1), m.group(2), m.group(3), m.group(4)
+        if verb == "%":
+            out.append("%")
+            continue
+        if argi >= len(args):
+            out.append(f"%!{verb}(MISSING)")
+            continue
+        v = args[argi]
+        argi += 1
+        p = int(prec) if prec not in (None, "", "*") else (0 if prec == "" else -1)
+        text = _format_one(v, verb, flags, p)
+        if width and width != "*" and len(text) < int(width):
+            pad = int(width) - len(text)
+            if "-" in flags:
+                text += " " * pad
+            elif "0" in flags and verb not in "sqvtT" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                sign = text[0] if text[:1] in "+-" else ""
+                text = sign + "0" * pad + text[len(sign):]
+            else:
+                text = " " * pad + text
+        out.append(text)
+    out.append(fmt[pos:])
+    if argi < len(args):
+        out.append("%!(EXTRA " + ", ".join(f"{_go_type(a)}={_fmt(a)}" for a in args[argi:]) + ")")
+    return "".join(out)
+
+
+def _format_one(v: Any, verb: str, flags: str, prec: int) -> str:
+    k = _kind(v)
+    bad = f"%!{verb}({_go_type(v)}={_fmt(v)})"
+    if verb == "T":
+        return _go_type(v)
+    if verb == "v":
+        return _fmt(v)
+    if verb == "s":
+        if k == "string":
+            return v[:prec] if prec >= 0 else v
+        return _fmt(v) if k == "other" else bad
+    if verb == "q":
+        if k == "string":
+            return json.dumps(v, ensure_ascii=False).replace("\\u007f", "\\x7f")
+        if k == "int":
+            return "'" + chr(v) + "'"
+        return bad
+    if verb == "t":
+        return _fmt(v) if k == "bool" else bad
+    if verb in "dxXobc" and k == "int":
+        if verb == "c":
+            return chr(v)
+        base = {"d": "d", "x": "x", "X": "X", "o": "o", "b": "b"}[verb]
+        text = format(abs(v), base)
+        if "#" in flags and verb in "xX":
+            text = ("0x" if verb == "x" else "0X") + text
+        sign = "-" if v < 0 else ("+" if "+" in flags else "")
+        return sign + text
+    if verb in "xX" and k == "string":
+        text = v.encode().hex()
+        return text.upper() if verb == "X" else text
+    if verb in "eEfFgG" and k in ("float", "int") and not isinstance(v, bool):
+        if k == "int":
+            return bad
+        text = _go_float(float(v), {"F": "f", "G": "g"}.get(verb, verb), prec)
+        return ("+" + text if "+" in flags and not text.startswith("-") else text)
+    if verb in "eEfFgG" and k == "complex":
+        re_, im = _format_one(v.real, verb, flags, prec), _format_one(v.imag, verb, "+", prec)
+        return f"({re_}{im}i)"
+    return bad
+
+
+def _sprint(*args) -> str:
+    """fmt.Sprint: operands printed with %v, a space between two operands when neither is a string."""
+    out = []
+    for i, a in enumerate(args):
+        if i and not isinstance(a, str) and not isinstance(args[i - 1], str):
+            out.append(" ")
+        out.append(_fmt(a))
+    return "".join(out)
+
+
+def _compare(name: str, a: Any, b: Any) -> bool:
+    ka, kb = _kind(a), _kind(b)
+    if ka in ("invalid", "other") or kb in ("invalid", "other") or ka == "bool" or kb == "bool":
+        raise GoTemplateError(f"error calling {name}: invalid type for comparison")
+    if ka != kb:
+        raise GoTemplateError(f"error calling {name}: incompatible types for comparison")
+    if ka == "complex":
+        raise GoTemplateError(f"error calling {name}: invalid type for comparison")
+    return {"lt": a < b, "le": a <= b, "gt": a > b, "ge": a >= b}[name]
+
+
+def _eq(a: Any, *bs) -> bool:
+    if not bs:
+        raise GoTemplateError("error calling eq: missing argument for comparison")
+    ka = _kind(a)
+    for b in bs:
+        kb = _kind(b)
+        if ka != kb:
+            if ka != "invalid" and kb != "invalid":
+                raise GoTemplateError("error calling eq: incompatible types for comparison")
+            continue
+        if ka == "other":
+            raise GoTemplateError(f"error calling eq: non-comparable type {_fmt(a)}: {_go_type(a)}")
+        if ka == "invalid" or a == b:
+            return True
+    return False
+
+
+def _ne(a: Any, b: Any) -> bool:
+    return not _eq(a, b)
+
+
+def _length(v: Any) -> int:
+    if isinstance(v, (str, list, tuple, dict)):
+        return len(v.encode() if isinstance(v, str) else v)
+    raise GoTemplateError(f"error calling len: len of {'nil pointer' if v in (None, _NO_VALUE) else 'type ' + _go_type(v)}")
+
+
+def _int_arg(x: Any, fn: str) -> int:
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise GoTemplateError(f"error calling {fn}: cannot index slice/array with type {_go_type(x)}")
+    return x
+
+
+def _index(v: Any, *keys) -> Any:
+    for k in keys:
+        if isinstance(v, dict):
+            if not isinstance(k, str):
+                raise GoTemplateError(f"error calling index: value has type {_go_type(k)}; should be string")
+            v = v.get(k)   # a missing key: the element type's zero value (nil for interface{})
+        elif isinstance(v, (list, tuple, str)):
+            i = _int_arg(k, "index")
+            if not 0 <= i < len(v):
+                raise GoTemplateError(f"error calling index: index out of range: {i}")
+            v = v.encode()[i] if isinstance(v, str) else v[i]
+        else:
+            raise GoTemplateError(f"error calling index: can't index item of type {_go_type(v)}")
+    return v
+
+
+def _slice(v: Any, *idx) -> Any:
+    if not isinstance(v, (str, list, tuple)):
+        raise GoTemplateError(f"error calling slice: can't slice item of type {_go_type(v)}")
+    if len(idx) > 3:
+        raise GoTemplateError(f"error calling slice: too many slice indexes: {len(idx)}")
+    if isinstance(v, str) and len(idx) == 3:
+        raise GoTemplateError("error calling slice: cannot 3-index slice a string")
+    ix = [_int_arg(i, "slice") for i in idx]
+    n = len(v.encode()) if isinstance(v, str) else len(v)
+    bounds = [0, n, n][:3]
+    for j, i in enumerate(ix):
+        if not 0 <= i <= n:
+            raise GoTemplateError(f"error calling slice: index out of range: {i}")
+        bounds[j] = i
+    if len(ix) >= 2 and ix[0] > ix[1] or len(ix) == 3 and ix[1] > ix[2]:
+        raise GoTemplateError(f"error calling slice: invalid slice index: {ix[0]} > {ix[1]}")
+    lo, hi = bounds[0], bounds[1] if len(ix) >= 2 else n
+    return v.encode()[lo:hi].decode(errors="replace") if isinstance(v, str) else list(v[lo:hi])
+
+
+def _go_json(v: Any) -> str:
+    """Ollama's `json`: Go's json.Marshal (map keys sorted, <, > and & escaped, structs by field)."""
+    def plain(x):
+        if x is _NO_VALUE:
+            return None
+        if hasattr(x, "FIELDS"):
+            return {k: plain(getattr(x, a)) for k, a in x.FIELDS.items()}
+        if isinstance(x, dict):
+            return {k: plain(x[k]) for k in sorted(x)}
+        if isinstance(x, (list, tuple)):
+            return [plain(i) for i in x]
+        if isinstance(x, float) and x.is_integer() and abs(x) < 1e21:
+            return int(x)
+        return x
+    text = json.dumps(plain(v), ensure_ascii=False, separators=(",", ":"))
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026") \
+        .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
+def _escaper_text(args: tuple) -> str:
+    """text/template's evalArgs: one string as is, else fmt.Sprint, with nil shown as <no value>."""
+    if len(args) == 1 and isinstance(args[0], str):
+        return args[0]
+    return _sprint(*(_NO_VALUE_TEXT if a is None else a for a in args))
+
+
+class _NoValueText(str):
+    pass
+
+
+_NO_VALUE_TEXT = _NoValueText("<no value>")
+
+
+def _js(*args) -> str:
+    text = _escaper_text(args)
+    out = []
+    for c in text:
+        if c in "\\'\"":
+            out.append("\\" + c)
+        elif c in "<>&=":
+            out.append(f"\\u{ord(c):04X}")
+        elif c == "\n":
+            out.append("\\n")
+        elif c == "\r":
+            out.append("\\r")
+        elif c == "\t":
+            out.append("\\t")
+        elif ord(c) < 0x20:
+            out.append(f"\\u{ord(c):04X}")
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def _html(*args) -> str:
+    text = _escaper_text(args)
+    return (text.replace("\0", "\uFFFD").replace("&", "&amp;").replace("'", "&#39;").replace("<", "&lt;")
+            .replace(">", "&gt;").replace('"', "&#34;"))
 
 
 _FUNCS = {
-    "and": None, "or": None,   # short-circuit: handled in _call
+    "and": None, "or": None,   # short-circuit: handled in _Exec.command
     "not": lambda v: not _truth(v),
-    "eq": _eq, "ne": lambda a, b: a != b,
-    "lt": lambda a, b: a < b, "le": lambda a, b: a <= b, "gt": lambda a, b: a > b, "ge": lambda a, b: a >= b,
-    "len": len,
-    "index": lambda v, *keys: _index(v, keys),
+    "eq": _eq, "ne": _ne,
+    "lt": lambda a, b: _compare("lt", a, b), "le": lambda a, b: _compare("le", a, b),
+    "gt": lambda a, b: _compare("gt", a, b), "ge": lambda a, b: _compare("ge", a, b),
+    "len": _length,
+    "index": _index,
     "slice": _slice,
-    "print": lambda *a: "".join(_fmt(x) for x in a),
-    "json": lambda v: json.dumps(v, ensure_ascii=False, separators=(",", ":")),
+    "print": _sprint,
+    "println": lambda *a: " ".join(_fmt(x) for x in a) + "\n",
+    "printf": _printf,
+    "html": _html,
+    "js": _js,
+    "urlquery": lambda *a: urllib.parse.quote_plus(_escaper_text(a), safe=""),
+    "json": _go_json,
 }
-
-
-def _index(v, keys):
-    for k in keys:
-        v = v[k]
-    return v
+_ARITY = {"not": 1, "ne": 2, "lt": 2, "le": 2, "gt": 2, "ge": 2, "len": 1, "json": 1}
 
 
 class _Scope:
@@ -302,9 +691,9 @@ def _field(v: Any, names: list[str]):
                 raise GoTemplateError(f"can't evaluate field {name} in type {type(v).__name__}")
             v = getattr(v, v.FIELDS[name])
         elif v is None or v is _NO_VALUE:
-            raise GoTemplateError(f"nil pointer evaluating .{name}")
+            v = _NO_VALUE   # a field of nil data (an interface holding nothing) is the zero value
         else:
-            raise GoTemplateError(f"can't evaluate field {name} in {type(v).__name__}")
+            raise GoTemplateError(f"can't evaluate field {name} in type {_go_type(v)}")
     return v
 
 
@@ -317,6 +706,8 @@ class _Exec:
         kind = node[0]
         if kind == "lit":
             return node[1]
+        if kind == "nil":
+            return None
         if kind == "field":
             return _field(dot, node[1])
         if kind == "var":
@@ -324,14 +715,19 @@ class _Exec:
         if kind == "pipe":
             return self.pipe(node[1], dot)
         if kind == "chain":
+            if node[1][0] == "nil":
+                raise GoTemplateError("indirection through explicit nil")
             return _field(self.operand(node[1], dot), node[2])
         raise GoTemplateError(f"{node[1]!r} is a function: call it with arguments")
 
     def command(self, cmd: list, dot: Any, piped=_NO_VALUE):
         first = cmd[0]
+        if first[0] == "nil":
+            raise GoTemplateError("nil is not a command")
         if first[0] != "func":
             if len(cmd) > 1 or piped is not _NO_VALUE:
-                raise GoTemplateError("can't give arguments to a non-function")
+                what = "field" if first[0] == "field" and first[1] else "non-function"
+                raise GoTemplateError(f"can't give argument to {what} {first[1] if what == 'field' else ''}".strip())
             return self.operand(first, dot)
         name = first[1]
         raw = list(cmd[1:])
@@ -339,6 +735,8 @@ class _Exec:
             values = [lambda n=n: self.operand(n, dot) for n in raw]
             if piped is not _NO_VALUE:
                 values.append(lambda: piped)
+            if not values:
+                raise GoTemplateError(f"wrong number of args for {name}: want at least 1 got 0")
             result = None
             for get in values:
                 result = get()
@@ -348,6 +746,11 @@ class _Exec:
         args = [self.operand(n, dot) for n in raw]
         if piped is not _NO_VALUE:
             args.append(piped)
+        args = [None if a is _NO_VALUE else a for a in args]
+        if name in _ARITY and len(args) != _ARITY[name]:
+            raise GoTemplateError(f"wrong number of args for {name}: want {_ARITY[name]} got {len(args)}")
+        if name == "printf" and not args:
+            raise GoTemplateError("wrong number of args for printf: want at least 1 got 0")
         try:
             return _FUNCS[name](*args)
         except GoTemplateError:
@@ -372,9 +775,11 @@ class _Exec:
             elif isinstance(node, Action):
                 value = self.pipe(node.pipe, dot)
                 if not node.pipe.decl:
-                    self.out.append(_fmt(value))
+                    self.out.append(_fmt(value, top=True))
             elif isinstance(node, Branch):
                 self.branch(node, dot)
+            elif isinstance(node, LoopControl):
+                raise _Break() if node.kind == "break" else _Continue()
 
     def branch(self, b: Branch, dot: Any) -> None:
         self.scope.frames.append({})
@@ -382,7 +787,16 @@ class _Exec:
             if b.kind == "range":
                 decl = b.pipe.decl
                 value = self.pipe(Pipe([], False, b.pipe.cmds), dot)
-                items = list(value.items()) if isinstance(value, dict) else list(enumerate(value or []))
+                if isinstance(value, dict):
+                    items = [(k, value[k]) for k in sorted(value)]
+                elif isinstance(value, (list, tuple)):
+                    items = list(enumerate(value))
+                elif value is None or value is _NO_VALUE:
+                    items = []
+                elif isinstance(value, int) and not isinstance(value, bool):
+                    raise GoTemplateError(f"range can't iterate over {value}")
+                else:
+                    raise GoTemplateError(f"range can't iterate over {_fmt(value)}")
                 if not items:
                     if b.else_body is not None:
                         self.run(b.else_body, dot)
@@ -394,8 +808,14 @@ class _Exec:
                     elif len(decl) == 2:
                         self.scope.set(decl[0], key, False)
                         self.scope.set(decl[1], item, False)
-                    self.run(b.body, item)
-                    self.scope.frames.pop()
+                    try:
+                        self.run(b.body, item)
+                    except _Continue:
+                        pass
+                    except _Break:
+                        break
+                    finally:
+                        self.scope.frames.pop()
                 return
             value = self.pipe(b.pipe, dot)
             if _truth(value):
@@ -447,24 +867,58 @@ def identifiers(nodes: list) -> set[str]:
 
 
 def cut_at_response(nodes: list) -> list:
-    """Ollama's deleteNode: drop the first `.Response` field and every node after it, in tree order."""
+    """Ollama's deleteNode with its predicate, node for node: walking the tree in order, the first
+    `.Response` field argument is kept and marks the cut; every node walked after it is dropped (a
+    command left without arguments drops its action). Branch conditions are not walked. Where Ollama's
+    walk would panic (an `else` list reached after the cut), this raises, as Ollama's request fails."""
     cut = False
 
-    def mentions_response(p: Pipe) -> bool:
-        return any(op[0] == "field" and "Response" in op[1] for cmd in p.cmds for op in cmd)
-
-    def walk(ns: list) -> list:
+    def deleted(node) -> bool:          # Ollama's predicate
         nonlocal cut
-        kept = []
-        for n in ns:
-            if cut:
-                continue
-            if isinstance(n, Action) and mentions_response(n.pipe):
-                cut = True
-                continue
-            if isinstance(n, Branch):
-                n = Branch(n.kind, n.pipe, walk(n.body), walk(n.else_body) if n.else_body is not None else None)
-            kept.append(n)
-        return kept
+        if isinstance(node, tuple) and node[0] == "field" and "Response" in node[1]:
+            cut = True
+            return False
+        return cut
 
-    return walk(nodes)
+    def walk_list(ns: list) -> list | None:
+        if deleted(ns):
+            return None
+        return [kept for n in ns if (kept := walk(n)) is not None]
+
+    def walk_pipe(p: Pipe) -> Pipe | None:
+        if deleted(p):
+            return None
+        cmds = []
+        for cmd in p.cmds:
+            args = [kept for a in cmd if (kept := walk_operand(a)) is not None]
+            if not args:
+                return None
+            cmds.append(args)
+        return Pipe(p.decl, p.assign, cmds) if cmds else None
+
+    def walk_operand(op: tuple):
+        if deleted(op):
+            return None
+        if op[0] == "pipe":
+            inner = walk_pipe(op[1])
+            return ("pipe", inner) if inner is not None else None
+        return op
+
+    def walk(n):
+        if deleted(n):
+            return None
+        if isinstance(n, Action):
+            pipe = walk_pipe(n.pipe)
+            return Action(pipe) if pipe is not None else None
+        if isinstance(n, Branch):
+            body = walk_list(n.body)
+            else_body = None
+            if n.else_body is not None:
+                else_body = walk_list(n.else_body)
+                if else_body is None:
+                    raise GoTemplateError("template: the cut at {{ .Response }} empties an else branch "
+                                          "(Ollama's deleteNode panics on this template)")
+            return Branch(n.kind, n.pipe, body if body is not None else [], else_body)
+        return n
+
+    return walk_list(nodes) or []

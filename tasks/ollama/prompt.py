@@ -10,7 +10,7 @@ collate and deleteNode).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tasks.ollama.gotemplate import Action, Pipe, cut_at_response, execute, identifiers, parse
 
@@ -25,9 +25,11 @@ class Message:
     images: list = field(default_factory=list)
     tool_calls: list = field(default_factory=list)
     tool_name: str = ""
+    tool_call_id: str = ""
 
+    # Ollama's templateMessage, in its field order (how `{{ . }}` and `json` print a message)
     FIELDS = {"Role": "role", "Content": "content", "Thinking": "thinking", "Images": "images",
-              "ToolCalls": "tool_calls", "ToolName": "tool_name"}
+              "ToolCalls": "tool_calls", "ToolName": "tool_name", "ToolCallID": "tool_call_id"}
 
 
 def collate(messages: list[Message]) -> tuple[str, list[Message]]:
@@ -36,9 +38,9 @@ def collate(messages: list[Message]) -> tuple[str, list[Message]]:
     merged: list[Message] = []
     for m in messages:
         if merged and merged[-1].role == m.role and m.role != "tool":
-            merged[-1] = Message(m.role, merged[-1].content + "\n\n" + m.content)
+            merged[-1] = replace(merged[-1], content=merged[-1].content + "\n\n" + m.content)
         else:
-            merged.append(Message(m.role, m.content))
+            merged.append(replace(m))
     return "\n\n".join(system), merged
 
 
@@ -53,7 +55,8 @@ def render_ollama_chat(template: str, messages: list[dict], system: str | None) 
     Raises:
         GoTemplateError: the template is outside the supported subset or fails to execute.
     """
-    msgs = [Message(m["role"], m["content"]) for m in messages]
+    msgs = [Message(m["role"], m.get("content") or "", tool_name=m.get("tool_name") or "",
+                    tool_call_id=m.get("tool_call_id") or "") for m in messages]
     if msgs and msgs[0].role != "system" and system:
         msgs.insert(0, Message("system", system))
     nodes = parse(template)

@@ -51,7 +51,8 @@ def test_functions_and_missing_keys():
 
 @pytest.mark.parametrize("tmpl, message", [
     ('{{ template "x" . }}', "'template' is not supported"),
-    ("{{ printf \"%s\" .Prompt }}", "function 'printf' is not supported"),
+    ("{{ call .Prompt }}", "function 'call' is not supported"),
+    ("{{ break }}", "outside {{range}}"),
     ("{{ if .Prompt }}unclosed", "unclosed block"),
     ("{{ range .Messages }}{{ .Nope }}{{ end }}", "can't evaluate field Nope"),
 ])
