@@ -13,7 +13,8 @@ against this real HTTP server on 127.0.0.1. It implements the documented endpoin
   POST /api/show                 modelfile, template, system, parameters, details, model_info (read from
                                  the stored GGUF's metadata with the `gguf` package)
   POST /api/chat                 it does NOT run a model. With `upstream` (a llama-server root URL) it
-                                 renders the stored TEMPLATE with Ollama's semantics (tasks.ollama.gotemplate)
+                                 renders the stored TEMPLATE as Ollama does, with Go's text/template (never
+                                 the code under test: tests/ollama_reference_render.py)
                                  and asks that server's /completion for the answer, using the stored stop
                                  strings and the request's options; without one it answers 501.
   GET  /api/tags, DELETE /api/delete
@@ -237,7 +238,8 @@ class _Handler(BaseHTTPRequestHandler):
                          "modified_at": m["modified_at"]})
 
     def _chat(self, body: dict) -> None:
-        from tasks.ollama.prompt import render_ollama_chat
+        # Rendered by Go's text/template as Ollama drives it (precomputed or live), never by tasks.ollama.
+        from ollama_reference_render import reference_prompt
 
         name = _name(body.get("model", ""))
         m = self.state.models.get(name)
@@ -246,7 +248,10 @@ class _Handler(BaseHTTPRequestHandler):
         if not self.state.upstream:
             return self._send(501, {"error": "this test double has no model runner (start it with upstream=)"})
         options = {**m["parameters"], **(body.get("options") or {})}
-        prompt = render_ollama_chat(m["template"] or "{{ .Prompt }}", body.get("messages") or [], m["system"])
+        try:
+            prompt = reference_prompt(m["template"] or "{{ .Prompt }}", body.get("messages") or [], m["system"])
+        except (LookupError, ValueError) as exc:
+            return self._send(500, {"error": f"template: {exc}"})
         stop = options.get("stop", [])
         request = {"prompt": prompt, "n_predict": options.get("num_predict", 128), "stop": stop if isinstance(stop, list) else [stop],
                    "temperature": options.get("temperature", 0.8), "top_k": options.get("top_k", 40),

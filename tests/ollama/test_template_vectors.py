@@ -64,3 +64,22 @@ def test_go_text_template_exec_vectors(vector):
             execute(parse(vector["template"]), vector["data"])
     else:
         assert execute(parse(vector["template"]), vector["data"]) == vector["output"]
+
+
+def test_the_ollama_api_double_renders_with_go_not_with_the_code_under_test():
+    """tests/ollama_api_server.py answers /api/chat with Go's renders (tests/ollama_reference_render.py),
+    and those agree with the renderer under test on the chats the deploy tests send."""
+    import ast
+
+    from ollama_reference_render import RENDERS, reference_prompt
+
+    for source in ("ollama_api_server.py", "ollama_reference_render.py"):
+        tree = ast.parse((Path(__file__).parent.parent / source).read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | \
+                   {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not any(m and m.startswith("tasks") for m in imported), (source, imported)
+    rows = [json.loads(line) for line in RENDERS.read_text().splitlines()]
+    assert rows
+    for row in rows:
+        assert reference_prompt(row["template"], row["messages"], row["system"]) == row["output"]
+        assert render_ollama_chat(row["template"], row["messages"], row["system"]) == row["output"]

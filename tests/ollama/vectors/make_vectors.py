@@ -1,7 +1,10 @@
 """Regenerate the expected renders in this folder with Go's own text/template (needs Go >= 1.18 on PATH;
-the tests themselves need no Go). Run from the repository root:
+the tests themselves need no Go). Run from the repository root with the project's Python:
 
-    python tests/ollama/vectors/make_vectors.py
+    .venv/bin/python tests/ollama/vectors/make_vectors.py
+
+Also writes double-renders.jsonl: the prompts the Ollama API test double answers with (see
+tests/ollama_reference_render.py).
 
 Writes ollama/chat-vectors.jsonl: every template Ollama ships (ollama/templates/) and a few legacy
 (System/Prompt/Response) templates, over chats with and without a Modelfile SYSTEM, same-role runs and
@@ -50,6 +53,41 @@ LEGACY = {
 }
 
 
+def double_cases() -> list[dict]:
+    """The chats the Ollama API double answers in the tests (tests/export/test_export_deploy.py): the
+    deploy test chat (the first test row's user turn, SYSTEM from the Modelfile) under the TEMPLATE
+    derived from the SmolLM2 training tokenizer. Only the *inputs* come from the project; Go renders them."""
+    import sys
+
+    sys.path.insert(0, str(HERE.parent.parent))          # tests/: conftest's fixtures' data
+    from transformers import AutoTokenizer
+
+    from tasks.data.prepare import load_examples, to_messages
+    from tasks.models.bootstrap import resolve_base_model
+    from tasks.ollama.modelfile import build_modelfile
+    from tasks.recipe import ModelConfig
+
+    system = ModelConfig().system_prompt
+    rows = [to_messages(ex, system) for ex in load_examples(HERE.parent.parent / "assets" / "slipstream-tiny.jsonl")]
+    mf = build_modelfile(AutoTokenizer.from_pretrained(resolve_base_model(ModelConfig())), "x.gguf", system)
+    return [{"template": mf.template, "messages": row["messages"][1:-1], "system": mf.system} for row in rows[10:12]]
+
+
+def write_double_renders() -> None:
+    sys_path = str(HERE.parent.parent)
+    import sys
+
+    sys.path.insert(0, sys_path)
+    from ollama_reference_render import go_render, render_key
+
+    cases = double_cases()
+    rows = [{"key": render_key(c["template"], c["messages"], c["system"]), **c, **r}
+            for c, r in zip(cases, go_render(cases), strict=True)]
+    out = HERE / "double-renders.jsonl"
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    print(f"{len(rows)} renders -> {out}")
+
+
 def main() -> None:
     templates = {p.name: p.read_text().replace("\r\n", "\n") for p in sorted((HERE / "ollama" / "templates").glob("*.gotmpl"))}
     templates |= {f"legacy:{k}": v for k, v in LEGACY.items()}
@@ -68,6 +106,7 @@ def main() -> None:
     out = HERE / "ollama" / "chat-vectors.jsonl"
     out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     print(f"{len(rows)} renders -> {out}")
+    write_double_renders()
 
 
 if __name__ == "__main__":
