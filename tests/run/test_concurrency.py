@@ -90,7 +90,7 @@ def test_two_slipway_runs_at_once_claim_two_folders_and_share_one_bootstrapped_m
             prog_name="slipway", standalone_mode=False)
     """
     home = tmp_path / "slipway-home"
-    env = {"SLIPWAY_HOME": str(home)}
+    env = {"SLIPWAY_HOME": str(home), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
     procs = [subprocess.Popen([PY, "-c", textwrap.dedent(code), str(time.time() + 5)], cwd=REPO, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **env})
              for _ in range(2)]
