@@ -72,3 +72,38 @@ def test_resume_refuses_complete_or_foreign_runs(tmp_path):
         create_run_folder.fn(str(tmp_path), recipe, resume_from=str(run))
     with pytest.raises(ValueError, match="not a run folder"):
         create_run_folder.fn(str(tmp_path), recipe, resume_from=str(tmp_path / "nope"))
+
+
+def test_a_completed_stage_is_recorded_and_not_run_again_in_that_folder(tmp_path):
+    from pathlib import Path
+
+    from tasks.run import RunFolder, resumable_stage, rotate_log
+
+    calls = []
+
+    @resumable_stage(lambda args: f"eval-{args['label']}")
+    def measure(run_dir, label: str) -> dict:
+        calls.append(label)
+        return {"label": label, "model": Path("/models/x"), "scores": [1.0, 0.5]}
+
+    run = new_run_dir(tmp_path, "r")
+    first = measure(run, "base")
+    assert measure(run, "base") == first and isinstance(first["model"], Path)   # the recorded result, paths intact
+    measure(run, "merged")
+    assert calls == ["base", "merged"]
+    assert json.loads(RunFolder(run).stage_record("eval-base").read_text())["result"]["scores"] == [1.0, 0.5]
+    # A stage that raised is not recorded: the resumed run runs it again.
+
+    @resumable_stage("train")
+    def broken(run_dir):
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        broken(run)
+    assert not RunFolder(run).stage_record("train").exists()
+    log = RunFolder(run).train_log
+    log.write_text("attempt 1\n")
+    assert rotate_log(log).name == "train.1.log" and not log.exists()
+    log.write_text("attempt 2\n")
+    assert rotate_log(log).name == "train.2.log"
+    assert (log.parent / "train.1.log").read_text() == "attempt 1\n"
