@@ -29,12 +29,13 @@ SMALL = ["training.max_steps=6", "training.save_steps=2", "training.logging_step
 LOGGED_STEP = re.compile(r"^\[train\] step (\d+)/\d+ .*?\bloss=([0-9.e+-]+)", re.M)
 
 
-def slipway_run(*args: str) -> subprocess.Popen:
+def slipway_run(log, *args: str) -> subprocess.Popen:
+    """`slipway run` in its own process, its output to `log` (a file: a full pipe would stall the run)."""
     # A loaded 2-core machine can take longer than Prefect's default 20 s to start its temporary server.
     env = {**os.environ, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
     return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "slipstream", *args,
                              *[a for s in SMALL for a in ("--set", s)]],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
 
 
 def training_process(cli: subprocess.Popen) -> psutil.Process | None:
@@ -54,25 +55,28 @@ def logged_steps(log: str) -> dict[int, float]:
 def test_a_run_whose_training_was_killed_resumes_from_its_last_checkpoint(tmp_path, base_model_dir):
     runs = tmp_path / "runs"
     run = RunFolder(runs / "crashed")
-    first = slipway_run("--output-root", str(runs), "--run-name", "crashed")
+    first_log, resumed_log_file = tmp_path / "first.out", tmp_path / "resumed.out"
+    first = slipway_run(open(first_log, "w"), "--output-root", str(runs), "--run-name", "crashed")
     # Wait for the first checkpoint to be whole (trainer_state.json is its last file), then kill the real
     # training process -9, as the kernel's OOM killer or a lost machine would: no handler runs.
     checkpoint = run.checkpoints_dir / "checkpoint-2" / "trainer_state.json"
     deadline = time.time() + 600
     while not checkpoint.exists():
-        assert first.poll() is None and time.time() < deadline, first.communicate()[0][-4000:]
+        assert first.poll() is None and time.time() < deadline, first_log.read_text()[-4000:]
         time.sleep(0.05)
     trainer = training_process(first)
     assert trainer is not None
     os.kill(trainer.pid, signal.SIGKILL)
-    out, _ = first.communicate(timeout=300)
+    first.wait(timeout=300)
+    out = first_log.read_text()
     assert first.returncode == 1 and "training failed (exit -9)" in out, out[-4000:]
     assert not run.is_complete() and not (run.checkpoints_dir / "checkpoint-6").exists()
     splits_before = run.split("train").stat().st_mtime_ns
     eval_base_before = run.eval_metrics("base").read_text()
 
-    resumed = slipway_run("--output-root", str(runs), "--resume", str(run.root))
-    out, _ = resumed.communicate(timeout=1200)
+    resumed = slipway_run(open(resumed_log_file, "w"), "--output-root", str(runs), "--resume", str(run.root))
+    resumed.wait(timeout=1200)
+    out = resumed_log_file.read_text()
     assert run.is_complete(), out[-4000:]
     assert resumed.returncode == 0 or "gate" in out.lower(), out[-4000:]   # failed gates still complete the run
     assert f"Report: {run.report_md}" in out
