@@ -91,10 +91,13 @@ def test_two_slipway_runs_at_once_claim_two_folders_and_share_one_bootstrapped_m
     """
     home = tmp_path / "slipway-home"
     env = {"SLIPWAY_HOME": str(home), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
-    procs = [subprocess.Popen([PY, "-c", textwrap.dedent(code), str(time.time() + 5)], cwd=REPO, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **env})
-             for _ in range(2)]
-    outs = [p.communicate(timeout=900)[0] for p in procs]
+    logs = [tmp_path / f"run-{i}.out" for i in range(2)]   # files: a full pipe would stall a run
+    start = str(time.time() + 5)
+    procs = [subprocess.Popen([PY, "-c", textwrap.dedent(code), start], cwd=REPO, text=True, stdout=open(log, "w"),
+                              stderr=subprocess.STDOUT, env={**os.environ, **env}) for log in logs]
+    for p in procs:
+        p.wait(timeout=900)
+    outs = [log.read_text() for log in logs]
     folders = []
     for out in outs:
         assert "not valid JSON" in out, out[-3000:]
