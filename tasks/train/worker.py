@@ -299,7 +299,9 @@ def train(recipe: Recipe, run_dir: Path | RunFolder, base_dir: Path) -> dict:
              "trainable_params": sum(p.numel() for p in lora_before.values()),
              "mask": mask_report, "device": "cuda" if on_gpu else "cpu", "mixed_precision": precision,
              "world_size": int(os.environ.get("WORLD_SIZE", "1")), "engine": cfg.engine,
-             "packing": packing_report(train_data, per_device) if cfg.packing else None, "history": history}
+             "packing": packing_report(train_data, per_device) if cfg.packing else None,
+             "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None,
+             "history": history}
     if trainer.is_world_process_zero():
         with atomic_dir(run.lora_dir) as tmp:
             model.save_pretrained(tmp)
