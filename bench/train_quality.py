@@ -84,7 +84,7 @@ def build_base(out: Path, gguf: Path) -> Path:
 def train_variant(name: str, out: Path, base: Path) -> dict:
     from tasks.recipe import load_recipe
     from tasks.run import atomic_write_jsonl, read_jsonl
-    from tasks.train.launch import training_command
+    from tasks.train.command import training_command
 
     recipe_name, overrides, gpus = VARIANTS[name]
     recipe = load_recipe(recipe_name, overrides)
@@ -95,7 +95,6 @@ def train_variant(name: str, out: Path, base: Path) -> dict:
     for split in ("train", "val"):
         atomic_write_jsonl(run_dir / "data" / f"{split}.jsonl", read_jsonl(out / "splits" / f"{split}.jsonl"))
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpus}
-    os.environ["CUDA_VISIBLE_DEVICES"] = gpus     # training_command counts the visible GPUs
     cmd = training_command(recipe, run_dir, base, gpus=len(gpus.split(",")))
     start = time.time()
     with open(out / f"train-{name}.log", "w") as log:

@@ -149,7 +149,7 @@ def run_slipway(variant: str, args, rows: list[dict]) -> dict:
 def run_multi(variant: str, args, rows: list[dict]) -> dict:
     """Slipway's launcher as the flow uses it, on the first N GPUs."""
     from tasks.recipe import Recipe
-    from tasks.train.launch import training_command
+    from tasks.train.command import training_command
 
     gpus = int(variant.split("-")[1])
     run_dir = slipway_run_dir(variant, args, rows)
