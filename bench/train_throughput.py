@@ -343,7 +343,11 @@ def main() -> None:
                str(args.pack_length), "--data", str(args.data)] + (["--tiny"] if args.tiny else [])
         t = time.time()
         try:
-            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=min(args.timeout, left))
+            # A single-GPU variant sees one GPU: with two visible, the HF Trainer would wrap the model in
+            # nn.DataParallel (seen on 2026-11-30: `hf` ran on both GPUs, 16 rows a step).
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0"} if gpus and need == 1 else None
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=min(args.timeout, left),
+                                  env=env)
         except subprocess.TimeoutExpired as exc:
             results[variant] = {"skipped": f"timed out after {min(args.timeout, left):.0f}s"}
             (args.work / f"{variant}.out").write_text(str(exc.stdout or "") + str(exc.stderr or ""))

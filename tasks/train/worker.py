@@ -286,7 +286,8 @@ def train(recipe: Recipe, run_dir: Path | RunFolder, base_dir: Path) -> dict:
         print(f"[train] resuming from {last}", flush=True)
     result = trainer.train(resume_from_checkpoint=last)
     seconds = time.time() - start
-    changed = sum(int(not torch.equal(lora_before[n], p.detach()))
+    # DeepSpeed moves the model to the GPU inside train(): the snapshot may sit on another device.
+    changed = sum(int(not torch.equal(lora_before[n].to(p.device), p.detach()))
                   for n, p in model.named_parameters() if n in lora_before)
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
