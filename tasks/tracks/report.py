@@ -43,7 +43,8 @@ def track_figures(result: dict) -> dict:
     tokens, estimated = training_tokens(training, result.get("batch") or {})
     seconds = training.get("seconds")
     rate = tokens / seconds if tokens and seconds else None
-    run_seconds = result["end"] - result["start"] if result.get("start") and result.get("end") else None
+    run_seconds = (result["end"] - result["start"]
+                   if result.get("start") is not None and result.get("end") is not None else None)
     return {"track": result["run_name"], "recipe": result["recipe"], "deployment": result["deployment"],
             "work_pool": result["work_pool"], "state": result["state"], "flow_run": result["flow_run"],
             "cuda_visible_devices": devices.get("cuda_visible_devices"),
@@ -60,15 +61,18 @@ def summarize(layout: str, results: list[dict]) -> dict:
     """The layout's figures: per track, and its wall time (first track start to last track end, on the
     server's clock) against the sum of the tracks' own run times."""
     tracks = [track_figures(r) for r in results]
-    starts = [t["start"] for t in tracks if t["start"]]
-    ends = [t["end"] for t in tracks if t["end"]]
+    starts = [t["start"] for t in tracks if t["start"] is not None]
+    ends = [t["end"] for t in tracks if t["end"] is not None]
     rates = [t["tokens_per_second_per_process"] for t in tracks if t["tokens_per_second_per_process"]]
-    return {"layout": layout, "tracks": tracks,
-            "wall_seconds": max(ends) - min(starts) if starts and len(ends) == len(tracks) else None,
-            "sum_run_seconds": sum(t["run_seconds"] for t in tracks if t["run_seconds"]),
+    return {"layout": layout, "track_flows": sorted({t["deployment"].split("/")[0] for t in tracks}), "tracks": tracks,
+            "wall_seconds": max(ends) - min(starts) if len(starts) == len(ends) == len(tracks) else None,
+            "sum_run_seconds": sum(t["run_seconds"] for t in tracks if t["run_seconds"] is not None),
             "mean_tokens_per_second_per_process": sum(rates) / len(rates) if rates else None,
             "all_finished": all(r["complete"] for r in results),
             "all_gates_passed": all(t["gates_passed"] for t in tracks)}
+
+
+FLOW_STAGES = {"finetune": "data, training, export, evaluation, gates", "train": "data, training, loss gate"}
 
 
 def _secs(x: float | None) -> str:
@@ -102,18 +106,20 @@ def render_tracks_report(name: str, summary: dict, other: dict | None) -> str:
                      f"{_rate(t['tokens_per_second_per_process'], t['tokens_estimated'])} | "
                      f"{cell(_gates(t['gates']))} |")
     lines += ["", f"Wall time: **{_secs(summary['wall_seconds'])}** (first track start → last track end); the "
-              f"tracks' own run times add up to {_secs(summary['sum_run_seconds'])}. Run time is the finetune flow "
-              "run (data, training, export, evaluation, gates); training is the training process alone.",
+              f"tracks' own run times add up to {_secs(summary['sum_run_seconds'])}. Run time is the track's flow run "
+              f"({' / '.join(f'`{f}`: {FLOW_STAGES.get(f, f)}' for f in summary['track_flows'])}); training is the "
+              "training process alone.",
               "≈: tokens estimated (from an earlier logged count, or steps × rows per step × mean row tokens)."
               if any(t["tokens_estimated"] for t in tracks) else ""]
     if other:
         lines += ["", "## Layouts compared", "",
-                  "| layout | tracks | wall time | sum of run times | mean tokens/s per GPU (process) |",
-                  "|---|---|---|---|---|"]
+                  "| layout | track flow | tracks | wall time | sum of run times | mean tokens/s per GPU (process) |",
+                  "|---|---|---|---|---|---|"]
         for s in (summary, other):
-            lines.append(f"| {s['layout']} | {len(s['tracks'])} | {_secs(s['wall_seconds'])} | "
+            lines.append(f"| {s['layout']} | {', '.join(s.get('track_flows', []))} | {len(s['tracks'])} | "
+                         f"{_secs(s['wall_seconds'])} | "
                          f"{_secs(s['sum_run_seconds'])} | {_rate(s['mean_tokens_per_second_per_process'])} |")
-        if summary["wall_seconds"] and other["wall_seconds"]:
+        if summary["wall_seconds"] and other["wall_seconds"]:   # both measured, neither zero
             lines += ["", f"{summary['layout']} / {other['layout']} wall time: "
                       f"**{summary['wall_seconds'] / other['wall_seconds']:.2f}×**"]
     lines += ["", "Each track's run folder (report, metrics/devices.json, metrics/training-stats.json):", ""]
