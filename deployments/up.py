@@ -53,9 +53,14 @@ class PoolsFile(StrictModel):
     gpu_layouts: dict[int, dict[str, str]] = Field(
         default_factory=dict, description="host GPU count -> {GPU pool: CUDA_VISIBLE_DEVICES}")
 
+    @property
+    def gpu_pools(self) -> set[str]:
+        """The pools whose devices depend on the host (every pool a layout names)."""
+        return {name for layout in self.gpu_layouts.values() for name in layout}
+
     @model_validator(mode="after")
     def check_layouts(self) -> "PoolsFile":
-        gpu_pools = {name for layout in self.gpu_layouts.values() for name in layout}
+        gpu_pools = self.gpu_pools
         if unknown := gpu_pools - set(self.pools):
             raise ValueError(f"gpu_layouts name pools that `pools` does not define: {sorted(unknown)}")
         for host_gpus, layout in self.gpu_layouts.items():
@@ -100,8 +105,7 @@ def pool_env(pools: PoolsFile, name: str, host_gpus: int) -> dict[str, str]:
         PoolsError: GPU pools exist but pools.yaml has no layout for this GPU count.
     """
     env = dict(pools.pools[name].env)
-    gpu_pools = {pool for layout in pools.gpu_layouts.values() for pool in layout}
-    if name in gpu_pools:
+    if name in pools.gpu_pools:
         if host_gpus not in pools.gpu_layouts:
             raise PoolsError(f"{POOLS_FILE.name}: no gpu_layouts entry for a host of {host_gpus} GPU(s); "
                              f"known: {sorted(pools.gpu_layouts)}")
