@@ -100,7 +100,7 @@ timeout 120 $PY -m prefect server status --wait --timeout 110 > "$WORK/status.lo
 say "server up"
 timeout 240 $PY -m deployments.up --gpus "$HOST_GPUS" > "$WORK/deploy.log" 2>&1 \
   || { say "deploy failed"; tail -40 "$WORK/deploy.log"; exit 1; }
-grep "work pool" "$WORK/deploy.log"
+grep "^work pool" "$WORK/deploy.log"
 for pool in gpu-a gpu-b gpu-all; do
   setsid $PY -m prefect worker start --pool "$pool" --limit 1 > "$WORK/worker-$pool.log" 2>&1 &
   PIDS+=($!)
