@@ -19,6 +19,7 @@ import yaml
 from prefect import task
 
 from blocks.hub import HuggingFaceHubCredentials
+from tasks.data.prepare import mix_lines
 from tasks.markdown import pct
 from tasks.ollama.modelfile import Modelfile
 from tasks.recipe import REPO_ROOT, Recipe
@@ -166,6 +167,7 @@ def dataset_card(recipe: Recipe, run_dir: RunFolder | Path, repo_name: str) -> s
              "prompts, so no prompt appears in two splits (no train/test leakage). "
              f"Seed {recipe.data.seed}; validation ratio {recipe.data.val_ratio}, test ratio {recipe.data.test_ratio}"
              + (f"; training subset of {recipe.data.train_rows} rows" if recipe.data.train_rows else "") + ".", "",
+             *mix_lines(read_json(run.data_stats, missing_ok=True)), "",
              "## Source, licence and attribution", ""]
     lines += [DATA_README.read_text().split("\n", 2)[-1].strip() if DATA_README.exists() else "See the source dataset.", "",
               "## Citation", "", "```bibtex", SLIPSTREAM_CITATION, "```", ""]
