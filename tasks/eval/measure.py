@@ -92,10 +92,10 @@ def run_and_score(runner: Runner, rows: list[dict], run_name: str, count_tokens:
         scored = [metrics.score_row(r, c.text, count_tokens, c.tool_calls) for r, c in zip(rows, completions)]
         summary = metrics.aggregate(kind.name, scored, [c.as_call() for c in completions], seconds)
         for req, s in zip(requests, scored):
-            for key in kind.metric_keys:
+            for key in (k for k in kind.metric_keys if s[k] is not None):   # None: not this row's metric
                 tracing.score(key, s[key], trace_id=parent.trace_id, observation_id=observer.generation_ids.get(
                     req.row_id))
-        for key in kind.metric_keys:
+        for key in (k for k in kind.metric_keys if summary[k] is not None):
             tracing.score(key, summary[key], trace_id=parent.trace_id, observation_id=parent.span_id,
                           comment=f"{runner.label}: mean over {len(rows)} rows")
     cost = metrics.cost_per_1k_requests(summary, prices[0], prices[1], usd_per_hour)

@@ -122,9 +122,10 @@ def model_card(recipe: Recipe, run_dir: RunFolder | Path, results: dict[str, dic
               f'ollama run {repo_name} "Tell bob to review my authentication code"', "```", ""]
     lines += ["## Evaluation", "", f"Greedy decoding on {next(iter(results.values()))['rows']} held-out test rows, "
               "scored with the strict Slipstream parser.", "",
-              "| model | runner | strict parse | anchor acc. | src/dst acc. |", "|---|---|---|---|---|"]
+              "| model | runner | strict parse | anchor acc. | recipient (dst) acc. | src/dst acc. |",
+              "|---|---|---|---|---|---|"]
     lines += [f"| {label} | {r.get('runner')} | {pct(r.get('strict_parse'))} | {pct(r.get('anchor_accuracy'))} | "
-              f"{pct(r.get('src_dst_accuracy'))} |" for label, r in results.items()]
+              f"{pct(r.get('dst_accuracy'))} | {pct(r.get('src_dst_accuracy'))} |" for label, r in results.items()]
     if parity:
         lines += ["", f"Every format on the same {parity['rows']} test rows (drop = merged minus format, anchor accuracy):",
                   "", "| format | anchor acc. | drop |", "|---|---|---|"]
