@@ -66,7 +66,8 @@ def finetune(recipe: str = "slipstream", overrides: dict | None = None, output_r
     # The recipe's eval files (hand-written prompts no training row resembles) beside the test split.
     held_out = {}
     for eval_file in cfg.data.eval_files:
-        name = write_eval_file_split(run_dir, eval_file, cfg.model.system_prompt, cfg.task)
+        name = write_eval_file_split(run_dir, eval_file, cfg.model.system_prompt, cfg.task,
+                                     cfg.data.eval_rows)
         held_out[f"merged@{name}"] = serve_and_measure_gguf(run_dir, f"merged@{name}", ggufs["f16"], cfg.eval,
                                                             cfg.deploy, tokenizer_dir=base_dir, split=name)
     served_label = f"gguf-{cfg.export.serve_type}"

@@ -219,16 +219,17 @@ def prepare_splits(cfg: DataConfig, system_prompt: str, task: str = "slipstream"
 
 
 @task(name="write-eval-file-split")
-def write_eval_file_split(run_dir: Path, eval_file: str, system_prompt: str, task: str) -> str:
+def write_eval_file_split(run_dir: Path, eval_file: str, system_prompt: str, task: str, max_rows: int = 0) -> str:
     """A recipe eval file (data.eval_files, validated line by line) as a row file of the run, evaluated
-    beside the test split; returns its split name (the file's stem).
+    beside the test split (its first `max_rows` rows, 0 = all: data.eval_rows, as for the test split);
+    returns its split name (the file's stem).
 
     Raises:
         EvalFileError: naming the file and line of the first bad row.
     """
     name = Path(eval_file).stem
     rows = [to_chat_row(r, system_prompt) for r in load_eval_file(repo_path(eval_file), task)]
-    atomic_write_jsonl(RunFolder(run_dir).split(name), rows)
+    atomic_write_jsonl(RunFolder(run_dir).split(name), rows[:max_rows] if max_rows else rows)
     return name
 
 

@@ -173,7 +173,6 @@ def write_manifest(run_dir: RunFolder | Path, artifacts: dict[str, Path]) -> dic
     return manifest
 
 
-@task(name="merge-adapter")
 def ensure_base_gguf(base_dir: Path) -> Path:
     """The base SLM as an f16 GGUF, converted once and cached beside the converted HF folder."""
     target = slipway_home() / "models" / f"{Path(base_dir).name}-f16.gguf"
@@ -186,6 +185,7 @@ def base_model_gguf(base_dir: Path) -> Path:
     return ensure_base_gguf(base_dir)
 
 
+@task(name="merge-adapter")
 def merge_lora_adapter(run_dir: RunFolder | Path, base_dir: Path) -> Path:
     """run/merged: base + adapter folded into one 16-bit HF model; returns that folder."""
     run = RunFolder(run_dir)
