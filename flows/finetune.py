@@ -7,8 +7,9 @@ Run it:
 
 Stages: validate recipe → run folder → base model → data splits → baseline eval (base SLM, and the LLM
 baseline when the recipe names one) → LoRA training → merge → GGUF export → Modelfile → template check →
-merged eval → llama.cpp server eval → parity of every format → gates → deploy → model card → publish →
-report. The flow only wires tasks.
+merged eval (test split, then each of data.eval_files) → served-GGUF eval → parity of every format → gates →
+deploy → model card → publish → report. Base, merged and served are evaluated by llama.cpp; the parity
+table holds the one transformers evaluation. The flow only wires tasks.
 """
 
 from __future__ import annotations
