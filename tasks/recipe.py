@@ -110,6 +110,10 @@ class DataConfig(StrictModel):
     near_duplicate_jaccard: float = Field(
         0.9, gt=0, le=1, description="Prompts whose word sets have at least this Jaccard similarity count as "
         "duplicates (removed before the split) and as contamination of an evaluation prompt.")
+    synth_rows: int = Field(0, ge=0, description="Slipstream only: rows made by the template synthesis "
+        "(tasks/synth/templates.py, data/slipstream-templates.yaml) mixed into the source before the split; "
+        "every one names its recipient, which is its SLIP dst. 0 = the source alone.")
+    synth_seed: int = Field(7, description="Seed of the template synthesis (same seed, same rows).")
     eval_files: list[str] = Field(
         default_factory=list, description="Evaluation JSONL files (relative to the repo root) whose prompts "
         "must never appear, exactly or nearly, in the training split.")
