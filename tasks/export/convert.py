@@ -22,7 +22,8 @@ from prefect import task
 
 from tasks.llamacpp import build as llamacpp
 from tasks.recipe import ExportConfig
-from tasks.run import RunFolder, atomic_dir, atomic_output, atomic_write_json, resumable_stage, stage_timer
+from tasks.run import (RunFolder, atomic_dir, atomic_output, atomic_write_json, cache_lock, resumable_stage,
+                       slipway_home, stage_timer)
 
 # GGUF types produced by the converter directly vs. by llama-quantize from the f16 file.
 CONVERTER_TYPES = {"f16", "bf16"}
@@ -168,6 +169,19 @@ def write_manifest(run_dir: RunFolder | Path, artifacts: dict[str, Path]) -> dic
         manifest[name] = entry
     atomic_write_json(run.gguf_manifest, manifest)
     return manifest
+
+
+def ensure_base_gguf(base_dir: Path) -> Path:
+    """The base SLM as an f16 GGUF, converted once and cached beside the converted HF folder."""
+    target = slipway_home() / "models" / f"{Path(base_dir).name}-f16.gguf"
+    with cache_lock(target):   # one process converts; a concurrent run waits and reuses it
+        return target if target.exists() else convert_hf_to_gguf(Path(base_dir), target, "f16")   # atomic
+
+
+@task(name="base-model-gguf")
+def base_model_gguf(base_dir: Path) -> Path:
+    """The base SLM as a cached f16 GGUF, so its baseline is measured by llama.cpp like every other form."""
+    return ensure_base_gguf(base_dir)
 
 
 @task(name="merge-adapter")
