@@ -173,6 +173,7 @@ def measure_hf_model(run_dir: Path, label: str, model_dir: Path, cfg: EvalConfig
 
 
 @task(name="serve-and-measure-gguf", retries=2, retry_delay_seconds=5)  # I/O: a server and HTTP calls
+@resumable_stage(lambda args: f"eval-{args['label']}")
 def serve_and_measure_gguf(run_dir: Path, label: str, gguf_path: Path, cfg: EvalConfig,
                            deploy: DeployConfig, tokenizer_dir: Path | None = None, split: str = "test") -> dict:
     """Start llama.cpp's OpenAI-compatible server on the GGUF, measure through the `openai` client, stop it.
