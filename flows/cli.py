@@ -33,6 +33,7 @@ from tasks.data.evalfile import EvalFileError, load_eval_file
 from tasks.data.formats import FORMATS, FormatError, convert_file
 from tasks.export import template_check
 from tasks.llamacpp import serve as llamacpp_serve
+from tasks.names import InvalidName, check_slug
 from tasks.recipe import REPO_ROOT, RecipeError
 from tasks.run import RunFolder
 from tasks.start import validate_recipe
@@ -59,13 +60,16 @@ def stop(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
-def check_input(recipe: str, overrides: dict, eval_file: Path | None = None) -> None:
-    """The recipe (and an eval file) as the flow will read them; a bad one stops here, before Prefect starts."""
+def check_input(recipe: str, overrides: dict, eval_file: Path | None = None, run_name: str | None = None) -> None:
+    """The recipe, run name (and an eval file) as the flow will read them; a bad one stops here, before
+    Prefect starts."""
     try:
+        if run_name is not None:
+            check_slug("run name", run_name)
         cfg = validate_recipe.fn(recipe, overrides)   # the flow's own first task, run before Prefect starts
         if eval_file:
             load_eval_file(eval_file, cfg.task)
-    except (RecipeError, EvalFileError) as exc:
+    except (RecipeError, EvalFileError, InvalidName) as exc:
         stop(str(exc))
 
 
@@ -95,7 +99,7 @@ def run(recipe: Annotated[str, typer.Argument(help="A recipe name in recipes/ or
         output_root: OutputRoot = REPO_ROOT / "runs") -> None:
     """Fine-tune, export, serve, evaluate and gate one recipe (the finetune flow)."""
     overrides = parse_overrides(set_)
-    check_input(recipe, overrides)
+    check_input(recipe, overrides, run_name=run_name)
     run_name = run_name or default_run_name(recipe)
     state = finetune(recipe=recipe, overrides=overrides, output_root=str(output_root), run_name=run_name,
                      resume_from=str(resume) if resume else None, return_state=True)
@@ -120,7 +124,7 @@ def evaluate(recipe: Annotated[str, typer.Argument(help="A recipe with a `baseli
              output_root: OutputRoot = REPO_ROOT / "runs") -> None:
     """Measure the SLM against an LLM on a track and decide keep-llm / swap-now / fine-tune (the evaluate flow)."""
     overrides = parse_overrides(set_)
-    check_input(recipe, overrides, eval_file)
+    check_input(recipe, overrides, eval_file, run_name=run_name)
     run_name = run_name or default_run_name(recipe, "eval")
     state = evaluate_flow(recipe=recipe, eval_file=str(eval_file) if eval_file else None,
                           finetuned_run=str(finetuned_run) if finetuned_run else None, overrides=overrides,

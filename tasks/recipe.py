@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tasks.names import check_hub_repo, check_slug
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = REPO_ROOT / "recipes"
@@ -160,6 +162,11 @@ class DeployConfig(StrictModel):
     allow_qlora_adapter: bool = Field(False, description="artifact 'adapter': accept an adapter trained on a "
                                       "4-bit base (QLoRA) on an unquantized base.")
 
+    @field_validator("ollama_model")
+    @classmethod
+    def _model_name_is_a_slug(cls, value: str | None) -> str | None:
+        return None if value is None else check_slug("ollama_model", value)
+
 
 class ReleaseConfig(StrictModel):
     """Model card, dataset card and where to publish them with the artifacts."""
@@ -173,6 +180,11 @@ class ReleaseConfig(StrictModel):
     folder: str | None = Field(None, description="Also copy the release into this local folder (a publish "
                                "target that needs no network).")
     license: str = Field("apache-2.0", description="License of the released weights (the base model's).")
+
+    @field_validator("hub_model_repo", "hub_dataset_repo")
+    @classmethod
+    def _repo_ids(cls, value: str | None, info) -> str | None:
+        return None if value is None else check_hub_repo(info.field_name, value)
 
     @model_validator(mode="after")
     def check_hub_token(self) -> "ReleaseConfig":
@@ -232,6 +244,12 @@ class Recipe(StrictModel):
     deploy: DeployConfig = DeployConfig()
     release: ReleaseConfig = ReleaseConfig()
     baseline: BaselineConfig = BaselineConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_slug(cls, value: str) -> str:
+        # It names run folders, the Ollama model and Prefect artifacts (tasks/names.py).
+        return check_slug("recipe name", value)
 
     @model_validator(mode="after")
     def check_adapter_deployment(self) -> "Recipe":

@@ -19,6 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Literal
 
+from tasks.names import check_slug
+
 RUN_SUBDIRS = ("data", "checkpoints", "lora", "merged", "gguf", "metrics")
 COMPLETE_MARKER = "COMPLETE"
 Split = Literal["train", "val", "test"]
@@ -239,7 +241,12 @@ def slipway_home() -> Path:
 
 
 def new_run_dir(output_root: str | Path, recipe_name: str, run_name: str | None = None) -> Path:
-    """Create an isolated run folder with the standard sub-folders; never reuse an existing one."""
+    """Create an isolated run folder with the standard sub-folders; never reuse an existing one.
+
+    Raises:
+        InvalidName: the run name is not a slug (so `../../x` never leaves output_root).
+    """
+    check_slug("run name", run_name or recipe_name)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     base = Path(output_root) / (run_name or f"{recipe_name}-{stamp}")
     run_dir, n = base, 1

@@ -18,6 +18,7 @@ from prefect.artifacts import create_markdown_artifact
 from tasks.release.deploy import report_sections as export_report_sections
 from tasks.tasktypes import primary_metric, task_type
 from tasks.markdown import pct
+from tasks.names import artifact_key
 from tasks.recipe import Recipe
 from tasks.run import RunFolder, atomic_write_json, atomic_write_text, mark_complete, read_json
 
@@ -150,7 +151,7 @@ def render_report(recipe: Recipe, run_dir: RunFolder | Path, results: dict[str, 
 
 def _publish(recipe: Recipe, run: RunFolder, markdown: str, kind: str) -> Path:
     report = atomic_write_text(run.report_md, markdown)
-    create_markdown_artifact(key=f"{kind}-{recipe.name}".lower().replace("_", "-"), markdown=markdown,
+    create_markdown_artifact(key=artifact_key(kind, recipe.name), markdown=markdown,
                              description=f"Slipway {kind} for {run.name}")
     return report
 
