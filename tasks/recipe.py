@@ -137,6 +137,10 @@ class EvalConfig(StrictModel):
     slm_runner: Literal["transformers", "llama.cpp"] = Field(
         "transformers", description="How the evaluate flow runs the SLMs: transformers (the HF folders), or "
         "llama.cpp's server on their GGUFs (what a local deployment serves; several times faster on CPU).")
+    max_failed_calls: int = Field(
+        0, ge=0, description="Calls of one model's evaluation that may fail (after retries, and after a "
+        "crashed llama-server was restarted) before the evaluation fails naming the count; a failed call "
+        "would otherwise be scored as a wrong answer.")
     slm_usd_per_hour: float | None = Field(
         None, ge=0, description="Price of the machine serving the SLM (USD/hour) for the cost-per-1k-requests "
         "estimate at the measured throughput; None = not estimated.")

@@ -29,8 +29,8 @@ import blocks.llm  # noqa: F401  (registers OpenAICompatibleEndpoint and AzureOp
 from tasks import tracing
 from tasks.models.bootstrap import baseline_gguf
 from tasks.eval import metrics
-from tasks.eval.runners import (EndpointConfigError, EndpointRunner, HFRunner, Request, Runner, llama_cpp_runner,
-                                requests_from_rows)
+from tasks.eval.runners import (EndpointConfigError, EndpointRunner, FailedCalls, HFRunner, Request, Runner,
+                                check_failed_calls, llama_cpp_runner, requests_from_rows)
 from tasks.tasktypes import task_of
 from tasks.tasktypes.base import TokenCounter
 from tasks.recipe import DeployConfig, EvalConfig, Recipe
@@ -101,15 +101,25 @@ def run_and_score(runner: Runner, rows: list[dict], run_name: str, count_tokens:
     cost = metrics.cost_per_1k_requests(summary, prices[0], prices[1], usd_per_hour)
     summary = {"model": runner.label, "model_name": runner.model, "runner": runner.kind, "task": kind.name,
                **summary, "cost": cost}
+    # `call_error`: the call failed (no answer); a scorer's `error` says what was wrong with an answer.
     records = [{"id": req.row_id, "prompt": req.messages[-1]["content"], "answer": c.text,
-                **({"tool_calls": c.tool_calls} if c.tool_calls else {}), **c.as_call(), **s}
+                **({"tool_calls": c.tool_calls} if c.tool_calls else {}),
+                **{k: v for k, v in c.as_call().items() if k != "error"}, "call_error": c.error, **s}
                for req, c, s in zip(requests, completions, scored)]
     return summary, records
 
 
-def _save_eval(run: RunFolder, label: str, summary: dict, records: list[dict]) -> dict:
+def _save_eval(run: RunFolder, label: str, summary: dict, records: list[dict], cfg: EvalConfig) -> dict:
+    """Write the summary and predictions, then refuse the evaluation if too many calls failed (the files
+    stay, so the failed calls can be read).
+
+    Raises:
+        FailedCalls: more failed calls than `eval.max_failed_calls`, naming the count.
+    """
     atomic_write_json(run.eval_metrics(label), summary)
     atomic_write_jsonl(run.predictions(label), records)
+    check_failed_calls(label, [r.get("call_error") for r in records], cfg.max_failed_calls,
+                       f"eval.max_failed_calls is {cfg.max_failed_calls}; every call in {run.predictions(label)}")
     return summary
 
 
@@ -143,7 +153,7 @@ def measure_hf(run_dir: Path, label: str, model_dir: Path, cfg: EvalConfig, adap
         summary, records = run_and_score(runner, rows, run.name, _counter_for(rows, tokenizer_dir or model_dir),
                                          usd_per_hour=cfg.slm_usd_per_hour, progress=_progress_logger(label))
     tracing.flush()
-    return _save_eval(run, label, summary, records)
+    return _save_eval(run, label, summary, records, cfg)
 
 
 def measure_gguf(run_dir: Path, label: str, gguf_path: Path, cfg: EvalConfig, deploy: DeployConfig,
@@ -157,7 +167,7 @@ def measure_gguf(run_dir: Path, label: str, gguf_path: Path, cfg: EvalConfig, de
         summary, records = run_and_score(runner, rows, run.name, _counter_for(rows, tokenizer_dir),
                                          usd_per_hour=cfg.slm_usd_per_hour, progress=_progress_logger(label))
     tracing.flush()
-    return _save_eval(run, label, summary, records)
+    return _save_eval(run, label, summary, records, cfg)
 
 
 @task(name="measure-hf-model")
@@ -167,7 +177,20 @@ def measure_hf_model(run_dir: Path, label: str, model_dir: Path, cfg: EvalConfig
     return measure_hf(run_dir, label, model_dir, cfg, adapter_dir, tokenizer_dir)
 
 
-@task(name="serve-and-measure-gguf", retries=2, retry_delay_seconds=5)  # I/O: a server and HTTP calls
+def _retry_unless_refused(task, task_run, state) -> bool:
+    """Retry transient I/O failures; a refused configuration (401, 404, ...) fails at once, and so do calls
+    that still failed after their own retries (another pass would only repeat them)."""
+    try:
+        state.result()
+    except (EndpointConfigError, FailedCalls):
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(name="serve-and-measure-gguf", retries=2, retry_delay_seconds=5,  # I/O: a server and HTTP calls
+      retry_condition_fn=_retry_unless_refused)
 def serve_and_measure_gguf(run_dir: Path, label: str, gguf_path: Path, cfg: EvalConfig,
                            deploy: DeployConfig, tokenizer_dir: Path | None = None) -> dict:
     """Start llama.cpp's OpenAI-compatible server on the GGUF, measure through the `openai` client, stop it."""
@@ -177,17 +200,6 @@ def serve_and_measure_gguf(run_dir: Path, label: str, gguf_path: Path, cfg: Eval
 def load_endpoint_block(ref: str):
     """Load a saved endpoint Block by '<block-type-slug>/<name>'."""
     return Block.load(ref)
-
-
-def _retry_unless_refused(task, task_run, state) -> bool:
-    """Retry transient I/O failures; a refused configuration (401, 404, ...) fails at once."""
-    try:
-        state.result()
-    except EndpointConfigError:
-        return False
-    except Exception:
-        return True
-    return False
 
 
 @task(name="measure-llm-baseline", retries=2, retry_delay_seconds=10,   # I/O: a remote API or a local server
@@ -213,5 +225,5 @@ def measure_llm_baseline(run_dir: Path, recipe: Recipe, tokenizer_dir: Path | No
         summary, records = run_and_score(runner, rows, run.name, _counter_for(rows, tokenizer_dir), prices=prices,
                                          progress=_progress_logger(label))
     tracing.flush()
-    return _save_eval(run, label, summary, records)
+    return _save_eval(run, label, summary, records, ev)
 
