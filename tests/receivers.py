@@ -205,3 +205,24 @@ class FlakyChatServer(_Server):
         self.api_key, self.fail_prompts, self.answer = api_key, set(fail_prompts), answer
         self.calls: dict[str, int] = {}
         self.lock = threading.Lock()
+
+
+class _HubHandler(_Handler):
+    def do_POST(self):
+        owner: EchoingHubServer = self.server.owner
+        self._body()
+        token = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
+        owner.requests.append((self.command, self.path, token))
+        # The Hub's 401 body, plus the presented token, as a misbehaving proxy in front of it might add.
+        return self._reply(401, {"error": f"Invalid credentials in Authorization header (got {token})"})
+
+    do_GET = do_PUT = do_POST
+
+
+class EchoingHubServer(_Server):
+    """A Hugging Face Hub endpoint that refuses every request with 401 and quotes the token back."""
+
+    handler_cls = _HubHandler
+
+    def __init__(self):
+        self.requests: list[tuple[str, str, str]] = []
