@@ -43,14 +43,14 @@ class Folder:
     def __str__(self) -> str:
         return str(self.root)
 
+    @property
+    def name(self) -> str:
+        return self.root.name
+
 
 @dataclass(frozen=True)
 class RunFolder(Folder):
     """Where each artifact of one run lives. Paths only: it creates sub-folders, never files."""
-
-    @property
-    def name(self) -> str:
-        return self.root.name
 
     # --- the run as a whole -------------------------------------------------------------------------
     @property

@@ -32,6 +32,7 @@ from prefect.context import TaskRunContext
 from prefect.futures import wait
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tasks import tracing
 from tasks.data.dedupe import NEAR_DUPLICATE_JACCARD
 from tasks.llm_client import APIRequestError, LLMEndpoint, backoff_delay, complete, endpoint_identity
 from tasks.protocol import DATASET_ANCHORS
@@ -257,8 +258,10 @@ _RETRIES_LOCK = threading.Lock()
 
 @task(name="request-batch", task_run_name="request-batch-{spec.index}", cache_key_fn=batch_cache_key,
       persist_result=True, retry_condition_fn=_retry_if_transient)
-def request_batch(spec: BatchSpec, endpoint: LLMEndpoint, cfg: SynthesisConfig) -> dict:
+def request_batch(spec: BatchSpec, endpoint: LLMEndpoint, cfg: SynthesisConfig, trace_name: str | None = None) -> dict:
     """Ask for one batch. Retries (set with `.with_options(retries=...)`) are Prefect task-run retries.
+    Each attempt is a Langfuse generation in the trace of `trace_name` (the output folder's name) when
+    tracing is on.
 
     Raises:
         APIRequestError: the request failed; `transient` failures are retried while retries are left.
@@ -268,10 +271,17 @@ def request_batch(spec: BatchSpec, endpoint: LLMEndpoint, cfg: SynthesisConfig) 
     with _RETRIES_LOCK:
         history = _RETRIES.setdefault(run_id, [])
     will_retry = False
+    messages = [{"role": "user", "content": spec.prompt}]
+    generation = tracing.start_generation(
+        "synthesize", endpoint.model, messages, run_name=trace_name or "synthesize",
+        model_parameters={"temperature": cfg.temperature, "max_tokens": cfg.max_tokens, "seed": spec.seed},
+        metadata={"batch": spec.index, "records": spec.count, "attempt": attempt})
     try:
-        answer = complete(endpoint, [{"role": "user", "content": spec.prompt}], max_tokens=cfg.max_tokens,
-                          temperature=cfg.temperature, seed=spec.seed)
+        answer = complete(endpoint, messages, max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=spec.seed)
+        generation.end(output=answer.text, usage={"input": answer.prompt_tokens, "output": answer.completion_tokens},
+                       metadata={"finish_reason": answer.finish_reason, "latency_s": round(answer.latency_s, 3)})
     except APIRequestError as exc:
+        generation.end(error=str(exc))   # the message is redacted (tasks/llm_client.py)
         done = attempt - 1  # retries already made before this attempt
         delay = backoff_delay(done + 1, exc.retry_after, cfg.backoff_base_s, cfg.backoff_max_s, cfg.backoff_jitter)
         will_retry = exc.transient and done < retries and delay <= cfg.max_wait_s
@@ -298,8 +308,10 @@ def request_batch(spec: BatchSpec, endpoint: LLMEndpoint, cfg: SynthesisConfig) 
             "retries": history}
 
 
-def request_all(specs: list[BatchSpec], endpoint: LLMEndpoint, cfg: SynthesisConfig) -> list[dict]:
-    """Run one `request-batch` task per spec, `cfg.concurrency` at a time; one outcome per spec.
+def request_all(specs: list[BatchSpec], endpoint: LLMEndpoint, cfg: SynthesisConfig,
+                trace_name: str | None = None) -> list[dict]:
+    """Run one `request-batch` task per spec, `cfg.concurrency` at a time; one outcome per spec (each
+    request traced under `trace_name` when Langfuse is configured).
 
     A batch that failed after its retries becomes an outcome with `error`; any other exception is a bug
     and is raised.
@@ -309,8 +321,10 @@ def request_all(specs: list[BatchSpec], endpoint: LLMEndpoint, cfg: SynthesisCon
     requester = request_batch.with_options(retries=cfg.max_retries, retry_delay_seconds=0,
                                            refresh_cache=cfg.refresh_cache)
     with ThreadPoolTaskRunner(max_workers=cfg.concurrency) as runner:
-        futures = [runner.submit(requester, {"spec": s, "endpoint": endpoint, "cfg": cfg}) for s in specs]
+        futures = [runner.submit(requester, {"spec": s, "endpoint": endpoint, "cfg": cfg, "trace_name": trace_name})
+                   for s in specs]
         wait(futures)
+    tracing.flush()
     outcomes = []
     for spec, state in zip(specs, (f.state for f in futures)):
         if state.is_completed():
