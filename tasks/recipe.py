@@ -27,6 +27,18 @@ def repo_path(path: str | Path) -> Path:
     return path if path.is_absolute() else REPO_ROOT / path
 
 
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class StrictModel(BaseModel):
     """Unknown keys are errors, and so are wrong assignments after loading (every typed config here)."""
 
@@ -79,6 +91,8 @@ class TrainingConfig(StrictModel):
     save_steps: int = Field(50, gt=0, description="Checkpoint every N steps (nothing lost on a crash).")
     logging_steps: int = Field(5, gt=0)
     num_threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores.")
+    timeout_s: float = Field(86400, gt=0, description="Kill the training process after this many seconds "
+                             "(checkpoints are kept: resume the run).")
     accelerate_config: str | None = Field(
         None, description="Launch with `accelerate launch`: a name in accelerate_config/ (e.g. 'ddp', "
         "'zero2') or a path. None: one plain process (CPU or one GPU).")
@@ -109,6 +123,8 @@ class ExportConfig(StrictModel):
     serve_type: Literal["f16", "bf16", "q8_0", "q4_k_m"] = Field("q8_0", description="GGUF evaluated via the server.")
     parity_rows: int = Field(40, ge=0, description="Test rows for the parity table (every exported format on the "
                              "same rows); 0 = no parity evaluation.")
+    timeout_s: float = Field(7200, gt=0, description="Merge + GGUF conversion and quantization stop after "
+                             "this many seconds.")
     template_samples: int = Field(3, ge=1, le=50, description="Test conversations the template check renders "
                                   "(plus one two-turn conversation made from them).")
 
@@ -137,6 +153,9 @@ class EvalConfig(StrictModel):
     slm_runner: Literal["transformers", "llama.cpp"] = Field(
         "transformers", description="How the evaluate flow runs the SLMs: transformers (the HF folders), or "
         "llama.cpp's server on their GGUFs (what a local deployment serves; several times faster on CPU).")
+    timeout_s: float = Field(14400, gt=0, description="One model's evaluation stops after this many seconds.")
+    request_timeout_s: float = Field(300, gt=0, description="One call to a served model (llama-server) may "
+                                     "take this long (hosted endpoints: the Block's timeout_s).")
     max_failed_calls: int = Field(
         0, ge=0, description="Calls of one model's evaluation that may fail (after retries, and after a "
         "crashed llama-server was restarted) before the evaluation fails naming the count; a failed call "
@@ -155,7 +174,13 @@ class DeployConfig(StrictModel):
         "base + ADAPTER the LoRA GGUF (no merge).")
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, lt=65536, description="0 = pick a free port.")
-    parallel: int = Field(2, gt=0, description="llama-server slots (concurrent requests).")
+    parallel: int = Field(2, gt=0, le=64, description="llama-server slots (concurrent requests).")
+    ctx_size: int = Field(2048, ge=256, le=131072, description="llama-server context per slot (tokens); the "
+                          "server allocates parallel x ctx_size.")
+    api_key_block: str | None = Field(None, description="Name of a Prefect `Secret` block holding the API key "
+                                      "llama-server requires; needed when host is not loopback.")
+    timeout_s: float = Field(1800, gt=0, description="Deployment (server start, test chat, Ollama upload) "
+                             "stops after this many seconds.")
     keep_running: bool = Field(False, description="llamacpp: leave the server running after the flow "
                                "(stop it with `python -m tasks.llamacpp.serve stop RUN_DIR`).")
     ollama_host: str = Field("http://127.0.0.1:11434", description="Ollama server URL.")
@@ -165,6 +190,13 @@ class DeployConfig(StrictModel):
                                     "f16 base GGUF.")
     allow_qlora_adapter: bool = Field(False, description="artifact 'adapter': accept an adapter trained on a "
                                       "4-bit base (QLoRA) on an unquantized base.")
+
+    @model_validator(mode="after")
+    def check_serving_boundary(self) -> "DeployConfig":
+        if self.target == "llamacpp" and not is_loopback(self.host) and not self.api_key_block:
+            raise ValueError(f"host {self.host!r} is reachable from other machines: llama-server then needs an "
+                             "API key; set deploy.api_key_block to a Prefect Secret block holding one")
+        return self
 
     @field_validator("ollama_model")
     @classmethod

@@ -102,6 +102,11 @@ class RunFolder(Folder):
         return self.metrics_dir / "loss-curve.png"
 
     @property
+    def training_status(self) -> Path:
+        """metrics/training-status.json: step, loss, ETA ... while training runs (tasks/train/status.py)."""
+        return self.metrics_dir / "training-status.json"
+
+    @property
     def train_log(self) -> Path:
         return self.metrics_dir / "train.log"
 
