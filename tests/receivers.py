@@ -185,6 +185,7 @@ class _ChatHandler(_Handler):
         if key != owner.api_key:   # OpenAI's wording, which repeats the presented key
             return self._reply(401, {"error": {"message": f"Incorrect API key provided: {key}",
                                                "type": "invalid_request_error"}})
+        time.sleep(owner.delay_s)
         if prompt in owner.fail_prompts:   # a broken backend that echoes the request's credentials
             return self._reply(500, {"error": {"message": f"backend failed for request with key {key}",
                                                "type": "server_error"}})
@@ -197,12 +198,12 @@ class _ChatHandler(_Handler):
 class FlakyChatServer(_Server):
     """An OpenAI-compatible chat endpoint at /v1 that fails chosen prompts on every attempt (HTTP 500) and, like
     some real servers, puts the presented API key into its error messages (401 for a wrong key, and the
-    500s). `calls` counts requests per prompt, so retries are visible."""
+    500s). `calls` counts requests per prompt, so retries are visible; `delay_s` makes every answer slow."""
 
     handler_cls = _ChatHandler
 
-    def __init__(self, api_key: str, fail_prompts: set[str] = frozenset(), answer: str = "ok"):
-        self.api_key, self.fail_prompts, self.answer = api_key, set(fail_prompts), answer
+    def __init__(self, api_key: str, fail_prompts: set[str] = frozenset(), answer: str = "ok", delay_s: float = 0):
+        self.api_key, self.fail_prompts, self.answer, self.delay_s = api_key, set(fail_prompts), answer, delay_s
         self.calls: dict[str, int] = {}
         self.lock = threading.Lock()
 

@@ -35,6 +35,7 @@ from tasks.tasktypes import task_of
 from tasks.tasktypes.base import TokenCounter
 from tasks.recipe import DeployConfig, EvalConfig, Recipe
 from tasks.run import RunFolder, atomic_write_json, atomic_write_jsonl, read_jsonl, stage_timer
+from tasks.timeouts import StageTimeout, stage_deadline
 
 
 @functools.lru_cache(maxsize=4)
@@ -139,6 +140,10 @@ def _progress_logger(label: str):
     return report
 
 
+def _deadline(label: str, cfg: EvalConfig):
+    return stage_deadline(f"eval-{label}", cfg.timeout_s, "eval.timeout_s")
+
+
 def _counter_for(rows: list[dict], tokenizer_dir: Path | None) -> TokenCounter | None:
     return token_counter(str(tokenizer_dir)) if tokenizer_dir and task_of(rows[0]).counts_tokens else None
 
@@ -149,7 +154,7 @@ def measure_hf(run_dir: Path, label: str, model_dir: Path, cfg: EvalConfig, adap
     run = RunFolder(run_dir)
     rows = read_jsonl(run.split("test"))
     runner = HFRunner(Path(model_dir), label, cfg.max_new_tokens, cfg.batch_size, adapter_dir=adapter_dir)
-    with stage_timer(run, f"eval-{label}"):
+    with stage_timer(run, f"eval-{label}"), _deadline(label, cfg):
         summary, records = run_and_score(runner, rows, run.name, _counter_for(rows, tokenizer_dir or model_dir),
                                          usd_per_hour=cfg.slm_usd_per_hour, progress=_progress_logger(label))
     tracing.flush()
@@ -161,9 +166,9 @@ def measure_gguf(run_dir: Path, label: str, gguf_path: Path, cfg: EvalConfig, de
     """llama.cpp's server on the GGUF (plus a GGUF LoRA), measured through the `openai` client, then stopped."""
     run = RunFolder(run_dir)
     rows = read_jsonl(run.split("test"))
-    with stage_timer(run, f"eval-{label}"), llama_cpp_runner(
-            gguf_path, run.server_log(label), label, cfg.max_new_tokens,
-            parallel=deploy.parallel, host=deploy.host, port=deploy.port, lora_path=lora_path) as runner:
+    with stage_timer(run, f"eval-{label}"), _deadline(label, cfg), llama_cpp_runner(
+            gguf_path, run.server_log(label), label, cfg.max_new_tokens, parallel=deploy.parallel,
+            lora_path=lora_path, request_timeout_s=cfg.request_timeout_s) as runner:
         summary, records = run_and_score(runner, rows, run.name, _counter_for(rows, tokenizer_dir),
                                          usd_per_hour=cfg.slm_usd_per_hour, progress=_progress_logger(label))
     tracing.flush()
@@ -179,10 +184,11 @@ def measure_hf_model(run_dir: Path, label: str, model_dir: Path, cfg: EvalConfig
 
 def _retry_unless_refused(task, task_run, state) -> bool:
     """Retry transient I/O failures; a refused configuration (401, 404, ...) fails at once, and so do calls
-    that still failed after their own retries (another pass would only repeat them)."""
+    that still failed after their own retries (another pass would only repeat them), and a stage that ran
+    out of its time."""
     try:
         state.result()
-    except (EndpointConfigError, FailedCalls):
+    except (EndpointConfigError, FailedCalls, StageTimeout):
         return False
     except Exception:
         return True
@@ -211,7 +217,7 @@ def measure_llm_baseline(run_dir: Path, recipe: Recipe, tokenizer_dir: Path | No
     rows = read_jsonl(run.split("test"))
     options = {"structured_output": cfg.structured_output, "tool_calling": cfg.tool_calling}
     label = cfg.label
-    with contextlib.ExitStack() as stack, stage_timer(run, f"eval-{label}"):
+    with contextlib.ExitStack() as stack, stage_timer(run, f"eval-{label}"), _deadline(label, ev):
         if cfg.source == "block":
             endpoint = load_endpoint_block(cfg.block)
             runner = EndpointRunner(endpoint, label, ev.max_new_tokens, cfg.concurrency, **options)
@@ -220,7 +226,7 @@ def measure_llm_baseline(run_dir: Path, recipe: Recipe, tokenizer_dir: Path | No
         else:
             runner = stack.enter_context(llama_cpp_runner(
                 baseline_gguf(cfg), run.server_log(label), label, ev.max_new_tokens,
-                parallel=cfg.concurrency, **options))
+                parallel=cfg.concurrency, request_timeout_s=ev.request_timeout_s, **options))
             prices = (cfg.input_usd_per_mtok, cfg.output_usd_per_mtok)   # None: not priced
         summary, records = run_and_score(runner, rows, run.name, _counter_for(rows, tokenizer_dir), prices=prices,
                                          progress=_progress_logger(label))

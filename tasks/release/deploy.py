@@ -24,6 +24,7 @@ from tasks.ollama.adapter_guard import ModelfileRefused, base_identity, gguf_met
 from tasks.ollama.modelfile import Modelfile, deployed_artifact
 from tasks.recipe import DeployConfig, Recipe
 from tasks.run import RunFolder, atomic_write_json, read_json, read_jsonl, stage_timer
+from tasks.timeouts import stage_deadline
 
 
 class DeployError(RuntimeError):
@@ -186,7 +187,8 @@ def deploy_model(run_dir: RunFolder | Path, recipe: Recipe, gates: list[dict]) -
         record = {"target": target, "skipped": f"gates failed: {', '.join(failed)}" if failed else "deploy.target none"}
         atomic_write_json(run.deploy_record, record)
         return record
-    with stage_timer(run, f"deploy-{target}"):
+    with stage_timer(run, f"deploy-{target}"), stage_deadline(f"deploy-{target}", recipe.deploy.timeout_s,
+                                                               "deploy.timeout_s"):
         deploy = deploy_llamacpp if target == "llamacpp" else deploy_ollama
         record = deploy(run, recipe, recipe.eval.max_new_tokens)
     atomic_write_json(run.deploy_record, record)
