@@ -34,6 +34,7 @@ from tasks.eval.runners import (EndpointConfigError, EndpointRunner, FailedCalls
 from tasks.tasktypes import task_of
 from tasks.tasktypes.base import TokenCounter
 from tasks.recipe import DeployConfig, EvalConfig, Recipe
+from tasks.progress import ProgressBar
 from tasks.run import RunFolder, atomic_write_json, atomic_write_jsonl, read_jsonl, stage_timer
 from tasks.timeouts import StageTimeout, stage_deadline
 
@@ -124,11 +125,13 @@ def _save_eval(run: RunFolder, label: str, summary: dict, records: list[dict], c
     return summary
 
 
-def _progress_logger(label: str):
+def _progress_logger(label: str, run_name: str, total: int):
+    """Rows done per model: about ten log lines, and a Prefect progress artifact `eval-<label>-<run>`."""
     try:
         logger = get_run_logger()
     except MissingContextError:   # called outside a flow (tests, notebooks)
         logger = logging.getLogger("slipway.measure")
+    bar = ProgressBar(f"eval-{label}", run_name, total, f"eval {label}: 0/{total} rows")
     step = {"next": 0}
 
     def report(done: int, total: int) -> None:
@@ -136,6 +139,9 @@ def _progress_logger(label: str):
         if done >= step["next"] or done == total:
             logger.info("[eval %s] %d/%d", label, done, total)
             step["next"] = done + max(1, total // 10)
+        bar.update(done, f"eval {label}: {done}/{total} rows")
+        if done == total:
+            bar.close()
 
     return report
 
@@ -156,7 +162,7 @@ def measure_hf(run_dir: Path, label: str, model_dir: Path, cfg: EvalConfig, adap
     runner = HFRunner(Path(model_dir), label, cfg.max_new_tokens, cfg.batch_size, adapter_dir=adapter_dir)
     with stage_timer(run, f"eval-{label}"), _deadline(label, cfg):
         summary, records = run_and_score(runner, rows, run.name, _counter_for(rows, tokenizer_dir or model_dir),
-                                         usd_per_hour=cfg.slm_usd_per_hour, progress=_progress_logger(label))
+                                         usd_per_hour=cfg.slm_usd_per_hour, progress=_progress_logger(label, run.name, len(rows)))
     tracing.flush()
     return _save_eval(run, label, summary, records, cfg)
 
@@ -170,7 +176,7 @@ def measure_gguf(run_dir: Path, label: str, gguf_path: Path, cfg: EvalConfig, de
             gguf_path, run.server_log(label), label, cfg.max_new_tokens, parallel=deploy.parallel,
             lora_path=lora_path, request_timeout_s=cfg.request_timeout_s) as runner:
         summary, records = run_and_score(runner, rows, run.name, _counter_for(rows, tokenizer_dir),
-                                         usd_per_hour=cfg.slm_usd_per_hour, progress=_progress_logger(label))
+                                         usd_per_hour=cfg.slm_usd_per_hour, progress=_progress_logger(label, run.name, len(rows)))
     tracing.flush()
     return _save_eval(run, label, summary, records, cfg)
 
@@ -229,7 +235,7 @@ def measure_llm_baseline(run_dir: Path, recipe: Recipe, tokenizer_dir: Path | No
                 parallel=cfg.concurrency, request_timeout_s=ev.request_timeout_s, **options))
             prices = (cfg.input_usd_per_mtok, cfg.output_usd_per_mtok)   # None: not priced
         summary, records = run_and_score(runner, rows, run.name, _counter_for(rows, tokenizer_dir), prices=prices,
-                                         progress=_progress_logger(label))
+                                         progress=_progress_logger(label, run.name, len(rows)))
     tracing.flush()
     return _save_eval(run, label, summary, records, ev)
 

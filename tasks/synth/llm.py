@@ -29,12 +29,13 @@ from typing import Literal
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
-from prefect.futures import wait
+from prefect.futures import as_completed
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks import tracing
 from tasks.data.dedupe import NEAR_DUPLICATE_JACCARD
 from tasks.llm_client import APIRequestError, LLMEndpoint, backoff_delay, complete, endpoint_identity
+from tasks.progress import ProgressBar
 from tasks.protocol import DATASET_ANCHORS
 from tasks.recipe import repo_path
 
@@ -308,6 +309,21 @@ def request_batch(spec: BatchSpec, endpoint: LLMEndpoint, cfg: SynthesisConfig, 
             "retries": history}
 
 
+def track_batches(futures: list, specs: list[BatchSpec], run_name: str) -> None:
+    """Wait for the batches, moving a Prefect progress artifact (`synthesis-<run>`) as each one ends:
+    batches done, records asked for so far, batches failed."""
+    bar = ProgressBar("synthesis", run_name, len(futures), f"synthesis: 0/{len(futures)} batches")
+    spec_of = {id(f): spec for f, spec in zip(futures, specs)}
+    done = failed = records = 0
+    for future in as_completed(futures):
+        done += 1
+        failed += not future.state.is_completed()
+        records += spec_of[id(future)].count
+        bar.update(done, f"synthesis: {done}/{len(futures)} batches, {records} records asked for"
+                         + (f", {failed} batches failed" if failed else ""))
+    bar.close()
+
+
 def request_all(specs: list[BatchSpec], endpoint: LLMEndpoint, cfg: SynthesisConfig,
                 trace_name: str | None = None) -> list[dict]:
     """Run one `request-batch` task per spec, `cfg.concurrency` at a time; one outcome per spec (each
@@ -323,7 +339,7 @@ def request_all(specs: list[BatchSpec], endpoint: LLMEndpoint, cfg: SynthesisCon
     with ThreadPoolTaskRunner(max_workers=cfg.concurrency) as runner:
         futures = [runner.submit(requester, {"spec": s, "endpoint": endpoint, "cfg": cfg, "trace_name": trace_name})
                    for s in specs]
-        wait(futures)
+        track_batches(futures, specs, trace_name or "synthesize")
     tracing.flush()
     outcomes = []
     for spec, state in zip(specs, (f.state for f in futures)):

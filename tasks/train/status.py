@@ -95,3 +95,4 @@ class TrainingStatus:
         if self.bar is not None:
             self.bar.update(self.status["step"], ("FAILED: " + error[:200]) if error else self.describe(),
                             force=True)
+            self.bar.close()

@@ -11,6 +11,7 @@ from receivers import FlakyChatServer
 from tasks.data.evalfile import prompt_messages
 from tasks.eval.measure import measure_llm_baseline
 from tasks.eval.runners import FailedCalls, check_failed_calls
+from tasks.names import artifact_key
 from tasks.recipe import BaselineConfig, EvalConfig, Recipe
 from tasks.run import RunFolder, atomic_write_jsonl, new_run_dir, read_jsonl
 
@@ -60,6 +61,13 @@ def test_an_endpoint_failing_a_fifth_of_the_calls_fails_the_run_naming_the_count
         tolerant = _run_with_rows(tmp_path, rows, "tolerant")
         summary = baseline_only(str(tolerant), _recipe("flaky", max_failed_calls=2))
         assert summary["failed_calls"] == 2 and summary["rows"] == 10
+
+    # Rows done per model were shown as a progress artifact while it ran.
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        [bar] = [a for a in client.read_artifacts() if a.key == artifact_key("eval-llm", tolerant.name)]
+    assert bar.type == "progress" and float(bar.data) == 100.0 and bar.description == "eval llm: 10/10 rows"
 
 
 @pytest.mark.integration

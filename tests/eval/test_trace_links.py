@@ -69,3 +69,14 @@ def test_synthesis_and_evaluation_calls_are_traced_with_their_flow_run(receiver,
             assert _links(g) == (run_id, f"http://prefect.example:4200/runs/flow-run/{run_id}", run_id), g
     [span] = [s for s in receiver.spans if s["name"] == "eval llm"]
     assert _links(span)[0] == eval_id
+
+
+    # Synthesis showed its batches as a progress artifact and its outcome as a table.
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        arts = [a for a in client.read_artifacts() if a.flow_run_id == synth.state_details.flow_run_id]
+    [bar] = [a for a in arts if a.key == "synthesis-synth-traced"]
+    assert float(bar.data) == 100.0 and bar.description.startswith("synthesis: 2/2 batches, 4 records asked for")
+    [table] = [a for a in arts if a.key == "synthesis-counts"]
+    assert "requested" in str(table.data) and "dropped" in str(table.data)
