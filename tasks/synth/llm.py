@@ -29,7 +29,7 @@ from typing import Literal
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
-from prefect.futures import as_completed
+from prefect.futures import as_completed, wait
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks import tracing
@@ -316,6 +316,7 @@ def track_batches(futures: list, specs: list[BatchSpec], run_name: str) -> None:
     spec_of = {id(f): spec for f, spec in zip(futures, specs)}
     done = failed = records = 0
     for future in as_completed(futures):
+        future.wait()
         done += 1
         failed += not future.state.is_completed()
         records += spec_of[id(future)].count
@@ -340,6 +341,7 @@ def request_all(specs: list[BatchSpec], endpoint: LLMEndpoint, cfg: SynthesisCon
         futures = [runner.submit(requester, {"spec": s, "endpoint": endpoint, "cfg": cfg, "trace_name": trace_name})
                    for s in specs]
         track_batches(futures, specs, trace_name or "synthesize")
+        wait(futures)   # every future's final state recorded before it is read below
     tracing.flush()
     outcomes = []
     for spec, state in zip(specs, (f.state for f in futures)):
