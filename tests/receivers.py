@@ -191,7 +191,8 @@ class _ChatHandler(_Handler):
                                                "type": "server_error"}})
         return self._reply(200, {
             "id": "chatcmpl-1", "object": "chat.completion", "created": int(time.time()), "model": body.get("model"),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": owner.answer}, "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": owner.answer},
+                         "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 20, "completion_tokens": 5, "total_tokens": 25}})
 
 

@@ -162,7 +162,8 @@ def measure_hf(run_dir: Path, label: str, model_dir: Path, cfg: EvalConfig, adap
     runner = HFRunner(Path(model_dir), label, cfg.max_new_tokens, cfg.batch_size, adapter_dir=adapter_dir)
     with stage_timer(run, f"eval-{label}"), _deadline(label, cfg):
         summary, records = run_and_score(runner, rows, run.name, _counter_for(rows, tokenizer_dir or model_dir),
-                                         usd_per_hour=cfg.slm_usd_per_hour, progress=_progress_logger(label, run.name, len(rows)))
+                                         usd_per_hour=cfg.slm_usd_per_hour,
+                                         progress=_progress_logger(label, run.name, len(rows)))
     tracing.flush()
     return _save_eval(run, label, summary, records, cfg)
 
@@ -176,7 +177,8 @@ def measure_gguf(run_dir: Path, label: str, gguf_path: Path, cfg: EvalConfig, de
             gguf_path, run.server_log(label), label, cfg.max_new_tokens, parallel=deploy.parallel,
             lora_path=lora_path, request_timeout_s=cfg.request_timeout_s) as runner:
         summary, records = run_and_score(runner, rows, run.name, _counter_for(rows, tokenizer_dir),
-                                         usd_per_hour=cfg.slm_usd_per_hour, progress=_progress_logger(label, run.name, len(rows)))
+                                         usd_per_hour=cfg.slm_usd_per_hour,
+                                         progress=_progress_logger(label, run.name, len(rows)))
     tracing.flush()
     return _save_eval(run, label, summary, records, cfg)
 

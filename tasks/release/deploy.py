@@ -133,7 +133,7 @@ def deploy_ollama(run_dir: RunFolder | Path, recipe: Recipe, max_new_tokens: int
 
     run = RunFolder(run_dir)
     cfg: DeployConfig = recipe.deploy
-    client = ollama.Client(host=cfg.ollama_host, timeout=cfg.timeout_s)   # each HTTP call; the stage has deploy.timeout_s too
+    client = ollama.Client(host=cfg.ollama_host, timeout=cfg.timeout_s)   # per HTTP call
     modelfile = Modelfile.read(run.modelfile)
     digests = _manifest_digests(run)
 
