@@ -92,10 +92,10 @@ def die_with_parent() -> Callable[[], None]:
     """A `preexec_fn` that makes the child receive SIGTERM when the thread that started it exits (Linux
     PR_SET_PDEATHSIG), and exit at once if that parent is already gone."""
     parent = os.getpid()
+    prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl   # loaded here: the child only calls it
 
     def preexec() -> None:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         if os.getppid() != parent:   # the parent died before prctl took effect
             os._exit(1)
 
