@@ -154,6 +154,26 @@ def parse_tqt(answer: str) -> TQTAnswer:
     return TQTAnswer(thought=thought, slip=slip, quantize_anchor=quantize_anchor, quantize_hint=quantize_hint)
 
 
+_NOT_AGENT_CHAR = re.compile(rf"[^{AGENT_CHARS}]")
+
+
+def normalise_agent(name: str) -> str:
+    """The agent id a recipient named in plain text gets: lower case, whitespace runs to '_', characters
+    outside [A-Za-z0-9._-] dropped ("Carol" -> carol, "Ops Bot" -> ops_bot). The template synthesis derives
+    every named person's id with it, and the recipient metric compares ids after it."""
+    return _NOT_AGENT_CHAR.sub("", re.sub(r"\s+", "_", name.strip().lower()))
+
+
+def names_agent(text: str, agent: str) -> bool:
+    """Whether `text` names `agent`: its id's words (split on '_', '-', '.') appear in order as whole
+    words, separated by spaces or those characters ("ask the ops bot", "ops_bot", "ops-bot" name ops_bot)."""
+    words = [w for w in re.split(r"[_.\-]+", agent.lower()) if w]
+    if not words:
+        return False
+    pattern = r"(?<![A-Za-z0-9])" + r"[\s_.\-]+".join(map(re.escape, words)) + r"(?![A-Za-z0-9])"
+    return re.search(pattern, text.lower()) is not None
+
+
 def extract_slip_loose(answer: str) -> SlipMessage | None:
     """Find the first strictly valid wire message anywhere in free text (for partial credit metrics)."""
     for match in re.finditer(r"SLIP v1 [^\n]*", answer):

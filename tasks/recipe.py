@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.names import check_hub_repo, check_slug
 
@@ -74,7 +74,22 @@ class LoraConfig(StrictModel):
 
 
 class TrainingConfig(StrictModel):
-    backend: Literal["trl", "unsloth"] = Field("trl", description="Local trainer: TRL+PEFT or Unsloth.")
+    # `backend` is the field's old name: recipes that still say `backend:` validate unchanged.
+    engine: Literal["trl", "unsloth"] = Field(
+        "trl", validation_alias=AliasChoices("engine", "backend"),
+        description="Local trainer: 'trl' (TRL SFTTrainer + PEFT; portable, CPU included) or 'unsloth' "
+        "(FastLanguageModel: 16-bit LoRA, or 4-bit QLoRA with model.load_in_4bit; GPU). Either runs under "
+        "`accelerate launch` when accelerate_config is set.")
+    packing: bool = Field(
+        False, description="Pack several rows into each fixed-length sequence (position_ids restart per row, so "
+        "rows never attend to each other; the loss stays on the answers): no padding, one tensor shape for "
+        "every step. The GPU fast path.")
+    tokens_per_step: int = Field(
+        0, ge=0, description="With packing: token budget of one optimizer step per device (rounded to whole "
+        "packed sequences). 0 = batch_size x the mean row length, i.e. as many steps as without packing.")
+    pack_length: int = Field(
+        0, ge=0, description="With packing: tokens per packed sequence; 0 = max_length. Attention cost grows "
+        "with it (the mask is block-diagonal but SDPA computes the whole square).")
     epochs: float = Field(2.0, gt=0)
     max_steps: int = Field(-1, ge=-1, description="-1: run `epochs`; otherwise stop after this many steps.")
     learning_rate: float = Field(1e-3, gt=0, lt=1)
@@ -111,6 +126,10 @@ class DataConfig(StrictModel):
     near_duplicate_jaccard: float = Field(
         0.9, gt=0, le=1, description="Prompts whose word sets have at least this Jaccard similarity count as "
         "duplicates (removed before the split) and as contamination of an evaluation prompt.")
+    synth_rows: int = Field(0, ge=0, description="Slipstream only: rows made by the template synthesis "
+        "(tasks/synth/templates.py, data/slipstream-templates.yaml) mixed into the source before the split; "
+        "every one names its recipient, which is its SLIP dst. 0 = the source alone.")
+    synth_seed: int = Field(7, description="Seed of the template synthesis (same seed, same rows).")
     eval_files: list[str] = Field(
         default_factory=list, description="Evaluation JSONL files (relative to the repo root) whose prompts "
         "must never appear, exactly or nearly, in the training split.")

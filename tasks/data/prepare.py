@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 from prefect import task
@@ -21,8 +23,10 @@ from tasks.data.rows import Example, normalise, read_json_lines
 from tasks.tasktypes import task_type
 from tasks.protocol import SlipParseError, parse_tqt
 from tasks.recipe import DataConfig, repo_path
+from tasks.synth.templates import generator_fingerprint, synthesize
 from tasks.run import RunFolder, atomic_write_json, atomic_write_jsonl, stage_timer
 
+SYNTH_SOURCE = "templates"   # provenance of rows made by the template synthesis
 _ROLE_MAP = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
@@ -68,7 +72,22 @@ def load_examples(path: Path) -> list[Example]:
     examples = [_row_to_example(obj, where, line_no) for line_no, obj, where in read_json_lines(path, DatasetError)]
     if not examples:
         raise DatasetError(f"{path}: no rows")
-    return examples
+    return [replace(ex, source=path.name) for ex in examples]
+
+
+def synthetic_examples(cfg: DataConfig) -> list[Example]:
+    """`cfg.synth_rows` rows from the template synthesis (tasks/synth/templates.py): each names its
+    recipient, which is its SLIP dst, and each answer passed the strict TQT parser when it was rendered."""
+    records = synthesize(cfg.synth_rows, cfg.synth_seed)
+    return [Example(prompt=r.instruction, answer=r.answer(), anchor=r.anchor, line=i, source=SYNTH_SOURCE)
+            for i, r in enumerate(records, 1)]
+
+
+def mix_counts(rows: dict[str, list[dict]]) -> dict:
+    """Provenance of every split: {split: {source: {anchor: rows}}}, anchors by count."""
+    return {name: {source: dict(Counter(r.get("anchor") for r in part if r.get("source") == source).most_common())
+                   for source in sorted({r.get("source", "") for r in part})}
+            for name, part in rows.items()}
 
 
 def load_eval_examples(path: Path, task: str) -> list[Example]:
@@ -107,6 +126,28 @@ def split_examples(examples: list[Example], cfg: DataConfig) -> dict[str, list[E
     return {name: [ex for k in part for ex in groups[k]] for name, part in parts.items()}
 
 
+def mix_lines(stats: dict | None) -> list[str]:
+    """Markdown table of the mix (data/stats.json 'mix'): rows per anchor and source in the train and test
+    splits, with the provenance of each source. Empty for stats without a mix."""
+    mix = (stats or {}).get("mix")
+    if not mix:
+        return []
+    cols = [(split, source) for split in ("train", "test") for source in sorted(mix.get(split, {}))]
+    anchors = sorted({a for split, source in cols for a in mix[split][source]},
+                     key=lambda a: -sum(mix[s][src].get(a, 0) for s, src in cols))
+    provenance = {SYNTH_SOURCE: f"template synthesis (tasks/synth/templates.py over data/slipstream-templates.yaml, "
+                                f"{stats.get('synth_rows')} rows asked; the recipient named in each prompt is its "
+                                "SLIP dst)"}
+    lines = ["", "### Training mix: rows per anchor and source", "",
+             *[f"- `{source}`: {provenance.get(source, 'the recipe source file (data/README.md says where it is from)')}"
+               for source in sorted({src for _, src in cols})], "",
+             "| anchor | " + " | ".join(f"{split}: {source}" for split, source in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    lines += [f"| {a} | " + " | ".join(str(mix[s][src].get(a, 0)) for s, src in cols) + " |" for a in anchors]
+    lines.append("| **total** | " + " | ".join(str(sum(mix[s][src].values())) for s, src in cols) + " |")
+    return lines
+
+
 def to_messages(ex: Example, system_prompt: str) -> dict:
     """A chat row with the recipe's system prompt; `anchor` kept for evaluation."""
     if ex.row is not None:
@@ -114,7 +155,7 @@ def to_messages(ex: Example, system_prompt: str) -> dict:
     return {"messages": [{"role": "system", "content": system_prompt},
                          {"role": "user", "content": ex.prompt},
                          {"role": "assistant", "content": ex.answer}],
-            "anchor": ex.anchor}
+            "anchor": ex.anchor, "source": ex.source}
 
 
 def fingerprint(path: Path) -> str:
@@ -133,7 +174,8 @@ def prepare_cache_key(context, parameters) -> str:
                                    for f in ("prepare.py", "rows.py", "dedupe.py", "formats.py", "evalfile.py"))
                           + b"".join(p.read_bytes() for p in task_types))
     key = json.dumps([cfg.model_dump(), parameters["system_prompt"], parameters.get("task", "slipstream"),
-                      fingerprint(cfg.source), [fingerprint(f) for f in cfg.eval_files], code.hexdigest()[:12]])
+                      fingerprint(cfg.source), [fingerprint(f) for f in cfg.eval_files], code.hexdigest()[:12],
+                      generator_fingerprint() if cfg.synth_rows else None])
     return "prepare-splits-" + hashlib.sha256(key.encode()).hexdigest()
 
 
@@ -146,6 +188,11 @@ def prepare_splits(cfg: DataConfig, system_prompt: str, task: str = "slipstream"
     removed after it.
     """
     examples = load_eval_examples(Path(cfg.source), task) if cfg.format == "eval" else load_examples(Path(cfg.source))
+    if cfg.synth_rows:
+        if task != "slipstream" or cfg.format != "sharegpt":
+            raise DatasetError(f"data.synth_rows: the template synthesis makes Slipstream rows; this recipe's task "
+                               f"is {task!r} with data.format {cfg.format!r}")
+        examples += synthetic_examples(cfg)
     unique, dup_report = remove_duplicates(examples, cfg.near_duplicate_jaccard)
     external = {f: eval_prompts_from_file(repo_path(f)) for f in cfg.eval_files}
     unique, from_files = remove_contaminated(unique, external, cfg.near_duplicate_jaccard)
@@ -167,7 +214,23 @@ def prepare_splits(cfg: DataConfig, system_prompt: str, task: str = "slipstream"
                                     "near_duplicates_removed": dup_report["near_duplicates"]["removed"],
                                     "contaminated_removed": contamination["removed"],
                                     **{f"{k}_rows": len(v) for k, v in rows.items()},
+                                    "synth_rows": cfg.synth_rows, "mix": mix_counts(rows),
                                     "dedupe": dup_report, "contamination": contamination}}
+
+
+@task(name="write-eval-file-split")
+def write_eval_file_split(run_dir: Path, eval_file: str, system_prompt: str, task: str, max_rows: int = 0) -> str:
+    """A recipe eval file (data.eval_files, validated line by line) as a row file of the run, evaluated
+    beside the test split (its first `max_rows` rows, 0 = all: data.eval_rows, as for the test split);
+    returns its split name (the file's stem).
+
+    Raises:
+        EvalFileError: naming the file and line of the first bad row.
+    """
+    name = Path(eval_file).stem
+    rows = [to_chat_row(r, system_prompt) for r in load_eval_file(repo_path(eval_file), task)]
+    atomic_write_jsonl(RunFolder(run_dir).split(name), rows[:max_rows] if max_rows else rows)
+    return name
 
 
 @task(name="write-splits")

@@ -20,6 +20,7 @@ class Example:
     anchor: str
     line: int
     row: object = None   # the validated EvalRow, for data.format 'eval'
+    source: str = ""     # provenance: the source file's name, or "templates" for synthesized rows
 
 
 def normalise(text: str) -> str:

@@ -15,9 +15,9 @@ from blocks.tracing import LangfuseCredentials
 from tasks import tracing
 from tasks.data.evalfile import load_eval_file, to_chat_row
 from tasks.eval.measure import measure_gguf, measure_hf
-from tasks.export.convert import convert_hf_to_gguf
+from tasks.export.convert import ensure_base_gguf
 from tasks.recipe import Recipe
-from tasks.run import RunFolder, atomic_write_json, atomic_write_jsonl, slipway_home
+from tasks.run import RunFolder, atomic_write_json, atomic_write_jsonl
 
 
 @task(name="configure-tracing")
@@ -55,12 +55,6 @@ def write_eval_file_rows(run_dir: Path, recipe: Recipe, eval_file: str) -> dict:
     stats = {"source": str(eval_file), "test_rows": len(rows)}
     atomic_write_json(run.data_stats, stats)
     return stats
-
-
-def ensure_base_gguf(base_dir: Path) -> Path:
-    """The base SLM as an f16 GGUF, converted once and cached beside the converted HF folder."""
-    target = slipway_home() / "models" / f"{Path(base_dir).name}-f16.gguf"
-    return target if target.exists() else convert_hf_to_gguf(Path(base_dir), target, "f16")   # atomic
 
 
 @task(name="evaluate-slm")

@@ -94,10 +94,10 @@ def run_and_score(runner: Runner, rows: list[dict], run_name: str, count_tokens:
         scored = [metrics.score_row(r, c.text, count_tokens, c.tool_calls) for r, c in zip(rows, completions)]
         summary = metrics.aggregate(kind.name, scored, [c.as_call() for c in completions], seconds)
         for req, s in zip(requests, scored):
-            for key in kind.metric_keys:
+            for key in (k for k in kind.metric_keys if s[k] is not None):   # None: not this row's metric
                 tracing.score(key, s[key], trace_id=parent.trace_id, observation_id=observer.generation_ids.get(
                     req.row_id))
-        for key in kind.metric_keys:
+        for key in (k for k in kind.metric_keys if summary[k] is not None):
             tracing.score(key, summary[key], trace_id=parent.trace_id, observation_id=parent.span_id,
                           comment=f"{runner.label}: mean over {len(rows)} rows")
     cost = metrics.cost_per_1k_requests(summary, prices[0], prices[1], usd_per_hour)
@@ -169,10 +169,14 @@ def measure_hf(run_dir: Path, label: str, model_dir: Path, cfg: EvalConfig, adap
 
 
 def measure_gguf(run_dir: Path, label: str, gguf_path: Path, cfg: EvalConfig, deploy: DeployConfig,
-                 tokenizer_dir: Path | None = None, lora_path: Path | None = None) -> dict:
-    """llama.cpp's server on the GGUF (plus a GGUF LoRA), measured through the `openai` client, then stopped."""
+                 tokenizer_dir: Path | None = None, lora_path: Path | None = None, split: str = "test") -> dict:
+    """llama.cpp's server on the GGUF (plus a GGUF LoRA), measured through the `openai` client, then stopped.
+
+    Greedy like every runner here (temperature 0, top_k 1, repeat_penalty 1.0: runners.LLAMA_CPP_GREEDY).
+    `split` names the run's row file: the test split, or an eval file's rows (write_eval_file_split).
+    """
     run = RunFolder(run_dir)
-    rows = read_jsonl(run.split("test"))
+    rows = read_jsonl(run.split(split))
     with stage_timer(run, f"eval-{label}"), _deadline(label, cfg), llama_cpp_runner(
             gguf_path, run.server_log(label), label, cfg.max_new_tokens, parallel=deploy.parallel,
             lora_path=lora_path, request_timeout_s=cfg.request_timeout_s) as runner:
@@ -206,9 +210,12 @@ def _retry_unless_refused(task, task_run, state) -> bool:
 @task(name="serve-and-measure-gguf", retries=2, retry_delay_seconds=5,  # I/O: a server and HTTP calls
       retry_condition_fn=_retry_unless_refused)
 def serve_and_measure_gguf(run_dir: Path, label: str, gguf_path: Path, cfg: EvalConfig,
-                           deploy: DeployConfig, tokenizer_dir: Path | None = None) -> dict:
-    """Start llama.cpp's OpenAI-compatible server on the GGUF, measure through the `openai` client, stop it."""
-    return measure_gguf(run_dir, label, gguf_path, cfg, deploy, tokenizer_dir)
+                           deploy: DeployConfig, tokenizer_dir: Path | None = None, split: str = "test") -> dict:
+    """Start llama.cpp's OpenAI-compatible server on the GGUF, measure through the `openai` client, stop it.
+
+    The finetune flow measures base (its cached f16 GGUF), merged (the run's f16 GGUF) and the served
+    quantization this way; the parity table keeps the one transformers-vs-llama.cpp comparison."""
+    return measure_gguf(run_dir, label, gguf_path, cfg, deploy, tokenizer_dir, split=split)
 
 
 def load_endpoint_block(ref: str):

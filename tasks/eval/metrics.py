@@ -40,7 +40,9 @@ def aggregate(task: str, scored: list[dict], calls: list[dict], seconds: float) 
     """
     kind = task_type(task)
     n = len(scored)
-    summary: dict = {key: _mean([s[key] for s in scored]) for key in kind.metric_keys}
+    # A metric a row does not apply to is None there (Slipstream's dst_accuracy on rows without a named
+    # recipient): the mean is over the rows it applies to, None when there are none.
+    summary: dict = {key: _mean([s[key] for s in scored if s[key] is not None]) for key in kind.metric_keys}
     if kind.breakdown:
         groups: dict[str, list[float]] = {}
         for s in scored:

@@ -1,7 +1,8 @@
 """Parity: the same evaluation on every form the model ships in, on the same test rows.
 
-  base+adapter   transformers + PEFT (the model as trained)
-  merged         transformers, the merged 16-bit folder (the reference: the model the gates judged)
+  merged         transformers, the merged 16-bit folder (the reference, and the run's one transformers
+                 evaluation: every other evaluation of the run is llama.cpp's, so this row is the check that
+                 transformers and the GGUFs agree)
   gguf-<type>    llama.cpp server, each exported GGUF (f16, bf16, q8_0, q4_k_m)
   gguf-lora      llama.cpp server, the f16 base GGUF + the LoRA GGUF (the ADAPTER deployment)
 One table with the recipe's primary metric (and the Slipstream parse and accuracy columns) of each and its
@@ -30,8 +31,7 @@ REFERENCE = "merged"
 def parity_variants(run_dir: Path, base_dir: Path, ggufs: dict[str, str]) -> list[dict]:
     """Every shipped form of the model, in report order."""
     run = RunFolder(run_dir)
-    variants = [{"label": "base+adapter", "runner": "transformers + PEFT", "model": base_dir, "lora": run.lora_dir},
-                {"label": REFERENCE, "runner": "transformers", "model": run.merged_dir, "lora": None}]
+    variants = [{"label": REFERENCE, "runner": "transformers", "model": run.merged_dir, "lora": None}]
     for kind in ("f16", "bf16", "q8_0", "q4_k_m"):
         if kind in ggufs:
             variants.append({"label": f"gguf-{kind}", "runner": "llama.cpp server", "model": Path(ggufs[kind]),
@@ -43,7 +43,7 @@ def parity_variants(run_dir: Path, base_dir: Path, ggufs: dict[str, str]) -> lis
 
 
 def _size(v: dict) -> int:
-    paths = [v["model"]] if v["runner"] != "transformers + PEFT" else []
+    paths = [v["model"]]
     paths += [v["lora"]] if v["lora"] else []
     files = [f for p in paths for f in ([p] if p.is_file() else p.rglob("*.safetensors"))]
     return sum(f.stat().st_size for f in files)
@@ -61,8 +61,7 @@ def measure_variant(run_dir: Path, v: dict, rows: list[dict], max_new_tokens: in
     label = f"parity-{v['label']}"
     with contextlib.ExitStack() as stack:
         if v["runner"].startswith("transformers"):
-            runner = HFRunner(Path(v["model"]), label, max_new_tokens, batch_size,
-                              adapter_dir=v["lora"] if v["label"] == "base+adapter" else None)
+            runner = HFRunner(Path(v["model"]), label, max_new_tokens, batch_size)
         else:
             runner = stack.enter_context(llama_cpp_runner(v["model"], run.server_log(label), label,
                                                           max_new_tokens, parallel=parallel, lora_path=v["lora"]))

@@ -22,7 +22,7 @@ from prefect import task
 
 from tasks.llamacpp import build as llamacpp
 from tasks.recipe import ExportConfig
-from tasks.run import RunFolder, atomic_dir, atomic_write_json, stage_timer
+from tasks.run import RunFolder, atomic_dir, atomic_write_json, slipway_home, stage_timer
 from tasks.timeouts import stage_deadline
 
 # GGUF types produced by the converter directly vs. by llama-quantize from the f16 file.
@@ -172,6 +172,18 @@ def write_manifest(run_dir: RunFolder | Path, artifacts: dict[str, Path]) -> dic
         manifest[name] = entry
     atomic_write_json(run.gguf_manifest, manifest)
     return manifest
+
+
+def ensure_base_gguf(base_dir: Path) -> Path:
+    """The base SLM as an f16 GGUF, converted once and cached beside the converted HF folder."""
+    target = slipway_home() / "models" / f"{Path(base_dir).name}-f16.gguf"
+    return target if target.exists() else convert_hf_to_gguf(Path(base_dir), target, "f16")   # atomic
+
+
+@task(name="base-model-gguf")
+def base_model_gguf(base_dir: Path) -> Path:
+    """The base SLM as a cached f16 GGUF, so its baseline is measured by llama.cpp like every other form."""
+    return ensure_base_gguf(base_dir)
 
 
 @task(name="merge-adapter")

@@ -19,10 +19,11 @@ import yaml
 from prefect import task
 
 from blocks.hub import HuggingFaceHubCredentials
-from tasks.redact import redact
+from tasks.data.prepare import mix_lines
 from tasks.markdown import pct
 from tasks.ollama.modelfile import Modelfile
 from tasks.recipe import REPO_ROOT, Recipe
+from tasks.redact import redact
 from tasks.run import SPLITS, RunFolder, atomic_write_json, atomic_write_text, read_json, read_jsonl, stage_timer
 
 # Where an embedded/offline base model comes from on the Hub (for the card's `base_model`).
@@ -90,7 +91,7 @@ def model_card(recipe: Recipe, run_dir: RunFolder | Path, results: dict[str, dic
               f"| Loss | {training.get('first_loss')} → {training.get('final_loss')} |",
               f"| Hardware | {training.get('device')} ({training.get('mixed_precision')}), "
               f"{training.get('seconds')} s |",
-              f"| Framework | {'Unsloth + TRL' if recipe.training.backend == 'unsloth' else 'TRL + PEFT'} |",
+              f"| Framework | {'Unsloth + TRL' if recipe.training.engine == 'unsloth' else 'TRL + PEFT'} |",
               f"| System Prompt | `{recipe.model.system_prompt}` |", "",
               "## Available Formats", "", "| Format | File | Size | sha256 | Use Case |", "|---|---|---|---|---|"]
     uses = {"adapter": ("LoRA Adapter", "adapter/", "Load on the base with PEFT"),
@@ -122,9 +123,10 @@ def model_card(recipe: Recipe, run_dir: RunFolder | Path, results: dict[str, dic
               f'ollama run {repo_name} "Tell bob to review my authentication code"', "```", ""]
     lines += ["## Evaluation", "", f"Greedy decoding on {next(iter(results.values()))['rows']} held-out test rows, "
               "scored with the strict Slipstream parser.", "",
-              "| model | runner | strict parse | anchor acc. | src/dst acc. |", "|---|---|---|---|---|"]
+              "| model | runner | strict parse | anchor acc. | recipient (dst) acc. | src/dst acc. |",
+              "|---|---|---|---|---|---|"]
     lines += [f"| {label} | {r.get('runner')} | {pct(r.get('strict_parse'))} | {pct(r.get('anchor_accuracy'))} | "
-              f"{pct(r.get('src_dst_accuracy'))} |" for label, r in results.items()]
+              f"{pct(r.get('dst_accuracy'))} | {pct(r.get('src_dst_accuracy'))} |" for label, r in results.items()]
     if parity:
         lines += ["", f"Every format on the same {parity['rows']} test rows (drop = merged minus format, anchor accuracy):",
                   "", "| format | anchor acc. | drop |", "|---|---|---|"]
@@ -167,6 +169,7 @@ def dataset_card(recipe: Recipe, run_dir: RunFolder | Path, repo_name: str) -> s
              "prompts, so no prompt appears in two splits (no train/test leakage). "
              f"Seed {recipe.data.seed}; validation ratio {recipe.data.val_ratio}, test ratio {recipe.data.test_ratio}"
              + (f"; training subset of {recipe.data.train_rows} rows" if recipe.data.train_rows else "") + ".", "",
+             *mix_lines(read_json(run.data_stats, missing_ok=True)), "",
              "## Source, licence and attribution", ""]
     lines += [DATA_README.read_text().split("\n", 2)[-1].strip() if DATA_README.exists() else "See the source dataset.", "",
               "## Citation", "", "```bibtex", SLIPSTREAM_CITATION, "```", ""]

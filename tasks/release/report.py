@@ -17,6 +17,7 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from tasks.data.prepare import mix_lines
 from tasks.release.deploy import report_sections as export_report_sections
 from tasks.tasktypes import primary_metric, task_type
 from tasks.markdown import pct
@@ -73,7 +74,7 @@ def _data_lines(run_dir: RunFolder | Path) -> list[str]:
              + (" (" + ", ".join(f"{k}: {v}" for k, v in sources.items()) + ")" if sources else "") + " |"]
     lines += [f"| {name} rows | {stats[f'{name}_rows']} |" for name in ("train", "val", "test")
               if f"{name}_rows" in stats]
-    return lines
+    return lines + mix_lines(stats)
 
 
 def results_section(task: str, results: dict[str, dict]) -> list[str]:

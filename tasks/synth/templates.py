@@ -34,7 +34,7 @@ from prefect import task
 from pydantic import Field, ValidationError
 
 from tasks.data.rows import normalise
-from tasks.protocol import DATASET_ANCHORS, UCR_ANCHORS
+from tasks.protocol import DATASET_ANCHORS, UCR_ANCHORS, normalise_agent
 from tasks.recipe import DATA_DIR, StrictModel, key_lines
 from tasks.run import atomic_write_jsonl
 from tasks.synth.records import SYSTEM_PROMPT_BASIC, SynthRecord
@@ -64,6 +64,8 @@ class TemplateSpec(StrictModel):
     default_src: str
     speakers: list[str] = Field(min_length=1)
     agents: dict[str, list[str]]
+    people: list[str] = Field(default_factory=list, description="recipients named as themselves (people, "
+                              "bots): each is an agent whose id is normalise_agent(name), group 'people'")
     groups: dict[str, list[str]] = {}
     pools: dict[str, list[str | dict[str, str]]]
     anchors: dict[str, AnchorTemplates]
@@ -156,6 +158,13 @@ def load_spaces(path: Path = TEMPLATES_PATH) -> dict[str, AnchorSpace]:
     except ValidationError as exc:
         err = exc.errors()[0]
         _fail(path, node, tuple(err["loc"]), err["msg"])
+    for i, person in enumerate(spec.people):
+        ident = normalise_agent(person)
+        if ident in spec.agents or not ident:
+            _fail(path, node, ("people", i), f"id {ident!r} is empty or already an agent")
+        spec.agents[ident] = [person]
+    if spec.people:
+        spec.groups.setdefault("people", [normalise_agent(p) for p in spec.people])
     missing = set(DATASET_ANCHORS) - set(spec.anchors)
     if missing:
         _fail(path, node, ("anchors",), f"missing dataset anchors {sorted(missing)}")

@@ -1,8 +1,8 @@
-"""The Prefect side of training: build the worker's command, run it, stream its progress into the log.
+"""The Prefect side of training: run the worker's command, stream its progress into the log.
 
 Training runs in its own process (tasks/train/worker.py), plain or under `accelerate launch` (DDP /
 DeepSpeed ZeRO-2), so that the CPU default, one GPU and several GPUs share one code path and the worker
-needs no Prefect.
+needs no Prefect. The command and its process group live in tasks/train/command.py (no Prefect either).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -23,35 +22,9 @@ from prefect.logging import get_run_logger
 from tasks.recipe import REPO_ROOT, Recipe
 from tasks.run import RunFolder, stage_timer
 from tasks.timeouts import StageTimeout
-from tasks.train import worker
+from tasks.train.command import (ACCELERATE_DIR, distributed_type, process_group,  # noqa: F401  (re-exported)
+                                 resolve_accelerate_config, training_command, visible_gpus)
 from tasks.train.status import TrainingStatus
-
-ACCELERATE_DIR = REPO_ROOT / "accelerate_config"
-
-
-def resolve_accelerate_config(name_or_path: str) -> Path:
-    """'ddp' -> accelerate_config/ddp.yaml; a path is returned as is.
-
-    Raises:
-        ValueError: neither a known name nor an existing file, listing the known names.
-    """
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") and path.exists():
-        return path
-    candidate = ACCELERATE_DIR / f"{name_or_path}.yaml"
-    if candidate.exists():
-        return candidate
-    known = sorted(p.stem for p in ACCELERATE_DIR.glob("*.yaml"))
-    raise ValueError(f"training.accelerate_config {name_or_path!r}: not a file and not one of {known}")
-
-
-def training_command(recipe: Recipe, run_dir: Path | RunFolder, base_dir: Path) -> list[str]:
-    """The process that trains: plain Python, or `accelerate launch` (DDP / DeepSpeed ZeRO-2)."""
-    args = ["-m", worker.__name__, str(run_dir), "--base", str(base_dir)]
-    if recipe.training.accelerate_config:
-        config = resolve_accelerate_config(recipe.training.accelerate_config)
-        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *args]
-    return [sys.executable, *args]
 
 
 @task(name="train-adapter")  # no retries: a failed training step is a bug or a bad config, not bad luck
@@ -69,9 +42,8 @@ def train_adapter(recipe: Recipe, run_dir: Path, base_dir: Path) -> dict:
     logger.info("training: %s", " ".join(cmd))
     status = TrainingStatus(run, recipe.training.epochs)
     with stage_timer(run, "train"), open(run.train_log, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT,
-                                start_new_session=True)   # its own group: a timeout kills the launcher's children too
-        with kill_at_deadline(proc, recipe.training.timeout_s) as timed_out:
+        with process_group(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT) as proc, \
+                kill_at_deadline(proc, recipe.training.timeout_s) as timed_out:
             for line in proc.stdout:
                 log.write(line)
                 if line.startswith("[train]"):
