@@ -17,6 +17,7 @@ a flow run that fails exits 1 after printing where its report is.
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Literal, NoReturn
 
@@ -35,6 +36,7 @@ from tasks.data.evalfile import EvalFileError, load_eval_file
 from tasks.data.formats import FORMATS, FormatError, convert_file
 from tasks.export import template_check
 from tasks.llamacpp import serve as llamacpp_serve
+from tasks.names import InvalidName, check_slug
 from tasks.recipe import REPO_ROOT, RecipeError
 from tasks.run import RunFolder, TracksFolder, find_run_of_flow_run
 from tasks.start import validate_recipe
@@ -62,13 +64,16 @@ def stop(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
-def check_input(recipe: str, overrides: dict, eval_file: Path | None = None) -> None:
-    """The recipe (and an eval file) as the flow will read them; a bad one stops here, before Prefect starts."""
+def check_input(recipe: str, overrides: dict, eval_file: Path | None = None, run_name: str | None = None) -> None:
+    """The recipe, run name (and an eval file) as the flow will read them; a bad one stops here, before
+    Prefect starts."""
     try:
+        if run_name is not None:
+            check_slug("run name", run_name)
         cfg = validate_recipe.fn(recipe, overrides)   # the flow's own first task, run before Prefect starts
         if eval_file:
             load_eval_file(eval_file, cfg.task)
-    except (RecipeError, EvalFileError) as exc:
+    except (RecipeError, EvalFileError, InvalidName) as exc:
         stop(str(exc))
 
 
@@ -81,6 +86,11 @@ def run_folder_of(state: State, output_root: Path, resume: Path | None = None) -
     if resume:
         return RunFolder(resume)
     return find_run_of_flow_run(output_root, str(state.state_details.flow_run_id))
+
+
+def default_run_name(recipe: str, kind: str = "") -> str:
+    """<recipe>-<UTC timestamp>, or <recipe>-<kind>-<UTC timestamp>."""
+    return f"{Path(recipe).stem}{'-' + kind if kind else ''}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
 
 
 def finish(state: State, report: Path | None) -> None:
@@ -104,7 +114,7 @@ def run(recipe: Annotated[str, typer.Argument(help="A recipe name in recipes/ or
         output_root: OutputRoot = REPO_ROOT / "runs") -> None:
     """Fine-tune, export, serve, evaluate and gate one recipe (the finetune flow)."""
     overrides = parse_overrides(set_)
-    check_input(recipe, overrides)
+    check_input(recipe, overrides, run_name=run_name)
     state = finetune(recipe=recipe, overrides=overrides, output_root=str(output_root), run_name=run_name,
                      resume_from=str(resume) if resume else None, return_state=True)
     run_dir = run_folder_of(state, output_root, resume)
@@ -129,7 +139,7 @@ def evaluate(recipe: Annotated[str, typer.Argument(help="A recipe with a `baseli
              output_root: OutputRoot = REPO_ROOT / "runs") -> None:
     """Measure the SLM against an LLM on a track and decide keep-llm / swap-now / fine-tune (the evaluate flow)."""
     overrides = parse_overrides(set_)
-    check_input(recipe, overrides, eval_file)
+    check_input(recipe, overrides, eval_file, run_name=run_name)
     state = evaluate_flow(recipe=recipe, eval_file=str(eval_file) if eval_file else None,
                           finetuned_run=str(finetuned_run) if finetuned_run else None, overrides=overrides,
                           output_root=str(output_root), run_name=run_name, langfuse_block=langfuse_block,

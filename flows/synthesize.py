@@ -42,7 +42,7 @@ def synthesize(config: SynthesisConfig, output_dir: str | None = None,
     specs = plan_batches(config)
     estimate = estimate_cost(endpoint, specs, config)  # stops here if over max_cost_usd
     out_dir = create_output_dir(output_dir)
-    outcomes = request_all(specs, endpoint, config)
+    outcomes = request_all(specs, endpoint, config, out_dir.name)
     identity = endpoint_identity(endpoint)
     result = assemble_records(specs, outcomes, f"llm:{identity['provider']}/{identity['model']}",
                               config.near_duplicate_jaccard)

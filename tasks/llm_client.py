@@ -8,7 +8,7 @@ errors) wait for max(Retry-After, exponential backoff) plus jitter. Evaluation r
 backoff, so each retry is counted and shows up in Prefect. The openai client's own retries are off.
 
 Errors come back as `APIRequestError`, whose message is built here from the status code and the
-server's error text with the API key redacted; the openai exception (which carries the request, its
+server's error text with the API key redacted (tasks/redact.py); the openai exception (which carries the request, its
 headers and the raw body) is never chained, so no traceback or log line can echo the key.
 """
 
@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 
 from blocks.llm import AzureOpenAIEndpoint, OpenAICompatibleEndpoint
+from tasks.redact import redact
 
 LLMEndpoint = OpenAICompatibleEndpoint | AzureOpenAIEndpoint
 
@@ -68,11 +69,6 @@ def endpoint_identity(endpoint: LLMEndpoint) -> dict:
                 "api_version": endpoint.api_version}
     return {"provider": endpoint.provider, "base_url": endpoint.resolved_base_url().rstrip("/"),
             "model": endpoint.model}
-
-
-def redact(text: str, secret: str) -> str:
-    """Remove the key from text a server sent back (some servers echo the presented key on 401)."""
-    return text.replace(secret, "***") if secret and len(secret) >= 4 else text
 
 
 def parse_retry_after(headers) -> float | None:

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tasks.names import check_hub_repo, check_slug
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = REPO_ROOT / "recipes"
@@ -23,6 +25,18 @@ def repo_path(path: str | Path) -> Path:
     """A file a recipe names: absolute as given, otherwise relative to the repo root (not the cwd)."""
     path = Path(path)
     return path if path.is_absolute() else REPO_ROOT / path
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class StrictModel(BaseModel):
@@ -92,6 +106,8 @@ class TrainingConfig(StrictModel):
     save_steps: int = Field(50, gt=0, description="Checkpoint every N steps (nothing lost on a crash).")
     logging_steps: int = Field(5, gt=0)
     num_threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores.")
+    timeout_s: float = Field(86400, gt=0, description="Kill the training process after this many seconds "
+                             "(checkpoints are kept: resume the run).")
     accelerate_config: str | None = Field(
         None, description="Launch with `accelerate launch`: a name in accelerate_config/ (e.g. 'ddp', "
         "'zero2') or a path. None: one plain process (CPU or one GPU).")
@@ -126,6 +142,8 @@ class ExportConfig(StrictModel):
     serve_type: Literal["f16", "bf16", "q8_0", "q4_k_m"] = Field("q8_0", description="GGUF evaluated via the server.")
     parity_rows: int = Field(40, ge=0, description="Test rows for the parity table (every exported format on the "
                              "same rows); 0 = no parity evaluation.")
+    timeout_s: float = Field(7200, gt=0, description="Merge + GGUF conversion and quantization stop after "
+                             "this many seconds.")
     template_samples: int = Field(3, ge=1, le=50, description="Test conversations the template check renders "
                                   "(plus one two-turn conversation made from them).")
 
@@ -154,6 +172,13 @@ class EvalConfig(StrictModel):
     slm_runner: Literal["transformers", "llama.cpp"] = Field(
         "transformers", description="How the evaluate flow runs the SLMs: transformers (the HF folders), or "
         "llama.cpp's server on their GGUFs (what a local deployment serves; several times faster on CPU).")
+    timeout_s: float = Field(14400, gt=0, description="One model's evaluation stops after this many seconds.")
+    request_timeout_s: float = Field(300, gt=0, description="One call to a served model (llama-server) may "
+                                     "take this long (hosted endpoints: the Block's timeout_s).")
+    max_failed_calls: int = Field(
+        0, ge=0, description="Calls of one model's evaluation that may fail (after retries, and after a "
+        "crashed llama-server was restarted) before the evaluation fails naming the count; a failed call "
+        "would otherwise be scored as a wrong answer.")
     slm_usd_per_hour: float | None = Field(
         None, ge=0, description="Price of the machine serving the SLM (USD/hour) for the cost-per-1k-requests "
         "estimate at the measured throughput; None = not estimated.")
@@ -168,7 +193,13 @@ class DeployConfig(StrictModel):
         "base + ADAPTER the LoRA GGUF (no merge).")
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, lt=65536, description="0 = pick a free port.")
-    parallel: int = Field(2, gt=0, description="llama-server slots (concurrent requests).")
+    parallel: int = Field(2, gt=0, le=64, description="llama-server slots (concurrent requests).")
+    ctx_size: int = Field(2048, ge=256, le=131072, description="llama-server context per slot (tokens); the "
+                          "server allocates parallel x ctx_size.")
+    api_key_block: str | None = Field(None, description="Name of a Prefect `Secret` block holding the API key "
+                                      "llama-server requires; needed when host is not loopback.")
+    timeout_s: float = Field(1800, gt=0, description="Deployment (server start, test chat, Ollama upload) "
+                             "stops after this many seconds.")
     keep_running: bool = Field(False, description="llamacpp: leave the server running after the flow "
                                "(stop it with `python -m tasks.llamacpp.serve stop RUN_DIR`).")
     ollama_host: str = Field("http://127.0.0.1:11434", description="Ollama server URL.")
@@ -178,6 +209,18 @@ class DeployConfig(StrictModel):
                                     "f16 base GGUF.")
     allow_qlora_adapter: bool = Field(False, description="artifact 'adapter': accept an adapter trained on a "
                                       "4-bit base (QLoRA) on an unquantized base.")
+
+    @model_validator(mode="after")
+    def check_serving_boundary(self) -> "DeployConfig":
+        if self.target == "llamacpp" and not is_loopback(self.host) and not self.api_key_block:
+            raise ValueError(f"host {self.host!r} is reachable from other machines: llama-server then needs an "
+                             "API key; set deploy.api_key_block to a Prefect Secret block holding one")
+        return self
+
+    @field_validator("ollama_model")
+    @classmethod
+    def _model_name_is_a_slug(cls, value: str | None) -> str | None:
+        return None if value is None else check_slug("ollama_model", value)
 
 
 class ReleaseConfig(StrictModel):
@@ -192,6 +235,11 @@ class ReleaseConfig(StrictModel):
     folder: str | None = Field(None, description="Also copy the release into this local folder (a publish "
                                "target that needs no network).")
     license: str = Field("apache-2.0", description="License of the released weights (the base model's).")
+
+    @field_validator("hub_model_repo", "hub_dataset_repo")
+    @classmethod
+    def _repo_ids(cls, value: str | None, info) -> str | None:
+        return None if value is None else check_hub_repo(info.field_name, value)
 
     @model_validator(mode="after")
     def check_hub_token(self) -> "ReleaseConfig":
@@ -251,6 +299,12 @@ class Recipe(StrictModel):
     deploy: DeployConfig = DeployConfig()
     release: ReleaseConfig = ReleaseConfig()
     baseline: BaselineConfig = BaselineConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_slug(cls, value: str) -> str:
+        # It names run folders, the Ollama model and Prefect artifacts (tasks/names.py).
+        return check_slug("recipe name", value)
 
     @model_validator(mode="after")
     def check_adapter_deployment(self) -> "Recipe":

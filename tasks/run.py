@@ -21,6 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
+from tasks.names import check_slug
+
 RUN_SUBDIRS = ("data", "checkpoints", "lora", "merged", "gguf", "metrics")
 COMPLETE_MARKER = "COMPLETE"
 Split = Literal["train", "val", "test"]
@@ -43,14 +45,14 @@ class Folder:
     def __str__(self) -> str:
         return str(self.root)
 
+    @property
+    def name(self) -> str:
+        return self.root.name
+
 
 @dataclass(frozen=True)
 class RunFolder(Folder):
     """Where each artifact of one run lives. Paths only: it creates sub-folders, never files."""
-
-    @property
-    def name(self) -> str:
-        return self.root.name
 
     # --- the run as a whole -------------------------------------------------------------------------
     @property
@@ -114,6 +116,11 @@ class RunFolder(Folder):
     @property
     def loss_curve(self) -> Path:
         return self.metrics_dir / "loss-curve.png"
+
+    @property
+    def training_status(self) -> Path:
+        """metrics/training-status.json: step, loss, ETA ... while training runs (tasks/train/status.py)."""
+        return self.metrics_dir / "training-status.json"
 
     @property
     def train_log(self) -> Path:
@@ -338,7 +345,9 @@ def new_run_dir(output_root: str | Path, recipe_name: str, run_name: str | None 
 
     Raises:
         FileExistsError: `run_name` names an existing folder.
+        InvalidName: the run name is not a slug (so `../../x` never leaves output_root).
     """
+    check_slug("run name", run_name or recipe_name)
     run_dir = claim_dir(output_root, run_name or f"{recipe_name}-{utc_stamp()}", unique=run_name is None)
     for sub in RUN_SUBDIRS:
         run_dir.joinpath(sub).mkdir()

@@ -38,6 +38,8 @@ def create_run_folder(output_root: str, recipe: Recipe, run_name: str | None = N
         FileExistsError: `run_name` is taken.
     """
     if resume_from:
+        if ".." in Path(resume_from).parts:
+            raise ValueError(f"resume_from {resume_from!r}: a path with '..' is refused; name the run folder itself")
         run = RunFolder(Path(resume_from).resolve())
         if not run.recipe_json.exists():
             raise ValueError(f"resume_from {run}: not a run folder (no recipe.json)")

@@ -4,7 +4,9 @@ Off unless keys are configured: `LANGFUSE_PUBLIC_KEY` and `LANGFUSE_SECRET_KEY` 
 `LANGFUSE_BASE_URL`), or a saved `LangfuseCredentials` block passed to `configure()`. Without keys no Langfuse
 client is built, nothing is sent and every function here is a cheap no-op.
 
-The trace id is derived from the run's name, so every task of a run (and a helper in another process) lands
+Every observation carries the Prefect flow run it came from (`prefect_flow_run_id`, `prefect_flow_run_url`,
+as observation and trace metadata), so a bad score leads back to its run. The trace id is derived from the
+run's name, so every task of a run (and a helper in another process) lands
 in the same trace without passing span objects around; the parent is passed explicitly because generations
 run in worker threads, where OpenTelemetry's implicit context does not follow.
 
@@ -97,12 +99,42 @@ def trace_id_for(run_name: str) -> str:
     return Langfuse.create_trace_id(seed=f"slipway:{run_name}")
 
 
+def prefect_run_link() -> dict:
+    """The Prefect flow run this process works for, as trace metadata: its id and its UI link (empty outside
+    a flow run). Read where the observation starts; worker threads get it from their parent `SpanRef`."""
+    from prefect.runtime import flow_run
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+    run_id = flow_run.id
+    if not run_id:
+        return {}
+    ui = PREFECT_UI_URL.value() or (PREFECT_API_URL.value() or "").removesuffix("/api") or None
+    link = {"prefect_flow_run_id": str(run_id), "prefect_flow_run_name": flow_run.name}
+    if ui:
+        link["prefect_flow_run_url"] = f"{ui.rstrip('/')}/runs/flow-run/{run_id}"
+    return link
+
+
+@contextlib.contextmanager
+def _trace_attributes(link: dict) -> Iterator[None]:
+    """Trace-level metadata (Langfuse's propagated attributes) on the observations started inside."""
+    if not link:
+        yield
+        return
+    from langfuse import propagate_attributes
+
+    with propagate_attributes(metadata={k: str(v)[:200] for k, v in link.items()}):
+        yield
+
+
 @dataclass
 class SpanRef:
-    """Where new observations attach: a trace and, optionally, a parent observation."""
+    """Where new observations attach: a trace and, optionally, a parent observation; `link` is the Prefect
+    flow run (prefect_run_link) that children started in other threads inherit."""
 
     trace_id: str | None = None
     span_id: str | None = None
+    link: dict = field(default_factory=dict)
 
     def context(self) -> dict:
         ctx = {"trace_id": self.trace_id}
@@ -120,10 +152,12 @@ def span(run_name: str, name: str, input: Any = None, metadata: dict | None = No
         yield SpanRef()
         return
     ref = parent or SpanRef(trace_id_for(run_name))
-    obs = lf.start_observation(trace_context=ref.context(), name=name, as_type="span", input=input,
-                               metadata=metadata)
+    link = prefect_run_link() or ref.link
+    with _trace_attributes(link):
+        obs = lf.start_observation(trace_context=ref.context(), name=name, as_type="span", input=input,
+                                   metadata={**(metadata or {}), **link})
     try:
-        yield SpanRef(ref.trace_id, obs.id)
+        yield SpanRef(ref.trace_id, obs.id, link)
     finally:
         obs.end()
 
@@ -161,8 +195,11 @@ def start_generation(name: str, model: str, input: Any, parent: SpanRef | None =
     if lf is None:
         return Generation()
     ref = parent if parent is not None and parent.trace_id else SpanRef(trace_id_for(run_name or "adhoc"))
-    obs = lf.start_observation(trace_context=ref.context(), name=name, as_type="generation", model=model,
-                               input=input, model_parameters=model_parameters, metadata=metadata)
+    link = (parent.link if parent is not None else {}) or prefect_run_link()
+    with _trace_attributes(link):
+        obs = lf.start_observation(trace_context=ref.context(), name=name, as_type="generation", model=model,
+                                   input=input, model_parameters=model_parameters,
+                                   metadata={**(metadata or {}), **link})
     return Generation(obs, ref.trace_id)
 
 

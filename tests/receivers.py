@@ -170,3 +170,61 @@ class AzureOpenAIServer(_Server):
         return {"id": "chatcmpl-1", "object": "chat.completion", "created": int(time.time()), "model": deployment,
                 "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
                 "usage": {"prompt_tokens": 42, "completion_tokens": 7, "total_tokens": 49}}
+
+
+class _ChatHandler(_Handler):
+    def do_POST(self):
+        owner: FlakyChatServer = self.server.owner
+        body = json.loads(self._body() or b"{}")
+        key = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
+        prompt = (body.get("messages") or [{}])[-1].get("content", "")
+        with owner.lock:
+            owner.calls[prompt] = owner.calls.get(prompt, 0) + 1
+        if self.path.rstrip("/") != "/v1/chat/completions":
+            return self._reply(404, {"error": {"message": f"no route {self.path}"}})
+        if key != owner.api_key:   # OpenAI's wording, which repeats the presented key
+            return self._reply(401, {"error": {"message": f"Incorrect API key provided: {key}",
+                                               "type": "invalid_request_error"}})
+        time.sleep(owner.delay_s)
+        if prompt in owner.fail_prompts:   # a broken backend that echoes the request's credentials
+            return self._reply(500, {"error": {"message": f"backend failed for request with key {key}",
+                                               "type": "server_error"}})
+        return self._reply(200, {
+            "id": "chatcmpl-1", "object": "chat.completion", "created": int(time.time()), "model": body.get("model"),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": owner.answer},
+                         "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 20, "completion_tokens": 5, "total_tokens": 25}})
+
+
+class FlakyChatServer(_Server):
+    """An OpenAI-compatible chat endpoint at /v1 that fails chosen prompts on every attempt (HTTP 500) and, like
+    some real servers, puts the presented API key into its error messages (401 for a wrong key, and the
+    500s). `calls` counts requests per prompt, so retries are visible; `delay_s` makes every answer slow."""
+
+    handler_cls = _ChatHandler
+
+    def __init__(self, api_key: str, fail_prompts: set[str] = frozenset(), answer: str = "ok", delay_s: float = 0):
+        self.api_key, self.fail_prompts, self.answer, self.delay_s = api_key, set(fail_prompts), answer, delay_s
+        self.calls: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+
+class _HubHandler(_Handler):
+    def do_POST(self):
+        owner: EchoingHubServer = self.server.owner
+        self._body()
+        token = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
+        owner.requests.append((self.command, self.path, token))
+        # The Hub's 401 body, plus the presented token, as a misbehaving proxy in front of it might add.
+        return self._reply(401, {"error": f"Invalid credentials in Authorization header (got {token})"})
+
+    do_GET = do_PUT = do_POST
+
+
+class EchoingHubServer(_Server):
+    """A Hugging Face Hub endpoint that refuses every request with 401 and quotes the token back."""
+
+    handler_cls = _HubHandler
+
+    def __init__(self):
+        self.requests: list[tuple[str, str, str]] = []

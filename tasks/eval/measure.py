@@ -29,12 +29,14 @@ import blocks.llm  # noqa: F401  (registers OpenAICompatibleEndpoint and AzureOp
 from tasks import tracing
 from tasks.models.bootstrap import baseline_gguf
 from tasks.eval import metrics
-from tasks.eval.runners import (EndpointConfigError, EndpointRunner, HFRunner, Request, Runner, llama_cpp_runner,
-                                requests_from_rows)
+from tasks.eval.runners import (EndpointConfigError, EndpointRunner, FailedCalls, HFRunner, Request, Runner,
+                                check_failed_calls, llama_cpp_runner, requests_from_rows)
 from tasks.tasktypes import task_of
 from tasks.tasktypes.base import TokenCounter
 from tasks.recipe import DeployConfig, EvalConfig, Recipe
+from tasks.progress import ProgressBar
 from tasks.run import RunFolder, atomic_write_json, atomic_write_jsonl, read_jsonl, resumable_stage, stage_timer
+from tasks.timeouts import StageTimeout, stage_deadline
 
 
 @functools.lru_cache(maxsize=4)
@@ -101,23 +103,35 @@ def run_and_score(runner: Runner, rows: list[dict], run_name: str, count_tokens:
     cost = metrics.cost_per_1k_requests(summary, prices[0], prices[1], usd_per_hour)
     summary = {"model": runner.label, "model_name": runner.model, "runner": runner.kind, "task": kind.name,
                **summary, "cost": cost}
+    # `call_error`: the call failed (no answer); a scorer's `error` says what was wrong with an answer.
     records = [{"id": req.row_id, "prompt": req.messages[-1]["content"], "answer": c.text,
-                **({"tool_calls": c.tool_calls} if c.tool_calls else {}), **c.as_call(), **s}
+                **({"tool_calls": c.tool_calls} if c.tool_calls else {}),
+                **{k: v for k, v in c.as_call().items() if k != "error"}, "call_error": c.error, **s}
                for req, c, s in zip(requests, completions, scored)]
     return summary, records
 
 
-def _save_eval(run: RunFolder, label: str, summary: dict, records: list[dict]) -> dict:
+def _save_eval(run: RunFolder, label: str, summary: dict, records: list[dict], cfg: EvalConfig) -> dict:
+    """Write the summary and predictions, then refuse the evaluation if too many calls failed (the files
+    stay, so the failed calls can be read).
+
+    Raises:
+        FailedCalls: more failed calls than `eval.max_failed_calls`, naming the count.
+    """
     atomic_write_json(run.eval_metrics(label), summary)
     atomic_write_jsonl(run.predictions(label), records)
+    check_failed_calls(label, [r.get("call_error") for r in records], cfg.max_failed_calls,
+                       f"eval.max_failed_calls is {cfg.max_failed_calls}; every call in {run.predictions(label)}")
     return summary
 
 
-def _progress_logger(label: str):
+def _progress_logger(label: str, run_name: str, total: int):
+    """Rows done per model: about ten log lines, and a Prefect progress artifact `eval-<label>-<run>`."""
     try:
         logger = get_run_logger()
     except MissingContextError:   # called outside a flow (tests, notebooks)
         logger = logging.getLogger("slipway.measure")
+    bar = ProgressBar(f"eval-{label}", run_name, total, f"eval {label}: 0/{total} rows")
     step = {"next": 0}
 
     def report(done: int, total: int) -> None:
@@ -125,8 +139,15 @@ def _progress_logger(label: str):
         if done >= step["next"] or done == total:
             logger.info("[eval %s] %d/%d", label, done, total)
             step["next"] = done + max(1, total // 10)
+        bar.update(done, f"eval {label}: {done}/{total} rows")
+        if done == total:
+            bar.close()
 
     return report
+
+
+def _deadline(label: str, cfg: EvalConfig):
+    return stage_deadline(f"eval-{label}", cfg.timeout_s, "eval.timeout_s")
 
 
 def _counter_for(rows: list[dict], tokenizer_dir: Path | None) -> TokenCounter | None:
@@ -139,11 +160,12 @@ def measure_hf(run_dir: Path, label: str, model_dir: Path, cfg: EvalConfig, adap
     run = RunFolder(run_dir)
     rows = read_jsonl(run.split("test"))
     runner = HFRunner(Path(model_dir), label, cfg.max_new_tokens, cfg.batch_size, adapter_dir=adapter_dir)
-    with stage_timer(run, f"eval-{label}"):
+    with stage_timer(run, f"eval-{label}"), _deadline(label, cfg):
         summary, records = run_and_score(runner, rows, run.name, _counter_for(rows, tokenizer_dir or model_dir),
-                                         usd_per_hour=cfg.slm_usd_per_hour, progress=_progress_logger(label))
+                                         usd_per_hour=cfg.slm_usd_per_hour,
+                                         progress=_progress_logger(label, run.name, len(rows)))
     tracing.flush()
-    return _save_eval(run, label, summary, records)
+    return _save_eval(run, label, summary, records, cfg)
 
 
 def measure_gguf(run_dir: Path, label: str, gguf_path: Path, cfg: EvalConfig, deploy: DeployConfig,
@@ -155,13 +177,14 @@ def measure_gguf(run_dir: Path, label: str, gguf_path: Path, cfg: EvalConfig, de
     """
     run = RunFolder(run_dir)
     rows = read_jsonl(run.split(split))
-    with stage_timer(run, f"eval-{label}"), llama_cpp_runner(
-            gguf_path, run.server_log(label), label, cfg.max_new_tokens,
-            parallel=deploy.parallel, host=deploy.host, port=deploy.port, lora_path=lora_path) as runner:
+    with stage_timer(run, f"eval-{label}"), _deadline(label, cfg), llama_cpp_runner(
+            gguf_path, run.server_log(label), label, cfg.max_new_tokens, parallel=deploy.parallel,
+            lora_path=lora_path, request_timeout_s=cfg.request_timeout_s) as runner:
         summary, records = run_and_score(runner, rows, run.name, _counter_for(rows, tokenizer_dir),
-                                         usd_per_hour=cfg.slm_usd_per_hour, progress=_progress_logger(label))
+                                         usd_per_hour=cfg.slm_usd_per_hour,
+                                         progress=_progress_logger(label, run.name, len(rows)))
     tracing.flush()
-    return _save_eval(run, label, summary, records)
+    return _save_eval(run, label, summary, records, cfg)
 
 
 @task(name="measure-hf-model")
@@ -172,7 +195,21 @@ def measure_hf_model(run_dir: Path, label: str, model_dir: Path, cfg: EvalConfig
     return measure_hf(run_dir, label, model_dir, cfg, adapter_dir, tokenizer_dir)
 
 
-@task(name="serve-and-measure-gguf", retries=2, retry_delay_seconds=5)  # I/O: a server and HTTP calls
+def _retry_unless_refused(task, task_run, state) -> bool:
+    """Retry transient I/O failures; a refused configuration (401, 404, ...) fails at once, and so do calls
+    that still failed after their own retries (another pass would only repeat them), and a stage that ran
+    out of its time."""
+    try:
+        state.result()
+    except (EndpointConfigError, FailedCalls, StageTimeout):
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(name="serve-and-measure-gguf", retries=2, retry_delay_seconds=5,  # I/O: a server and HTTP calls
+      retry_condition_fn=_retry_unless_refused)
 @resumable_stage(lambda args: f"eval-{args['label']}")
 def serve_and_measure_gguf(run_dir: Path, label: str, gguf_path: Path, cfg: EvalConfig,
                            deploy: DeployConfig, tokenizer_dir: Path | None = None, split: str = "test") -> dict:
@@ -188,17 +225,6 @@ def load_endpoint_block(ref: str):
     return Block.load(ref)
 
 
-def _retry_unless_refused(task, task_run, state) -> bool:
-    """Retry transient I/O failures; a refused configuration (401, 404, ...) fails at once."""
-    try:
-        state.result()
-    except EndpointConfigError:
-        return False
-    except Exception:
-        return True
-    return False
-
-
 @task(name="measure-llm-baseline", retries=2, retry_delay_seconds=10,   # I/O: a remote API or a local server
       retry_condition_fn=_retry_unless_refused)
 @resumable_stage(lambda args: f"baseline-{args['recipe'].baseline.label}")
@@ -209,7 +235,7 @@ def measure_llm_baseline(run_dir: Path, recipe: Recipe, tokenizer_dir: Path | No
     rows = read_jsonl(run.split("test"))
     options = {"structured_output": cfg.structured_output, "tool_calling": cfg.tool_calling}
     label = cfg.label
-    with contextlib.ExitStack() as stack, stage_timer(run, f"eval-{label}"):
+    with contextlib.ExitStack() as stack, stage_timer(run, f"eval-{label}"), _deadline(label, ev):
         if cfg.source == "block":
             endpoint = load_endpoint_block(cfg.block)
             runner = EndpointRunner(endpoint, label, ev.max_new_tokens, cfg.concurrency, **options)
@@ -218,10 +244,10 @@ def measure_llm_baseline(run_dir: Path, recipe: Recipe, tokenizer_dir: Path | No
         else:
             runner = stack.enter_context(llama_cpp_runner(
                 baseline_gguf(cfg), run.server_log(label), label, ev.max_new_tokens,
-                parallel=cfg.concurrency, **options))
+                parallel=cfg.concurrency, request_timeout_s=ev.request_timeout_s, **options))
             prices = (cfg.input_usd_per_mtok, cfg.output_usd_per_mtok)   # None: not priced
         summary, records = run_and_score(runner, rows, run.name, _counter_for(rows, tokenizer_dir), prices=prices,
-                                         progress=_progress_logger(label))
+                                         progress=_progress_logger(label, run.name, len(rows)))
     tracing.flush()
-    return _save_eval(run, label, summary, records)
+    return _save_eval(run, label, summary, records, ev)
 

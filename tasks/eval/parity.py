@@ -19,7 +19,7 @@ from pathlib import Path
 from prefect import task
 
 from tasks.eval.measure import run_and_score
-from tasks.eval.runners import HFRunner, llama_cpp_runner
+from tasks.eval.runners import HFRunner, check_failed_calls, llama_cpp_runner
 from tasks.tasktypes import primary_metric
 from tasks.markdown import pct
 from tasks.recipe import Recipe
@@ -50,8 +50,13 @@ def _size(v: dict) -> int:
 
 
 def measure_variant(run_dir: Path, v: dict, rows: list[dict], max_new_tokens: int, batch_size: int,
-                    parallel: int, metric: str) -> dict:
-    """One row of the parity table: the variant's runner over the rows, scored by `run_and_score`."""
+                    parallel: int, metric: str, max_failed_calls: int = 0) -> dict:
+    """One row of the parity table: the variant's runner over the rows, scored by `run_and_score`.
+
+    Raises:
+        FailedCalls: more failed calls than `max_failed_calls` (eval.max_failed_calls): a failed call would
+            read as a drop of the format.
+    """
     run = RunFolder(run_dir)
     label = f"parity-{v['label']}"
     with contextlib.ExitStack() as stack:
@@ -62,11 +67,13 @@ def measure_variant(run_dir: Path, v: dict, rows: list[dict], max_new_tokens: in
                                                           max_new_tokens, parallel=parallel, lora_path=v["lora"]))
         summary, records = run_and_score(runner, rows, run.name)
     atomic_write_jsonl(run.predictions(label), records)
+    check_failed_calls(label, [r.get("call_error") for r in records], max_failed_calls,
+                       f"eval.max_failed_calls is {max_failed_calls}; every call in {run.predictions(label)}")
     return {"label": v["label"], "runner": v["runner"], "artifact": str(v["model"]) + (f" + {v['lora'].name}" if v["lora"] else ""),
             "bytes": _size(v), metric: summary.get(metric),
             # Slipstream columns; other task types (Fledgling tracks) have none of them and show '–'.
             **{k: summary.get(k) for k in ("strict_parse", "anchor_accuracy", "src_dst_accuracy",
-                                                          "rows", "generated_tokens",
+                                                          "rows", "failed_calls", "generated_tokens",
                                                           "tokens_per_second")}}
 
 
@@ -80,7 +87,7 @@ def measure_parity(run_dir: Path, base_dir: Path, recipe: Recipe, ggufs: dict[st
     with stage_timer(run, "parity"):
         metric = primary_metric(recipe)
         table = [measure_variant(run, v, rows, recipe.eval.max_new_tokens, recipe.eval.batch_size,
-                                 recipe.deploy.parallel, metric)
+                                 recipe.deploy.parallel, metric, recipe.eval.max_failed_calls)
                  for v in parity_variants(run, base_dir, ggufs)]
     ref = next(r for r in table if r["label"] == REFERENCE)
     for r in table:

@@ -20,6 +20,7 @@ minutes here and the server runs the same engine.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,9 +29,11 @@ from typing import Callable, Iterator, Protocol
 
 from blocks.llm import OpenAICompatibleEndpoint
 from tasks.data.evalfile import prompt_messages
-from tasks.llamacpp.serve import llama_server
+from tasks.llamacpp.serve import ManagedLlamaServer
 from tasks.llm_client import EVAL_RETRIES, APIRequestError, Completion, RetryPolicy, complete
 from tasks.tasktypes import task_of
+
+log = logging.getLogger("slipway.eval")
 
 # llama.cpp's default samplers (top_k 40, repeat_penalty 1.1, ...) change a tiny model's greedy answer.
 LLAMA_CPP_GREEDY = {"top_k": 1, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0}
@@ -134,7 +137,25 @@ class HFRunner:
 
 
 class EndpointError(RuntimeError):
-    """Most calls to the endpoint failed."""
+    """Calls to the endpoint failed."""
+
+
+class FailedCalls(EndpointError):
+    """More calls failed than the evaluation tolerates (`eval.max_failed_calls`); the message gives the count."""
+
+
+def check_failed_calls(label: str, errors: list[str | None], tolerance: int, setting: str = "") -> None:
+    """Refuse an evaluation with more failed calls than `tolerance` (`errors`: one per call, None when it
+    succeeded): a failed call would otherwise be scored as a wrong answer and the gates would judge a
+    degraded number.
+
+    Raises:
+        FailedCalls: '<label>: N of M calls failed (<setting or tolerance>); first: <redacted error>'.
+    """
+    failed = [e for e in errors if e]
+    if len(failed) > tolerance:
+        raise FailedCalls(f"{label}: {len(failed)} of {len(errors)} calls failed ({setting or f'tolerance {tolerance}'}"
+                          f"); first: {failed[0]}")
 
 
 class EndpointConfigError(EndpointError):
@@ -149,7 +170,8 @@ class EndpointRunner:
     `structured_output='json_schema'` sends the row's schema as `response_format` (OpenAI/Azure structured
     outputs, llama.cpp grammar); `tool_calling='native'` sends `tools` and reads `tool_calls`. Otherwise
     the schema and tools are only in the prompt, exactly as the SLM sees them. Transient failures are
-    retried as `retry` says; a call that still fails is recorded, and most calls failing stops the run.
+    retried as `retry` says; a call that still fails is recorded with its (redacted) error and counted:
+    `check_failed_calls` decides whether the evaluation may go on.
     """
 
     endpoint: object
@@ -202,38 +224,64 @@ class EndpointRunner:
             return completion
 
         with self.endpoint.client(max_retries=0) as client, ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            results = list(pool.map(lambda request: one(client, request), requests))
-        failed = [c for c in results if c.error]
-        if results and len(failed) > len(results) // 2:
-            raise EndpointError(f"{self.label}: {len(failed)}/{len(results)} calls failed; first: {failed[0].error}")
-        return results
+            return list(pool.map(lambda request: one(client, request), requests))
 
 
 def served_model_runner(base_url: str, served_model: str, max_new_tokens: int, concurrency: int = 2,
-                        label: str | None = None, timeout_s: float = 300, **runner_kwargs) -> EndpointRunner:
+                        label: str | None = None, timeout_s: float = 300, api_key: str | None = None,
+                        **runner_kwargs) -> EndpointRunner:
     """A greedy runner on a llama.cpp-style OpenAI-compatible server that is already running.
 
     `served_model` is the name the server answers to; `runner_kwargs` may set the runner's own `model`
     (the name reports show, e.g. the GGUF file's)."""
     endpoint = OpenAICompatibleEndpoint(base_url=base_url, model=served_model, timeout_s=timeout_s,
-                                        extra_body=LLAMA_CPP_GREEDY)
+                                        extra_body=LLAMA_CPP_GREEDY, **({"api_key": api_key} if api_key else {}))
     return EndpointRunner(endpoint, label or served_model, max_new_tokens, concurrency=concurrency, **runner_kwargs)
 
 
-def generate_openai(base_url: str, model: str, rows: list[dict], max_new_tokens: int, concurrency: int = 2
-                    ) -> tuple[list[str], int]:
-    """Greedy answers to chat rows from a running server, and their completion tokens (deploy smoke tests)."""
-    completions = served_model_runner(base_url, model, max_new_tokens, concurrency, timeout_s=120).run(
-        requests_from_rows(rows))
+def generate_openai(base_url: str, model: str, rows: list[dict], max_new_tokens: int, concurrency: int = 2,
+                    api_key: str | None = None) -> tuple[list[str], int]:
+    """Greedy answers to chat rows from a running server, and their completion tokens (deploy smoke tests).
+
+    Raises:
+        FailedCalls: any call failed.
+    """
+    runner = served_model_runner(base_url, model, max_new_tokens, concurrency, timeout_s=120, api_key=api_key)
+    completions = runner.run(requests_from_rows(rows))
+    check_failed_calls(runner.label, [c.error for c in completions], 0)
     return [c.text for c in completions], sum(c.completion_tokens or 0 for c in completions)
+
+
+@dataclass
+class ServedRunner(EndpointRunner):
+    """An EndpointRunner on a llama-server this process manages: calls that failed because the server
+    crashed are asked again, once, after the server was restarted (within its restart budget)."""
+
+    server: ManagedLlamaServer | None = None
+
+    def run(self, requests, observer=None, progress=None):
+        results = super().run(requests, observer, progress)
+        failed = [i for i, c in enumerate(results) if c.error]
+        if not failed or self.server is None or not self.server.ensure_running():
+            return results
+        log.warning("%s: llama-server was down (%d calls failed; restarted, %d/%d restarts); asking those again",
+                    self.label, len(failed), self.server.restarts, self.server.max_restarts)
+        again = super().run([requests[i] for i in failed], observer)
+        for i, completion in zip(failed, again):
+            results[i] = completion
+        return results
 
 
 @contextlib.contextmanager
 def llama_cpp_runner(gguf_path: Path, log_path: Path, label: str, max_new_tokens: int, parallel: int = 2,
                      host: str = "127.0.0.1", port: int = 0, model: str | None = None,
-                     lora_path: Path | None = None, **runner_kwargs) -> Iterator[EndpointRunner]:
-    """llama.cpp's OpenAI-compatible server on a GGUF for the block's duration, with an EndpointRunner on it."""
-    with llama_server(Path(gguf_path), log_path, alias=label, host=host, port=port, parallel=parallel,
-                      lora_path=lora_path) as server:
-        yield served_model_runner(server.base_url, server.model, max_new_tokens, concurrency=parallel, label=label,
-                                  kind="llama.cpp server", model=model or Path(gguf_path).name, **runner_kwargs)
+                     lora_path: Path | None = None, request_timeout_s: float = 300,
+                     **runner_kwargs) -> Iterator[EndpointRunner]:
+    """llama.cpp's OpenAI-compatible server on a GGUF for the block's duration, with a runner on it that
+    restarts a crashed server before giving up on its calls."""
+    with ManagedLlamaServer(Path(gguf_path), log_path, alias=label, host=host, port=port, parallel=parallel,
+                            lora_path=lora_path) as server:
+        endpoint = OpenAICompatibleEndpoint(base_url=server.base_url, model=server.alias, timeout_s=request_timeout_s,
+                                            extra_body=LLAMA_CPP_GREEDY)
+        yield ServedRunner(endpoint, label, max_new_tokens, concurrency=parallel, kind="llama.cpp server",
+                           model=model or Path(gguf_path).name, server=server, **runner_kwargs)

@@ -24,6 +24,7 @@ from tasks.llamacpp import build as llamacpp
 from tasks.recipe import ExportConfig
 from tasks.run import (RunFolder, atomic_dir, atomic_output, atomic_write_json, cache_lock, resumable_stage,
                        slipway_home, stage_timer)
+from tasks.timeouts import stage_deadline
 
 # GGUF types produced by the converter directly vs. by llama-quantize from the f16 file.
 CONVERTER_TYPES = {"f16", "bf16"}
@@ -203,7 +204,7 @@ def export_gguf(run_dir: RunFolder | Path, base_dir: Path, cfg: ExportConfig) ->
         ExportError: one message for a missing tool, an unsupported architecture or a failed step.
     """
     run = RunFolder(run_dir)
-    with stage_timer(run, "export"):
+    with stage_timer(run, "export"), stage_deadline("export", cfg.timeout_s, "export.timeout_s"):
         preflight(run.merged_dir, need_quantizer=any(t in QUANTIZE_TYPES for t in cfg.gguf_types))
         files: dict[str, Path] = {}
         # f16 is the quantizer's input, so it is always made (and kept: it is the reference GGUF).

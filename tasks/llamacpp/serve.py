@@ -1,8 +1,18 @@
-"""A managed llama.cpp OpenAI-compatible server (`llama-server`) on loopback.
+"""A managed llama.cpp OpenAI-compatible server (`llama-server`), on loopback unless told otherwise.
 
 `ManagedLlamaServer` picks a free port (or takes the configured one), waits for `/health`, keeps the
 server log in the run folder, restarts a server that died or stopped answering, and stops it cleanly
 (terminate, then kill). `llama_server(...)` is the same as a `with` block for evaluations.
+
+The serving boundary:
+  * bound to anything but loopback, the server requires an API key (a Prefect `Secret` block named by
+    deploy.api_key_block); the key reaches llama-server through `--api-key-file` (a 0600 file in a private
+    temp folder that exists only while the server starts), never on the command line, in deploy.json or a log;
+  * `parallel` (slots) and the context per slot are bounded (MAX_PARALLEL, MAX_CTX_SIZE);
+  * the health check restarts a server only after `unhealthy_after` failed probes in a row (or at once
+    when the process died), and the restart budget is given back after `healthy_reset_s` of health;
+  * the server dies with the process that started it (PR_SET_PDEATHSIG), so a killed flow leaves no
+    orphan; only a deployment with deploy.keep_running outlives its flow, on purpose.
 
 Run one in the foreground, restarted if it crashes, until Ctrl-C / SIGTERM (`serve_run`, `stop_run`):
     python -m tasks.llamacpp.serve run RUN_DIR            # serves what RUN_DIR/deploy/Modelfile deploys
@@ -13,22 +23,30 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from tasks.llamacpp import build as llamacpp
 from tasks.ollama.modelfile import Modelfile, deployed_artifact
+from tasks.recipe import Recipe, is_loopback
 from tasks.run import RunFolder, atomic_write_json
+
+MAX_PARALLEL = 64
+MAX_CTX_SIZE = 131072
+PR_SET_PDEATHSIG = 1
 
 
 class ServerError(RuntimeError):
@@ -70,6 +88,48 @@ def wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout: floa
     raise ServerError(f"llama-server not healthy after {timeout:.0f}s:\n{_tail(log_path)}")
 
 
+def die_with_parent() -> Callable[[], None]:
+    """A `preexec_fn` that makes the child receive SIGTERM when the thread that started it exits (Linux
+    PR_SET_PDEATHSIG), and exit at once if that parent is already gone."""
+    parent = os.getpid()
+    prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl   # loaded here: the child only calls it
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:   # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+@dataclass
+class HealthPolicy:
+    """When to restart: after `unhealthy_after` failed probes in a row (a busy server may miss one), and
+    the restart count is forgiven once the server has been healthy for `healthy_reset_s`."""
+
+    unhealthy_after: int = 3
+    healthy_reset_s: float = 300.0
+    failures: int = 0
+    healthy_since: float | None = None
+
+    def observe(self, ok: bool, now: float) -> bool:
+        """Record one probe; True when the server should be restarted now."""
+        if ok:
+            self.failures = 0
+            self.healthy_since = self.healthy_since if self.healthy_since is not None else now
+            return False
+        self.failures += 1
+        self.healthy_since = None
+        return self.failures >= self.unhealthy_after
+
+    def budget_reset(self, now: float) -> bool:
+        """True when the server has been healthy long enough to forgive earlier restarts."""
+        return self.healthy_since is not None and now - self.healthy_since >= self.healthy_reset_s
+
+    def restarted(self) -> None:
+        self.failures, self.healthy_since = 0, None
+
+
 def _tail(path: Path, n: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
@@ -85,13 +145,45 @@ class ManagedLlamaServer:
 
     def __init__(self, model_path: Path, log_path: Path, alias: str = "slipway", host: str = "127.0.0.1",
                  port: int = 0, parallel: int = 2, ctx_size: int = 2048, lora_path: Path | None = None,
-                 threads: int | None = None, startup_timeout: float = 120, max_restarts: int = 3):
+                 threads: int | None = None, startup_timeout: float = 120, max_restarts: int = 3,
+                 api_key: str | None = None, outlive_parent: bool = False, health: HealthPolicy | None = None):
+        """
+        Raises:
+            ServerError: a non-loopback host without an API key, or parallel / ctx_size out of bounds.
+        """
+        if not is_loopback(host) and not api_key:
+            raise ServerError(f"refusing to serve on {host}: a llama-server reachable from other machines needs "
+                              "an API key (deploy.api_key_block)")
+        if not 1 <= parallel <= MAX_PARALLEL or not 256 <= ctx_size <= MAX_CTX_SIZE:
+            raise ServerError(f"parallel must be 1..{MAX_PARALLEL} and ctx_size 256..{MAX_CTX_SIZE} "
+                              f"(got {parallel}, {ctx_size})")
         self.model_path, self.lora_path, self.log_path = Path(model_path), lora_path, Path(log_path)
         self.alias, self.host, self.port = alias, host, port or free_port(host)
         self.parallel, self.ctx_size, self.threads = parallel, ctx_size, threads
         self.startup_timeout, self.max_restarts = startup_timeout, max_restarts
+        self._api_key, self.outlive_parent = api_key, outlive_parent
+        self.health = health or HealthPolicy()
+        self._key_dir: Path | None = None
         self.process: subprocess.Popen | None = None
         self.restarts = 0
+
+    @property
+    def key_file(self) -> Path | None:
+        return self._key_dir / "api-key" if self._key_dir else None
+
+    def _write_key_file(self) -> None:
+        """The key in a 0600 file in a 0700 folder of our own (read by llama-server at start)."""
+        if self._api_key is None or self._key_dir is not None:
+            return
+        self._key_dir = Path(tempfile.mkdtemp(prefix="slipway-llama-key-"))
+        fd = os.open(self._key_dir / "api-key", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(self._api_key + "\n")
+
+    def _remove_key_file(self) -> None:
+        if self._key_dir is not None:
+            shutil.rmtree(self._key_dir, ignore_errors=True)
+            self._key_dir = None
 
     @property
     def root_url(self) -> str:
@@ -107,6 +199,8 @@ class ManagedLlamaServer:
                "-np", str(self.parallel), "-t", str(self.threads or os.cpu_count() or 2), "--jinja", "--no-webui"]
         if self.lora_path is not None:
             cmd += ["--lora", str(self.lora_path)]
+        if self._api_key is not None:   # the file exists only while the server starts (see start)
+            cmd += ["--api-key-file", str(self.key_file or "<removed after start>")]
         return cmd
 
     def start(self) -> "ManagedLlamaServer":
@@ -116,31 +210,39 @@ class ManagedLlamaServer:
             ServerError: it exited or was not healthy within startup_timeout (log tail included).
         """
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._write_key_file()
         with open(self.log_path, "a") as log:
-            # Own session: a Ctrl-C in the terminal reaches us, and we stop the server deliberately.
+            # Own session: a Ctrl-C in the terminal reaches us, and we stop the server deliberately; and
+            # it dies with us unless it is meant to outlive the flow (deploy.keep_running).
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+                                            start_new_session=True,
+                                            preexec_fn=None if self.outlive_parent else die_with_parent())
         try:
             wait_healthy(self.root_url, self.process, self.log_path, self.startup_timeout)
         except ServerError:
             self.stop()
             raise
+        finally:
+            self._remove_key_file()   # llama-server has read it; a restart writes it again
         return self
 
     def healthy(self) -> bool:
         return self.process is not None and self.process.poll() is None and get_ok(self.root_url + "/health")
 
     def stop(self, timeout: float = 15) -> None:
-        """Terminate, then kill after `timeout`; a no-op when not running."""
+        """Terminate, then kill after `timeout`, and remove the key file; a no-op when not running."""
         proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
         try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            if proc is None or proc.poll() is not None:
+                return
+            proc.terminate()
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        finally:
+            self._remove_key_file()
 
     def restart(self) -> "ManagedLlamaServer":
         """Stop (if running) and start again on the same port.
@@ -152,14 +254,30 @@ class ManagedLlamaServer:
             raise ServerError(f"llama-server restarted {self.restarts} times already; giving up:\n{_tail(self.log_path)}")
         self.restarts += 1
         self.stop()
+        self.health.restarted()
         return self.start()
 
     def ensure_running(self) -> bool:
-        """Restart the server if it died or stopped answering /health; True if it was restarted."""
+        """Restart the server if it died or stopped answering /health; True if it was restarted (the eval
+        path: its calls already failed, so one probe decides)."""
         if self.healthy():
             return False
         self.restart()
         return True
+
+    def check(self, now: float | None = None) -> bool:
+        """One health probe of a long-running server (serve_forever): restart a dead process at once, an
+        unanswering one after `health.unhealthy_after` failed probes in a row; give the restart budget back
+        after `health.healthy_reset_s` of health. True when it restarted the server."""
+        now = time.monotonic() if now is None else now
+        dead = self.process is None or self.process.poll() is not None
+        ok = not dead and get_ok(self.root_url + "/health")
+        if self.health.observe(ok, now) or dead:
+            self.restart()
+            return True
+        if self.restarts and self.health.budget_reset(now):
+            self.restarts = 0
+        return False
 
     def handle(self) -> ServerHandle:
         return ServerHandle(self.base_url, self.alias, self.port, self.log_path, self.process)
@@ -201,10 +319,14 @@ def serve_forever(server: ManagedLlamaServer, check_every: float = 5.0) -> None:
     server.start()
     print(f"llama-server serving {server.model_path.name} at {server.base_url} (model {server.alias!r})", flush=True)
     try:
+        next_check = time.monotonic() + check_every
         while not stopping["flag"]:
-            time.sleep(min(check_every, 0.5))
-            if server.ensure_running():
-                print(f"llama-server restarted ({server.restarts})", flush=True)
+            time.sleep(0.5)
+            if time.monotonic() < next_check:
+                continue
+            next_check = time.monotonic() + check_every
+            if server.check():
+                print(f"llama-server restarted ({server.restarts}/{server.max_restarts})", flush=True)
     finally:
         server.stop()
         print("llama-server stopped", flush=True)
@@ -251,8 +373,19 @@ def serve_run(run_dir: RunFolder | Path, host: str = "127.0.0.1", port: int = 0,
     """
     run = RunFolder(run_dir)
     model, lora = deployed_artifact(run, Modelfile.read(run.modelfile))
+    deploy = Recipe.model_validate_json(run.recipe_json.read_text()).deploy
     serve_forever(ManagedLlamaServer(model, run.deploy_server_log, alias=run.name, host=host, port=port,
-                                     parallel=parallel, lora_path=lora))
+                                     parallel=parallel, ctx_size=deploy.ctx_size, lora_path=lora,
+                                     api_key=load_api_key(deploy.api_key_block)))
+
+
+def load_api_key(block_name: str | None) -> str | None:
+    """The serving API key from a Prefect `Secret` block (None: no key)."""
+    if not block_name:
+        return None
+    from prefect.blocks.system import Secret
+
+    return str(Secret.load(block_name).get())
 
 
 def stop_run(run_dir: RunFolder | Path) -> bool:

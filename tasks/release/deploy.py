@@ -19,11 +19,12 @@ from prefect import task
 from tasks.eval import parity
 from tasks.eval.runners import generate_openai
 from tasks.export import template_check
-from tasks.llamacpp.serve import ManagedLlamaServer
+from tasks.llamacpp.serve import ManagedLlamaServer, load_api_key
 from tasks.ollama.adapter_guard import ModelfileRefused, base_identity, gguf_metadata
 from tasks.ollama.modelfile import Modelfile, deployed_artifact
 from tasks.recipe import DeployConfig, Recipe
 from tasks.run import RunFolder, atomic_write_json, read_json, read_jsonl, stage_timer
+from tasks.timeouts import StageTimeout, stage_deadline
 
 
 class DeployError(RuntimeError):
@@ -43,14 +44,19 @@ def deploy_llamacpp(run_dir: RunFolder | Path, recipe: Recipe, max_new_tokens: i
     run = RunFolder(run_dir)
     cfg = recipe.deploy
     model, lora = deployed_artifact(run, Modelfile.read(run.modelfile))
-    server = ManagedLlamaServer(model, run.deploy_server_log, alias=model_name(recipe),
-                                host=cfg.host, port=cfg.port, parallel=cfg.parallel, lora_path=lora)
+    api_key = load_api_key(cfg.api_key_block)
+    # A server left running (keep_running) outlives the flow on purpose; any other dies with it.
+    server = ManagedLlamaServer(model, run.deploy_server_log, alias=model_name(recipe), host=cfg.host, port=cfg.port,
+                                parallel=cfg.parallel, ctx_size=cfg.ctx_size, lora_path=lora, api_key=api_key,
+                                outlive_parent=cfg.keep_running)
     server.start()
     try:
         row = _test_row(run)
-        answers, tokens = generate_openai(server.base_url, server.alias, [row], max_new_tokens, concurrency=1)
+        answers, tokens = generate_openai(server.base_url, server.alias, [row], max_new_tokens, concurrency=1,
+                                          api_key=api_key)
         record = {"target": "llamacpp", "base_url": server.base_url, "model": server.alias, "artifact": str(model),
                   "lora": str(lora) if lora else None, "pid": server.process.pid, "command": server.command(),
+                  "api_key_block": cfg.api_key_block,   # the block's name only; the key is never written
                   "running": cfg.keep_running, "log": str(server.log_path),
                   "test_chat": {"prompt": row["messages"][-2]["content"], "answer": answers[0], "tokens": tokens}}
     finally:
@@ -127,7 +133,7 @@ def deploy_ollama(run_dir: RunFolder | Path, recipe: Recipe, max_new_tokens: int
 
     run = RunFolder(run_dir)
     cfg: DeployConfig = recipe.deploy
-    client = ollama.Client(host=cfg.ollama_host, timeout=600)
+    client = ollama.Client(host=cfg.ollama_host, timeout=cfg.timeout_s)   # per HTTP call
     modelfile = Modelfile.read(run.modelfile)
     digests = _manifest_digests(run)
 
@@ -172,7 +178,8 @@ def deploy_ollama(run_dir: RunFolder | Path, recipe: Recipe, max_new_tokens: int
 def _transient(task, task_run, state) -> bool:
     """Retry only on connection trouble; a refused or rejected deployment will not change by retrying."""
     exc = state.result(raise_on_failure=False)
-    return isinstance(exc, (ConnectionError, TimeoutError, OSError)) and not isinstance(exc, FileNotFoundError)
+    return isinstance(exc, (ConnectionError, TimeoutError, OSError)) and not isinstance(
+        exc, (FileNotFoundError, StageTimeout))
 
 
 @task(name="deploy-model", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient)
@@ -186,7 +193,8 @@ def deploy_model(run_dir: RunFolder | Path, recipe: Recipe, gates: list[dict]) -
         record = {"target": target, "skipped": f"gates failed: {', '.join(failed)}" if failed else "deploy.target none"}
         atomic_write_json(run.deploy_record, record)
         return record
-    with stage_timer(run, f"deploy-{target}"):
+    with stage_timer(run, f"deploy-{target}"), stage_deadline(f"deploy-{target}", recipe.deploy.timeout_s,
+                                                               "deploy.timeout_s"):
         deploy = deploy_llamacpp if target == "llamacpp" else deploy_ollama
         record = deploy(run, recipe, recipe.eval.max_new_tokens)
     atomic_write_json(run.deploy_record, record)

@@ -23,6 +23,7 @@ from tasks.data.prepare import mix_lines
 from tasks.markdown import pct
 from tasks.ollama.modelfile import Modelfile
 from tasks.recipe import REPO_ROOT, Recipe
+from tasks.redact import redact
 from tasks.run import SPLITS, RunFolder, atomic_write_json, atomic_write_text, read_json, read_jsonl, stage_timer
 
 # Where an embedded/offline base model comes from on the Hub (for the card's `base_model`).
@@ -219,16 +220,34 @@ def write_model_card(run_dir: RunFolder | Path, recipe: Recipe, results: dict[st
     return model_dir
 
 
+class PublishError(RuntimeError):
+    """The Hub refused or failed an upload; the message is the Hub's, with the token redacted."""
+
+
 def _push_to_hub(recipe: Recipe, run: RunFolder) -> dict:
-    api = HuggingFaceHubCredentials.load(recipe.release.hub_token_block).api()
+    """Create the repos and upload the release folders.
+
+    Raises:
+        PublishError: any Hub error, its text redacted (a Hub or proxy may quote the token back); the
+            huggingface_hub exception, which carries the request, is not chained.
+    """
+    creds = HuggingFaceHubCredentials.load(recipe.release.hub_token_block)
+    api = creds.api()
     pushed = {}
     for repo_id, kind, folder in ((recipe.release.hub_model_repo, "model", run.release_model_dir),
                                   (recipe.release.hub_dataset_repo, "dataset", run.release_dataset_dir)):
         if not repo_id:
             continue
-        api.create_repo(repo_id, repo_type=kind, private=recipe.release.private, exist_ok=True)
-        info = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type=kind,
-                                 commit_message=f"Slipway run {run.name}")
+        error = None
+        try:
+            api.create_repo(repo_id, repo_type=kind, private=recipe.release.private, exist_ok=True)
+            info = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type=kind,
+                                     commit_message=f"Slipway run {run.name}")
+        except Exception as exc:   # HfHubHTTPError, OSError, ValueError ...: all may quote the request
+            error = PublishError(f"Hub push of {kind} {repo_id} failed: "
+                                 f"{redact(f'{type(exc).__name__}: {exc}', creds.token.get_secret_value())}")
+        if error is not None:
+            raise error   # raised outside the except block: the original is not attached as context
         pushed[kind] = {"repo_id": repo_id, "commit": getattr(info, "oid", None)}
     return pushed
 

@@ -8,17 +8,20 @@ estimated cost per 1,000 requests; Slipstream runs also show SLIP message tokens
 
 from __future__ import annotations
 
+import base64
 import os
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tasks.data.prepare import mix_lines
 from tasks.release.deploy import report_sections as export_report_sections
 from tasks.tasktypes import primary_metric, task_type
 from tasks.markdown import pct
+from tasks.names import artifact_key
 from tasks.recipe import Recipe
 from tasks.run import RunFolder, atomic_write_json, atomic_write_text, mark_complete, read_json
 
@@ -149,9 +152,39 @@ def render_report(recipe: Recipe, run_dir: RunFolder | Path, results: dict[str, 
     return "\n".join(lines)
 
 
+_IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)")
+
+
+def embed_images(markdown: str, root: Path) -> str:
+    """The report's relative image links (`metrics/loss-curve.png`) as data URIs: the Prefect UI shows a
+    Markdown artifact without the run folder, where relative links are broken. Missing files stay links."""
+    def inline(match: re.Match) -> str:
+        path = root / match[2]
+        if not path.is_file():
+            return match[0]
+        return f"![{match[1]}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
+
+    return _IMAGE.sub(inline, markdown)
+
+
+def _tables(recipe: Recipe, results: dict[str, dict], gates: list[dict] | None) -> None:
+    """Results (every model's task metrics, failed calls, latency) and gates as Prefect table artifacts."""
+    cols = task_type(recipe.task).metrics
+    create_table_artifact(key=artifact_key("results", recipe.name), description=f"{recipe.name}: results per model",
+                          table=[{"model": label, "runner": r.get("runner"), "rows": r.get("rows"),
+                                  "failed calls": r.get("failed_calls", 0),
+                                  **{name: r.get(key) for key, name in cols},
+                                  "latency p50 (s)": r.get("latency_p50_s")} for label, r in results.items()])
+    if gates:
+        create_table_artifact(key=artifact_key("gates", recipe.name), description=f"{recipe.name}: gates",
+                              table=[{"gate": g["name"], "verdict": "PASS" if g["passed"] else "FAIL",
+                                      "threshold": g["threshold"], "observed": g["observed"]} for g in gates])
+
+
 def _publish(recipe: Recipe, run: RunFolder, markdown: str, kind: str) -> Path:
+    """report.md (relative image links, beside the files) and the Markdown artifact (images embedded)."""
     report = atomic_write_text(run.report_md, markdown)
-    create_markdown_artifact(key=f"{kind}-{recipe.name}".lower().replace("_", "-"), markdown=markdown,
+    create_markdown_artifact(key=artifact_key(kind, recipe.name), markdown=embed_images(markdown, run.root),
                              description=f"Slipway {kind} for {run.name}")
     return report
 
@@ -167,6 +200,7 @@ def write_report(recipe: Recipe, run_dir: RunFolder | Path, results: dict[str, d
     manifest = read_json(run.gguf_manifest, missing_ok=True) or {}
     markdown = render_report(recipe, run, results, gates, training, timings, manifest)
     report = _publish(recipe, run, markdown, "report")
+    _tables(recipe, results, gates)
     mark_complete(run, {"report": str(report), "gates": gates})
     return report
 
@@ -202,5 +236,6 @@ def write_eval_report(recipe: Recipe, run_dir: RunFolder | Path, results: dict[s
     atomic_write_json(run.decision, {"decisions": decisions, "finetune": finetune})
     report = _publish(recipe, run, render_eval_report(recipe, run, results, decisions, finetune, source),
                       "evaluation")
+    _tables(recipe, results, (finetune or {}).get("gates"))
     mark_complete(run, {"report": str(report), "decision": decisions[-1]["action"]})
     return report

@@ -29,11 +29,13 @@ from typing import Literal
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
-from prefect.futures import wait
+from prefect.futures import as_completed, wait
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tasks import tracing
 from tasks.data.dedupe import NEAR_DUPLICATE_JACCARD
 from tasks.llm_client import APIRequestError, LLMEndpoint, backoff_delay, complete, endpoint_identity
+from tasks.progress import ProgressBar
 from tasks.protocol import DATASET_ANCHORS
 from tasks.recipe import repo_path
 
@@ -257,8 +259,10 @@ _RETRIES_LOCK = threading.Lock()
 
 @task(name="request-batch", task_run_name="request-batch-{spec.index}", cache_key_fn=batch_cache_key,
       persist_result=True, result_serializer="json", retry_condition_fn=_retry_if_transient)
-def request_batch(spec: BatchSpec, endpoint: LLMEndpoint, cfg: SynthesisConfig) -> dict:
+def request_batch(spec: BatchSpec, endpoint: LLMEndpoint, cfg: SynthesisConfig, trace_name: str | None = None) -> dict:
     """Ask for one batch. Retries (set with `.with_options(retries=...)`) are Prefect task-run retries.
+    Each attempt is a Langfuse generation in the trace of `trace_name` (the output folder's name) when
+    tracing is on.
 
     Raises:
         APIRequestError: the request failed; `transient` failures are retried while retries are left.
@@ -268,10 +272,17 @@ def request_batch(spec: BatchSpec, endpoint: LLMEndpoint, cfg: SynthesisConfig) 
     with _RETRIES_LOCK:
         history = _RETRIES.setdefault(run_id, [])
     will_retry = False
+    messages = [{"role": "user", "content": spec.prompt}]
+    generation = tracing.start_generation(
+        "synthesize", endpoint.model, messages, run_name=trace_name or "synthesize",
+        model_parameters={"temperature": cfg.temperature, "max_tokens": cfg.max_tokens, "seed": spec.seed},
+        metadata={"batch": spec.index, "records": spec.count, "attempt": attempt})
     try:
-        answer = complete(endpoint, [{"role": "user", "content": spec.prompt}], max_tokens=cfg.max_tokens,
-                          temperature=cfg.temperature, seed=spec.seed)
+        answer = complete(endpoint, messages, max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=spec.seed)
+        generation.end(output=answer.text, usage={"input": answer.prompt_tokens, "output": answer.completion_tokens},
+                       metadata={"finish_reason": answer.finish_reason, "latency_s": round(answer.latency_s, 3)})
     except APIRequestError as exc:
+        generation.end(error=str(exc))   # the message is redacted (tasks/llm_client.py)
         done = attempt - 1  # retries already made before this attempt
         delay = backoff_delay(done + 1, exc.retry_after, cfg.backoff_base_s, cfg.backoff_max_s, cfg.backoff_jitter)
         will_retry = exc.transient and done < retries and delay <= cfg.max_wait_s
@@ -298,8 +309,26 @@ def request_batch(spec: BatchSpec, endpoint: LLMEndpoint, cfg: SynthesisConfig) 
             "retries": history}
 
 
-def request_all(specs: list[BatchSpec], endpoint: LLMEndpoint, cfg: SynthesisConfig) -> list[dict]:
-    """Run one `request-batch` task per spec, `cfg.concurrency` at a time; one outcome per spec.
+def track_batches(futures: list, specs: list[BatchSpec], run_name: str) -> None:
+    """Wait for the batches, moving a Prefect progress artifact (`synthesis-<run>`) as each one ends:
+    batches done, records asked for so far, batches failed."""
+    bar = ProgressBar("synthesis", run_name, len(futures), f"synthesis: 0/{len(futures)} batches")
+    spec_of = {id(f): spec for f, spec in zip(futures, specs)}
+    done = failed = records = 0
+    for future in as_completed(futures):
+        future.wait()
+        done += 1
+        failed += not future.state.is_completed()
+        records += spec_of[id(future)].count
+        bar.update(done, f"synthesis: {done}/{len(futures)} batches, {records} records asked for"
+                         + (f", {failed} batches failed" if failed else ""))
+    bar.close()
+
+
+def request_all(specs: list[BatchSpec], endpoint: LLMEndpoint, cfg: SynthesisConfig,
+                trace_name: str | None = None) -> list[dict]:
+    """Run one `request-batch` task per spec, `cfg.concurrency` at a time; one outcome per spec (each
+    request traced under `trace_name` when Langfuse is configured).
 
     A batch that failed after its retries becomes an outcome with `error`; any other exception is a bug
     and is raised.
@@ -309,8 +338,11 @@ def request_all(specs: list[BatchSpec], endpoint: LLMEndpoint, cfg: SynthesisCon
     requester = request_batch.with_options(retries=cfg.max_retries, retry_delay_seconds=0,
                                            refresh_cache=cfg.refresh_cache)
     with ThreadPoolTaskRunner(max_workers=cfg.concurrency) as runner:
-        futures = [runner.submit(requester, {"spec": s, "endpoint": endpoint, "cfg": cfg}) for s in specs]
-        wait(futures)
+        futures = [runner.submit(requester, {"spec": s, "endpoint": endpoint, "cfg": cfg, "trace_name": trace_name})
+                   for s in specs]
+        track_batches(futures, specs, trace_name or "synthesize")
+        wait(futures)   # every future's final state recorded before it is read below
+    tracing.flush()
     outcomes = []
     for spec, state in zip(specs, (f.state for f in futures)):
         if state.is_completed():

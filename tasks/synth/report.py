@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tasks.data.dedupe import NearIndex, word_rank, word_set
 from tasks.data.rows import normalise
@@ -192,6 +192,10 @@ def write_synthesis(out_dir: Path | SynthFolder, config: dict, endpoint: dict, e
     atomic_write_text(out.report_md, markdown)
     create_markdown_artifact(markdown=markdown, key="synthesis-report", description=str(out))
     c = report["counts"]
+    create_table_artifact(key="synthesis-counts", description=f"records kept / repaired / dropped in {out}",
+                          table=[{"outcome": k, "records": c[k]} for k in ("requested", "kept", "repaired", "dropped")]
+                          + [{"outcome": f"dropped: {reason}", "records": n}
+                             for reason, n in report.get("dropped_by_reason", {}).items()])
     get_run_logger().info(
         "Synthesis done: %d requested = %d kept + %d repaired + %d dropped; tokens used %d prompt + %d completion "
         "(~$%.4f); %d retries; %s", c["requested"], c["kept"], c["repaired"], c["dropped"], t["prompt"],

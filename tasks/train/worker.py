@@ -175,6 +175,10 @@ def _progress_callback():
             print(f"[train] step {state.global_step}/{state.max_steps} {parts} "
                   f"elapsed={elapsed:.0f}s eta={eta:.0f}s", flush=True)
 
+        def on_save(self, args, state, control, **kw):
+            if state.is_world_process_zero:   # read by tasks/train/status.py (checkpoint_at)
+                print(f"[train] checkpoint step {state.global_step}/{state.max_steps}", flush=True)
+
     return Progress()
 
 
