@@ -135,19 +135,34 @@ def render_named(messages: list[dict], name: str, add_generation_prompt: bool = 
     return rendered[0]
 
 
+def template_source(template: str) -> str:
+    """The Jinja text of a built-in template name or of a *.jinja file (relative to the repo root).
+
+    Raises:
+        KeyError: an unknown name (the message lists the known ones).
+    """
+    if template.endswith(".jinja"):
+        from tasks.recipe import repo_path
+
+        return repo_path(template).read_text()
+    if template not in NAMED_TEMPLATES:
+        raise KeyError(f"unknown chat template {template!r}; built-in: {sorted(NAMED_TEMPLATES)}")
+    return NAMED_TEMPLATES[template].jinja
+
+
 def apply_template(tokenizer, template: str | None):
-    """Give the tokenizer the template a run should use: its own ('model' or None), or a named one.
+    """Give the tokenizer the template a run should use: its own ('model' or None), a named one, or a
+    Jinja file.
 
     Raises:
         ValueError: the tokenizer has no template of its own and none was named.
     """
     if template in (None, "model"):
         if not tokenizer.chat_template:
-            raise ValueError(f"the tokenizer has no chat template; name one of {sorted(NAMED_TEMPLATES)}")
+            raise ValueError(f"the tokenizer has no chat template; name one of {sorted(NAMED_TEMPLATES)} "
+                             "(model.chat_template) or a *.jinja file")
         return tokenizer
-    if template not in NAMED_TEMPLATES:
-        raise KeyError(f"unknown chat template {template!r}; built-in: {sorted(NAMED_TEMPLATES)}")
-    tokenizer.chat_template = NAMED_TEMPLATES[template].jinja
+    tokenizer.chat_template = template_source(template)
     return tokenizer
 
 

@@ -83,11 +83,16 @@ def prepare_tokenizer(tokenizer, model: ModelConfig):
             model could not learn to stop), or a tokenizer with no template of its own and none named.
     """
     apply_template(tokenizer, model.chat_template)
-    if model.chat_template != "model":
-        end_of_turn = NAMED_TEMPLATES[model.chat_template].end_of_turn
-        if end_of_turn not in tokenizer.get_vocab():
-            raise ValueError(f"model.chat_template {model.chat_template!r} ends a turn with {end_of_turn!r}, "
-                             "which is not a token of this model's vocabulary; use 'model'")
+    named = NAMED_TEMPLATES.get(model.chat_template)
+    if named is not None:
+        if named.end_of_turn not in tokenizer.get_vocab():
+            raise ValueError(f"model.chat_template {model.chat_template!r} ends a turn with {named.end_of_turn!r}, "
+                             "which is not a token of this model's vocabulary; use 'model' or this family's template")
+        if named.end_of_turn != named.role_markers[1].strip() and "eos_token" not in named.jinja:
+            # Generation must stop where a trained turn ends (Gemma: <end_of_turn>, not the tokenizer's <eos>).
+            # Not for GLM-4 (no end-of-turn token: it stops on the next role tag) nor templates that render
+            # eos_token themselves (Phi-4-mini), whose rendering would change.
+            tokenizer.eos_token = named.end_of_turn
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
