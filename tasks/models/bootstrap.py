@@ -182,16 +182,18 @@ def sentencepiece_tokenizer_from_gguf(gguf_path: Path, hf_dir: Path):
     tokens = [bytes(p).decode("utf-8") for p in array("tokenizer.ggml.tokens")]
     scores = np.concatenate(array("tokenizer.ggml.scores")).tolist()
     types = np.concatenate(array("tokenizer.ggml.token_type")).tolist()
+    unk_id = token_id("tokenizer.ggml.unknown_token_id", 0)
     proto = import_protobuf().ModelProto()
-    for piece, score, kind in zip(tokens, scores, types):
+    for i, (piece, score, kind) in enumerate(zip(tokens, scores, types)):
         # llama.cpp's token types use SentencePiece's numbering (1 normal, 2 unknown, 3 control, 4 user
-        # defined, 5 unused, 6 byte).
+        # defined, 5 unused, 6 byte). SentencePiece allows one unknown piece; converters mark padding
+        # pieces (Phi-3's [PAD...]) unknown too, which only means "never produced": unused.
         entry = proto.pieces.add()
-        entry.piece, entry.score, entry.type = piece, score, kind
+        entry.piece, entry.score, entry.type = piece, score, 5 if kind == 2 and i != unk_id else kind
     spec = proto.trainer_spec
     spec.model_type = 2  # BPE
     spec.byte_fallback = True
-    spec.unk_id = token_id("tokenizer.ggml.unknown_token_id", 0)
+    spec.unk_id = unk_id
     spec.bos_id = token_id("tokenizer.ggml.bos_token_id", 1)
     spec.eos_id = token_id("tokenizer.ggml.eos_token_id", 2)
     spec.pad_id = token_id("tokenizer.ggml.padding_token_id", -1)

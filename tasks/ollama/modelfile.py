@@ -103,6 +103,10 @@ def stop_strings(tokenizer, assistant_suffix: str, user_prefix: str) -> tuple[st
     """
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     ids = tokenizer(assistant_suffix, add_special_tokens=False)["input_ids"]
+    if not ids and tokenizer.eos_token_id in special:
+        # No end-of-turn token (GLM-4): training ends each answer with EOS (tasks.train.worker.tokenize_row),
+        # and the next role tag stops generation too.
+        ids = [tokenizer.eos_token_id]
     if not ids or ids[0] not in special:
         raise ModelfileError(f"chat template: an assistant turn ends with {assistant_suffix!r}, not with a special "
                              "token; a deployed model would have no end-of-turn token to stop on")

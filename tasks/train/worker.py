@@ -42,8 +42,17 @@ def tokenize_row(row: dict, tokenizer, max_length: int) -> dict:
     if full_ids[:len(prompt_ids)] != prompt_ids:
         raise MaskError("the chat template renders the prompt differently with and without the answer; "
                         "cannot locate the assistant turn")
+    if tokenizer.eos_token_id is not None and not set(full_ids[len(prompt_ids):]) & special_ids(tokenizer):
+        # A template with no end-of-turn token (GLM-4: a turn ends where the next role tag begins) would
+        # train answers that never stop; end them with EOS, which llama.cpp and Ollama stop on.
+        full_ids = full_ids + [tokenizer.eos_token_id]
     mask = [0] * len(prompt_ids) + [1] * (len(full_ids) - len(prompt_ids))
     return {"input_ids": full_ids[:max_length], "completion_mask": mask[:max_length]}
+
+
+def special_ids(tokenizer) -> set[int]:
+    """Ids of the special tokens (the tokenizer's own and the added ones marked special)."""
+    return set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
 
 
 def check_mask(tokenized: list[dict], rows: list[dict], tokenizer) -> dict:
