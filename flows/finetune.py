@@ -5,7 +5,7 @@ Run it:
     slipway run slipstream --set training.max_steps=5 --set data.eval_rows=8
     prefect deployment run finetune/slipstream                   # through a Prefect server and worker
 
-Stages: validate recipe → run folder → base model → data splits → baseline eval (base SLM, and the LLM
+Stages: validate recipe → run folder → base model → architecture guard → data splits → baseline eval (base SLM, and the LLM
 baseline when the recipe names one) → LoRA training → merge → GGUF export → Modelfile → template check →
 merged eval → llama.cpp server eval → parity of every format → gates → deploy → model card → publish →
 report. The flow only wires tasks.
@@ -20,6 +20,7 @@ from tasks.data.prepare import prepare_splits, write_splits
 from tasks.release.deploy import deploy_model
 from tasks.eval.measure import measure_hf_model, measure_llm_baseline, serve_and_measure_gguf
 from tasks.export.convert import export_gguf, merge_lora_adapter
+from tasks.export.guard import guard_architecture
 from tasks.eval.gates import check_gates, enforce_gates
 from tasks.release.model_card import publish_release, write_model_card
 from tasks.ollama.modelfile import write_modelfile
@@ -47,6 +48,8 @@ def finetune(recipe: str = "slipstream", overrides: dict | None = None, output_r
     cfg = validate_recipe(recipe, overrides or {})
     run_dir = create_run_folder(output_root, cfg, run_name, resume_from)
     base_dir = bootstrap_base_model(cfg.model)
+    # Before any training: the GGUF export (and an adapter deployment) must be possible for this architecture.
+    guard_architecture(base_dir, cfg)
     # Later tasks read what earlier ones wrote through the run folder (tasks/run.py); `wait_for` names
     # the artifact each one reads, so the Prefect graph shows the real dependencies.
     splits = write_splits(run_dir, prepare_splits(cfg.data, cfg.model.system_prompt, cfg.task))

@@ -14,10 +14,12 @@ revision, or the Hub unreachable with nothing cached. The metadata timeout is sh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 from pathlib import Path
+from typing import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -46,22 +48,19 @@ def hub_credentials(block_name: str | None) -> tuple[str | None, str | None]:
     return block.token.get_secret_value(), block.endpoint
 
 
-def fetch_hub_model(repo_id: str, revision: str, token: str | None = None, endpoint: str | None = None,
-                    cache_dir: str | Path | None = None) -> Path:
-    """The local snapshot folder of `repo_id` at `revision`, downloaded (or resumed) into the HF cache.
-
-    Raises:
-        ModelSourceError: gated, missing, unknown revision, or unreachable with nothing cached.
-    """
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+@contextlib.contextmanager
+def hub_errors(repo_id: str, revision: str, endpoint: str | None) -> Iterator[None]:
+    """Turn huggingface_hub's failures into one ModelSourceError naming the model and what to do."""
+    from huggingface_hub.errors import (DryRunError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
     where = endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision, token=token, endpoint=endpoint,
-                                        cache_dir=cache_dir, allow_patterns=MODEL_FILES,
-                                        etag_timeout=HUB_TIMEOUT_S))
+        try:
+            yield
+        except DryRunError as exc:
+            # A dry run wraps why the repo could not be read (not found, gated, or no connection).
+            raise exc.__cause__ if isinstance(exc.__cause__, HfHubHTTPError) else exc
     except GatedRepoError:
         raise ModelSourceError(f"model {repo_id!r} is gated on {where}: accept its licence on the model page "
                                "with your account, then give the run a token of that account "
@@ -73,13 +72,75 @@ def fetch_hub_model(repo_id: str, revision: str, token: str | None = None, endpo
         raise ModelSourceError(f"model {repo_id!r} was not found on {where} (or it is private and the token "
                                "cannot read it): check model.name, or give a token that can read it "
                                "(model.hub_token_block, or HF_TOKEN)") from None
-    except LocalEntryNotFoundError:
+    except (LocalEntryNotFoundError, DryRunError):
         raise ModelSourceError(f"model {repo_id!r} (revision {revision!r}) could not be fetched: {where} is "
                                "unreachable and the HF cache has no copy; run once with network access (or "
                                "copy the model into the HF cache / a folder with model.source: local)") from None
     except HfHubHTTPError as exc:
-        raise ModelSourceError(f"model {repo_id!r}: {where} answered {exc.response.status_code if exc.response is not None else '?'} "
-                               f"({str(exc).splitlines()[0]}); try again later or use a local copy") from None
+        status = exc.response.status_code if exc.response is not None else "?"
+        raise ModelSourceError(f"model {repo_id!r}: {where} answered HTTP {status} ({str(exc).splitlines()[0]}); "
+                               "try again later, or use a local copy (model.source: local)") from None
+
+
+def cached_snapshot(repo_id: str, revision: str, cache_dir: str | Path | None = None) -> Path | None:
+    """The HF cache's snapshot of repo_id@revision when it holds a complete model (config + weights), else None."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True,
+                                        allow_patterns=MODEL_FILES))
+    except LocalEntryNotFoundError:
+        return None
+    return folder if (folder / "config.json").exists() and list(folder.glob("*.safetensors")) else None
+
+
+def check_hub_model(repo_id: str, revision: str, token: str | None = None, endpoint: str | None = None,
+                    cache_dir: str | Path | None = None) -> list:
+    """Before a run starts: the model is cached, or the Hub lets this token download it (a dry run of the
+    download: file list and a HEAD per file, nothing fetched). Returns the dry-run file entries ([] when cached).
+
+    Raises:
+        ModelSourceError: gated, missing, unknown revision, or unreachable with nothing cached.
+    """
+    from huggingface_hub import snapshot_download
+
+    if cached_snapshot(repo_id, revision, cache_dir) is not None:
+        return []
+    with hub_errors(repo_id, revision, endpoint):
+        return snapshot_download(repo_id, revision=revision, token=token, endpoint=endpoint, cache_dir=cache_dir,
+                                 allow_patterns=MODEL_FILES, etag_timeout=HUB_TIMEOUT_S, dry_run=True)
+
+
+def check_model_source(cfg) -> None:
+    """The recipe's base model can be had: a local folder that is a model, or a Hub model that is cached or
+    downloadable with the configured token (embedded sources are checked when they are converted).
+
+    Raises:
+        ModelSourceError: one message naming the model and what to do.
+    """
+    from tasks.recipe import repo_path
+
+    if cfg.source == "local" or (cfg.source == "hf" and repo_path(cfg.name).is_dir()):
+        local_model(cfg.name)
+    elif cfg.source == "hf":
+        token, endpoint = hub_credentials(cfg.hub_token_block)
+        check_hub_model(cfg.name, cfg.revision, token=token, endpoint=endpoint)
+
+
+def fetch_hub_model(repo_id: str, revision: str, token: str | None = None, endpoint: str | None = None,
+                    cache_dir: str | Path | None = None) -> Path:
+    """The local snapshot folder of `repo_id` at `revision`, downloaded (or resumed) into the HF cache.
+
+    Raises:
+        ModelSourceError: gated, missing, unknown revision, or unreachable with nothing cached.
+    """
+    from huggingface_hub import snapshot_download
+
+    with hub_errors(repo_id, revision, endpoint):
+        folder = Path(snapshot_download(repo_id, revision=revision, token=token, endpoint=endpoint,
+                                        cache_dir=cache_dir, allow_patterns=MODEL_FILES,
+                                        etag_timeout=HUB_TIMEOUT_S))
     if not (folder / "config.json").exists():
         raise ModelSourceError(f"model {repo_id!r} (revision {revision!r}) has no config.json: not a "
                                "transformers model repository")
