@@ -61,14 +61,15 @@ def stop(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
-def check_input(recipe: str, overrides: dict, eval_file: Path | None = None) -> None:
+def check_input(recipe: str, overrides: dict, eval_file: Path | None = None, check_source: bool = True) -> None:
     """The recipe (and an eval file) as the flow will read them; a bad one stops here, before Prefect starts."""
     try:
         cfg = validate_recipe.fn(recipe, overrides)   # the flow's own first task, run before Prefect starts
         if eval_file:
             load_eval_file(eval_file, cfg.task)
-        # A Hub base that is gated, missing or unreachable (and not cached) stops here, in seconds.
-        check_model_source(cfg.model)
+        if check_source:
+            # A Hub base that is gated, missing or unreachable (and not cached) stops here, in seconds.
+            check_model_source(cfg.model)
     except (RecipeError, EvalFileError, ModelSourceError) as exc:
         stop(str(exc))
 
@@ -101,7 +102,7 @@ def run(recipe: Annotated[str, typer.Argument(help="A recipe name in recipes/ or
                                               "memory estimate and the chat template; run nothing.")] = False) -> None:
     """Fine-tune, export, serve, evaluate and gate one recipe (the finetune flow)."""
     overrides = parse_overrides(set_)
-    check_input(recipe, overrides)
+    check_input(recipe, overrides, check_source=not dry_run)   # a dry run reports the source instead
     if dry_run:
         from tasks.models.plan import dry_run_plan, render_plan
 

@@ -45,14 +45,18 @@ class Family:
     vocab: str                 # llama.cpp vocab name, or "gemma3-270m" (the embedded GGUF)
     split: str | None = None   # byte-level BPE: the pre-tokenizer regex
     extra_special: tuple[str, ...] = ()
+    # LoRA targets: the family's linear layers (Phi-3 fuses qkv and gate/up, GLM-4 fuses gate/up)
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 FAMILIES = {f.name: f for f in [
     Family("llama", "LlamaForCausalLM", "llama-3.1", "llama-bpe", _LLAMA3_SPLIT),
     Family("qwen2", "Qwen2ForCausalLM", "qwen2.5", "qwen2", _QWEN2_SPLIT),
     Family("gemma3", "Gemma3ForCausalLM", "gemma-3", "gemma3-270m"),
-    Family("glm4", "Glm4ForCausalLM", "glm-4", "qwen2", _QWEN2_SPLIT, tuple(GLM4_SPECIAL)),
-    Family("phi3", "Phi3ForCausalLM", "phi-4-mini", "phi-3"),
+    Family("glm4", "Glm4ForCausalLM", "glm-4", "qwen2", _QWEN2_SPLIT, tuple(GLM4_SPECIAL),
+           ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")),
+    Family("phi3", "Phi3ForCausalLM", "phi-4-mini", "phi-3", lora_targets=("qkv_proj", "o_proj", "gate_up_proj",
+                                                                           "down_proj")),
 ]}
 
 

@@ -57,7 +57,11 @@ def check_architecture(base_dir: Path, recipe: Recipe) -> dict:
         ExportError: the converter does not know the architecture, or the recipe deploys an adapter on an
             architecture Ollama cannot apply adapters to.
     """
-    archs = base_architectures(base_dir)
+    return check_architectures(base_architectures(base_dir), recipe)
+
+
+def check_architectures(archs: list[str], recipe: Recipe) -> dict:
+    """check_architecture for the `architectures` of a config.json (e.g. one read from the Hub by a dry run)."""
     known = converter_architectures()
     unknown = [a for a in archs if a not in known]
     if not archs or unknown:

@@ -46,7 +46,9 @@ def lora_params(config: dict, targets: list[str], r: int) -> int:
     inter = text.get("intermediate_size", 4 * hidden)
     shapes = {"q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv * head_dim),
               "v_proj": (hidden, kv * head_dim), "o_proj": (heads * head_dim, hidden),
-              "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+              "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden),
+              # fused layers (Phi-3/Phi-4-mini: qkv_proj, gate_up_proj; GLM-4: gate_up_proj)
+              "qkv_proj": (hidden, (heads + 2 * kv) * head_dim), "gate_up_proj": (hidden, 2 * inter)}
     return layers * sum(r * sum(shapes[t]) for t in targets if t in shapes)
 
 
@@ -94,7 +96,7 @@ def _folder_template(folder: Path) -> dict | None:
 def dry_run_plan(recipe: Recipe) -> dict:
     """What the run would fetch, the memory estimate and the chat template; nothing is downloaded or trained."""
     from tasks.models import bootstrap
-    from tasks.models.hub import MODEL_FILES, HUB_TIMEOUT_S, hub_credentials, local_model
+    from tasks.models.hub import MODEL_FILES, HUB_TIMEOUT_S, cached_snapshot, hub_credentials, local_model
     from tasks.recipe import repo_path
 
     m = recipe.model
@@ -116,30 +118,39 @@ def dry_run_plan(recipe: Recipe) -> dict:
         except Exception as exc:  # noqa: BLE001 - any Hub failure is reported, the cache may still answer
             plan["notes"].append(f"the Hub cannot list {m.name}@{m.revision}: {type(exc).__name__}: "
                                  f"{str(exc).splitlines()[0] if str(exc) else ''}")
-        try:
-            folder = Path(snapshot_download(m.name, revision=m.revision, local_files_only=True,
-                                            allow_patterns=MODEL_FILES))
+        folder = cached_snapshot(m.name, m.revision)
+        if folder is not None:
             plan["notes"].append(f"in the HF cache: {folder}")
-        except Exception:  # noqa: BLE001 - not cached
-            folder = None
+        elif plan["downloads"]:
+            # config.json (a few kB) is what the estimate needs; it lands in the HF cache the run will use.
+            from huggingface_hub import hf_hub_download
+
+            try:
+                config_file = Path(hf_hub_download(m.name, "config.json", revision=m.revision, token=token,
+                                                   endpoint=endpoint, etag_timeout=HUB_TIMEOUT_S))
+                plan["config"] = json.loads(config_file.read_text())
+            except Exception as exc:  # noqa: BLE001 - the estimate is optional
+                plan["notes"].append(f"config.json not readable ({type(exc).__name__}): no memory estimate")
     else:
         base = bootstrap.EMBEDDED[m.source]
         plan["notes"].append(f"embedded: {base.gguf_name} from the PyPI package {base.requirement} (installed by "
                              "`make setup`), converted once to an HF folder; nothing downloaded at run time")
         cached = sorted((bootstrap.slipway_home() / "models").glob(f"{m.name}-*-v{bootstrap.CONVERTER_VERSION}"))
         folder = next((c for c in cached if (c / "slipway-source.json").exists()), None)
-    config = _read_json(folder / "config.json") if folder else None
-    if config is None and plan["downloads"]:
-        plan["notes"].append("config.json not cached: memory estimated from the weight files' sizes")
+    config = _read_json(folder / "config.json") if folder else plan.pop("config", None)
     if config is not None:
-        params = safetensors_params(folder)
+        if folder is not None:
+            params = safetensors_params(folder)
+        else:   # from the sizes the Hub lists: bytes / bytes per stored parameter
+            stored = _DTYPE_BYTES.get(str(config.get("torch_dtype") or config.get("dtype") or "bfloat16"), 2)
+            params = sum(d["bytes"] or 0 for d in plan["downloads"] if d["file"].endswith(".safetensors")) // stored
         plan["architecture"] = (config.get("architectures") or ["?"])[0]
         plan["memory"] = memory_estimate(recipe, config, params)
         from tasks.export.convert import ExportError
-        from tasks.export.guard import check_architecture
+        from tasks.export.guard import check_architectures
 
         try:
-            plan["guard"] = check_architecture(folder, recipe)
+            plan["guard"] = check_architectures(config.get("architectures") or [], recipe)
         except ExportError as exc:
             plan["guard"] = {"refused": str(exc)}
     elif plan["downloads"]:

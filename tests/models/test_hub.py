@@ -89,3 +89,23 @@ def test_local_source_needs_a_model_folder(tiny_repo, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelSourceError, match=r"is not a local HF model folder \(no config\.json\)"):
         resolve_base_model(ModelConfig(source="local", name=str(tmp_path / "empty")))
+
+
+def test_dry_run_lists_downloads_memory_and_template_from_the_hub(tiny_repo, tmp_path):
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
+    with hub_mirror({"acme/tiny-llama": tiny_repo}) as (endpoint, mirror):
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "slipstream", "--dry-run", "--set",
+                               "model.source=hf", "--set", "model.name=acme/tiny-llama", "--set",
+                               "model.chat_template=chatml"], cwd=REPO_ROOT, env={**env, "HF_ENDPOINT": endpoint},
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    size = (tiny_repo / "model.safetensors").stat().st_size
+    assert "base model:    acme/tiny-llama (source hf, revision main)" in out
+    assert "architecture:  LlamaForCausalLM -> GGUF 'llama'" in out
+    assert f"model.safetensors" in out and f"{size / 2**20:10.1f} MiB" in out
+    assert "would download 6 of 6 files" in out or "would download 5 of 6 files" in out   # config.json may be cached
+    assert "memory:        ~" in out and "GiB peak for training" in out
+    assert "chat template: chatml (model.chat_template, built-in)" in out
+    # Nothing but the config (for the estimate) was fetched: no weights.
+    assert not [p for m, p in mirror.requests if m == "GET" and p.endswith(".safetensors")]

@@ -16,7 +16,7 @@ from tasks.llamacpp import build as llamacpp
 from tasks.llamacpp.serve import llama_server
 from tasks.models.chat_templates import NAMED_TEMPLATES
 from tasks.ollama.modelfile import write_modelfile
-from tasks.recipe import ExportConfig, ModelConfig, Recipe
+from tasks.recipe import ExportConfig, LoraConfig, ModelConfig, Recipe
 from tasks.run import RunFolder, atomic_write_jsonl, new_run_dir
 from tasks.train.worker import train
 from twins import FAMILIES, cached_twin
@@ -48,6 +48,7 @@ def test_twin_trains_exports_answers_and_passes_the_template_gate(family, tiny_r
     twin = cached_twin(family)
     template = FAMILIES[family].template
     recipe = Recipe(name=f"twin-{family}", model=ModelConfig(source="local", name=str(twin), chat_template=template),
+                    lora=LoraConfig(r=8, alpha=16, target_modules=list(FAMILIES[family].lora_targets)),
                     export=ExportConfig(gguf_types=["f16"], serve_type="f16", lora_gguf=False, parity_rows=0,
                                         template_samples=2))
     recipe.training.max_steps = 3
