@@ -45,6 +45,8 @@ class ChatFormat:
     suffix: dict[str, str]
     generation_prompt: str
     stop: tuple[str, ...]          # end-of-turn token text first
+    fold_system: bool = False      # no system role (Gemma): the system prompt opens the first user turn,
+                                   # followed by suffix["system"]
 
 
 def _render(tokenizer, messages: list[dict], generation: bool) -> str:
@@ -82,7 +84,14 @@ def derive_chat_format(tokenizer) -> ChatFormat:
     generation_prompt = _strip_prefix(_after(u_gen, usr_t), suffix["user"], "generation prompt")
     prefix = {"assistant": _strip_prefix(between_user_ast, suffix["user"], "assistant header"),
               "user": _strip_prefix(between_ast_user, suffix["assistant"], "user header")}
+    stop = stop_strings(tokenizer, suffix["assistant"], prefix["user"])
     if not between_sys_user.endswith(prefix["user"]):
+        if head.endswith(prefix["user"]) and usr_t not in between_sys_user:
+            # No system role (Gemma): the system prompt is written inside the first user turn, then a
+            # separator, then the user's text.
+            prefix["system"], suffix["system"] = "", between_sys_user
+            return ChatFormat(head[:len(head) - len(prefix["user"])], prefix, suffix, generation_prompt, stop,
+                              fold_system=True)
         raise ModelfileError("chat template: the system block is not followed by a plain user block")
     suffix["system"] = between_sys_user[:len(between_sys_user) - len(prefix["user"])]
     # Role headers usually differ only by the role name (ChatML: "<|im_start|>user\n").
@@ -91,7 +100,6 @@ def derive_chat_format(tokenizer) -> ChatFormat:
         prefix["system"], preamble = guess, head[:len(head) - len(guess)]
     else:
         prefix["system"], preamble = head, ""
-    stop = stop_strings(tokenizer, suffix["assistant"], prefix["user"])
     return ChatFormat(preamble, prefix, suffix, generation_prompt, stop)
 
 
@@ -122,10 +130,19 @@ def go_template(fmt: ChatFormat) -> str:
 
     No `{{-` trim markers: they would eat the newlines that are part of the role headers.
     """
-    pieces = [fmt.preamble, "{{ range .Messages }}"]
-    for i, role in enumerate(("system", "user", "assistant")):
-        pieces.append(f'{{{{ {"if" if i == 0 else "else if"} eq .Role "{role}" }}}}'
-                      f"{fmt.prefix[role]}{{{{ .Content }}}}{fmt.suffix[role]}")
+    if fmt.fold_system:
+        # The first user turn (index 1 after a system message) opens with the system prompt.
+        fold = ('{{ if eq $i 1 }}{{ with index $.Messages 0 }}{{ if eq .Role "system" }}{{ .Content }}'
+                f'{fmt.suffix["system"]}{{{{ end }}}}{{{{ end }}}}{{{{ end }}}}')
+        pieces = [fmt.preamble, "{{ range $i, $m := .Messages }}",
+                  f'{{{{ if eq .Role "user" }}}}{fmt.prefix["user"]}{fold}{{{{ .Content }}}}{fmt.suffix["user"]}',
+                  f'{{{{ else if eq .Role "assistant" }}}}{fmt.prefix["assistant"]}{{{{ .Content }}}}'
+                  f'{fmt.suffix["assistant"]}']
+    else:
+        pieces = [fmt.preamble, "{{ range .Messages }}"]
+        for i, role in enumerate(("system", "user", "assistant")):
+            pieces.append(f'{{{{ {"if" if i == 0 else "else if"} eq .Role "{role}" }}}}'
+                          f"{fmt.prefix[role]}{{{{ .Content }}}}{fmt.suffix[role]}")
     pieces += ["{{ end }}{{ end }}", fmt.generation_prompt]
     text = "".join(pieces)
     literal = fmt.preamble + fmt.generation_prompt + "".join(fmt.prefix.values()) + "".join(fmt.suffix.values())
