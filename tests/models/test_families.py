@@ -85,3 +85,21 @@ def test_datafactory_rows_load_as_the_same_examples_as_their_sharegpt_source(tmp
 def test_every_built_in_template_names_its_turn_markers():
     for name, t in NAMED_TEMPLATES.items():
         assert t.end_of_turn and all(t.role_markers), name
+
+
+def test_a_template_without_system_role_gets_a_modelfile_that_folds_the_system_prompt(tokenizer):
+    from tasks.ollama.modelfile import build_modelfile
+    from tasks.ollama.prompt import render_ollama_chat
+
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>", "<bos>"]})
+    tokenizer.bos_token = "<bos>"
+    prepare_tokenizer(tokenizer, ModelConfig(chat_template="gemma-3"))
+    mf = build_modelfile(tokenizer, "model.gguf", "You are terse.")
+    assert mf.stop == ["<end_of_turn>", "<start_of_turn>"]
+    for messages in (ROW["messages"][:2], ROW["messages"] + [{"role": "user", "content": "And alice?"}],
+                     ROW["messages"][1:2]):
+        want = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert render_ollama_chat(mf.template, messages, system=None) == want
+    # Without a system message Ollama prepends the Modelfile SYSTEM, folded like the recipe's prompt in training.
+    assert render_ollama_chat(mf.template, ROW["messages"][1:2], system=mf.system).startswith(
+        "<bos><start_of_turn>user\nYou are terse.\n\nTell bob")
