@@ -152,8 +152,9 @@ def go_template(fmt: ChatFormat) -> str:
     return text
 
 
-def verify_go_template(tokenizer, template: str) -> None:
-    """Ollama's rendering of `template` must equal the tokenizer's Jinja rendering, character for character.
+def verify_go_template(tokenizer, template: str, bos_stripped: str = "") -> None:
+    """Ollama's rendering of `template` must equal the tokenizer's Jinja rendering, character for character
+    (less a leading `bos_stripped`, the BOS text the model's tokenizer adds itself).
 
     Raises:
         ModelfileError: naming the probe conversation and the first differing character.
@@ -162,6 +163,7 @@ def verify_go_template(tokenizer, template: str) -> None:
     probes = [[s["system"], s["user"]], [s["system"], s["user"], s["assistant"], s["user2"]]]
     for probe in probes:
         want = _render(tokenizer, probe, True)
+        want = want[len(bos_stripped):] if bos_stripped and want.startswith(bos_stripped) else want
         try:
             got = render_ollama_chat(template, probe, system=None)
         except GoTemplateError as exc:
@@ -267,15 +269,25 @@ def deployed_artifact(run: RunFolder | Path, modelfile: Modelfile) -> tuple[Path
     return model, run.deployed(modelfile.adapter) if modelfile.adapter else None
 
 
-def build_modelfile(tokenizer, from_: str, system: str, adapter: str | None = None) -> Modelfile:
+def build_modelfile(tokenizer, from_: str, system: str, adapter: str | None = None,
+                    gguf_adds_bos: bool = False) -> Modelfile:
     """A Modelfile whose TEMPLATE, stop tokens and SYSTEM are the training ones; sampling is greedy, as evaluated.
+
+    `gguf_adds_bos`: the GGUF's tokenizer adds BOS itself (`tokenizer.ggml.add_bos_token`), as Ollama's runner
+    then does for every prompt; a template that writes the BOS text (Gemma, Llama-3) would give two, so the
+    TEMPLATE leaves it out (llama.cpp's own chat path strips it the same way).
 
     Raises:
         ModelfileError: the chat template cannot be expressed as a Modelfile TEMPLATE.
     """
     fmt = derive_chat_format(tokenizer)
+    bos = tokenizer.bos_token or ""
+    stripped = bos if gguf_adds_bos and bos and fmt.preamble.startswith(bos) else ""
+    if stripped:
+        fmt = ChatFormat(fmt.preamble[len(bos):], fmt.prefix, fmt.suffix, fmt.generation_prompt, fmt.stop,
+                         fmt.fold_system)
     template = go_template(fmt)
-    verify_go_template(tokenizer, template)
+    verify_go_template(tokenizer, template, stripped)
     params = [("stop", s) for s in fmt.stop]
     # The evaluation that gated this model was greedy with no repetition penalty; Ollama's defaults
     # (temperature 0.8, repeat_penalty 1.1) would deploy a different decoder than the one measured.
@@ -301,8 +313,11 @@ def write_modelfile(run_dir: RunFolder | Path, recipe: Recipe, ggufs: dict[str, 
     system = recipe.model.system_prompt
     header = (f"Slipway {recipe.name}: TEMPLATE, SYSTEM and stop come from the training tokenizer's chat "
               "template.\nCreate with: ollama create <name> -f Modelfile")
+    served = Path(ggufs[recipe.export.serve_type] if recipe.deploy.artifact == "merged" else ggufs["base"])
+    adds_bos = bool(gguf_metadata(served)[0].get("tokenizer.ggml.add_bos_token", False))
     if recipe.deploy.artifact == "merged":
-        mf = build_modelfile(tokenizer, run.relative_to_deploy(run.gguf(recipe.export.serve_type)), system)
+        mf = build_modelfile(tokenizer, run.relative_to_deploy(run.gguf(recipe.export.serve_type)), system,
+                             gguf_adds_bos=adds_bos)
     else:
         lora = Path(ggufs["lora"])
         trained_kv, _ = gguf_metadata(Path(ggufs["base"]))
@@ -315,7 +330,8 @@ def write_modelfile(run_dir: RunFolder | Path, recipe: Recipe, ggufs: dict[str, 
         check_adapter_deployable(lora, base_identity(trained_kv), base_identity(from_kv), from_tensors,
                                  quantized_training_reason(recipe, run.lora_dir),
                                  recipe.deploy.allow_qlora_adapter)
-        mf = build_modelfile(tokenizer, from_, system, adapter=run.relative_to_deploy(run.lora_gguf))
+        mf = build_modelfile(tokenizer, from_, system, adapter=run.relative_to_deploy(run.lora_gguf),
+                             gguf_adds_bos=adds_bos)
     path = atomic_write_text(run.modelfile, mf.render(header))
     info = {"path": str(path), "mode": recipe.deploy.artifact, "from": mf.from_, "adapter": mf.adapter,
             "stop": mf.stop}

@@ -103,3 +103,8 @@ def test_a_template_without_system_role_gets_a_modelfile_that_folds_the_system_p
     # Without a system message Ollama prepends the Modelfile SYSTEM, folded like the recipe's prompt in training.
     assert render_ollama_chat(mf.template, ROW["messages"][1:2], system=mf.system).startswith(
         "<bos><start_of_turn>user\nYou are terse.\n\nTell bob")
+    # A GGUF whose tokenizer adds BOS itself (Ollama's runner then adds it to every prompt): no BOS in TEMPLATE.
+    bos_free = build_modelfile(tokenizer, "model.gguf", "You are terse.", gguf_adds_bos=True)
+    assert bos_free.template == mf.template.removeprefix("<bos>")
+    want = tokenizer.apply_chat_template(ROW["messages"][:2], tokenize=False, add_generation_prompt=True)
+    assert "<bos>" + render_ollama_chat(bos_free.template, ROW["messages"][:2], system=None) == want
