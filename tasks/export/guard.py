@@ -28,7 +28,7 @@ def gguf_architectures() -> dict[str, str]:
     """HF architecture -> GGUF `general.architecture` of the pinned converter (from its source, no import)."""
     src = llamacpp.source_dir()
     names = dict(re.findall(r"MODEL_ARCH\.(\w+):\s*\"([^\"]+)\"",
-                            (src / "gguf-py" / "gguf" / "constants.py").read_text()))
+                            src.joinpath("gguf-py", "gguf", "constants.py").read_text()))
     out: dict[str, str] = {}
     for path in (src / "conversion").glob("*.py"):
         text = path.read_text()

