@@ -19,7 +19,9 @@ family's official template, written out here so no hub download is needed:
 tests/models/test_chat_templates.py renders the first five against those references. GLM-4 has no end-of-turn
 token: an assistant turn ends where the next role tag (<|user|>) or <|endoftext|> begins, which its
 generation config lists as stop tokens. Phi-4's official template opens the assistant turn after every
-user turn, with or without add_generation_prompt; it is reproduced as is.
+user turn, with or without add_generation_prompt; it is reproduced as is. Llama-3.1's "Today Date" is fixed
+to the reference rendering's date: llama.cpp passes the serving day as `date_string`, so the official
+template would prompt a deployed model differently from training every day.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ QWEN2_5 = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}")
 
 LLAMA3_1 = (
-    "{{- bos_token }}{%- if not date_string is defined %}{%- set date_string = '26 Jul 2024' %}{%- endif %}"
+    "{{- bos_token }}{%- set date_string = '26 Jul 2024' %}"
     "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] | trim %}"
     "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = '' %}{%- endif %}"
     "{{- '<|start_header_id|>system<|end_header_id|>\n\n' }}{{- 'Cutting Knowledge Date: December 2023\n' }}"
