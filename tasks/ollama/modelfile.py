@@ -76,6 +76,11 @@ def derive_chat_format(tokenizer) -> ChatFormat:
     u_last = _render(tokenizer, [s["system"], s["user"]], False)
     u_gen = _render(tokenizer, [s["system"], s["user"]], True)
     sys_t, usr_t, ast_t, usr2_t = (_SENTINELS[k] for k in ("system", "user", "assistant", "user2"))
+    eos = tokenizer.eos_token or ""
+    if eos and u_last.endswith(eos) and a_last.endswith(eos) and eos not in _after(u_gen, usr_t):
+        # Phi-4-mini: EOS closes a conversation rendered without a generation prompt (training rows), not a
+        # turn; Ollama always renders with the generation prompt, so it is no part of a message block.
+        u_last, a_last = u_last[:-len(eos)], a_last[:-len(eos)]
     head = full[:full.index(sys_t)]
     between_sys_user = full[full.index(sys_t) + len(sys_t):full.index(usr_t)]
     between_user_ast = full[full.index(usr_t) + len(usr_t):full.index(ast_t)]
