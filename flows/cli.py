@@ -7,7 +7,8 @@
     slipway serve runs/<run>                                   # serve a run's deployed GGUF with llama.cpp
     slipway check-template runs/<run>                          # re-check its Modelfile and GGUF
     slipway convert in.jsonl out.jsonl --to together           # convert a chat dataset's format
-    slipway deploy                                             # pools, blocks and deployments on PREFECT_API_URL
+    slipway tracks --layout parallel                           # several recipes on GPU work pools (flows/tracks.py)
+    slipway deploy --gpus 4                                    # pools, blocks and deployments on PREFECT_API_URL
 
 Installed by `pip install -e .` ([project.scripts]); `python -m flows.cli` is the same command. Bad input
 (a recipe, an eval file, a synthesis config) stops with one message and exit status 2 before Prefect starts;
@@ -26,19 +27,22 @@ import yaml
 from prefect.states import State
 from pydantic import ValidationError
 
-from deployments.up import stand_up
+from deployments.up import DEFAULT_HOST_GPUS, PoolsError, stand_up
 from flows.evaluate import evaluate as evaluate_flow
 from flows.finetune import finetune
 from flows.synthesize import synthesize as synthesize_flow
+from flows.tracks import ALL_GPUS_POOL, FLEDGLING_TRACKS, PARALLEL_POOLS
+from flows.tracks import tracks as tracks_flow
 from tasks.data.evalfile import EvalFileError, load_eval_file
 from tasks.data.formats import FORMATS, FormatError, convert_file
 from tasks.export import template_check
 from tasks.llamacpp import serve as llamacpp_serve
 from tasks.models.hub import ModelSourceError, check_model_source
 from tasks.recipe import REPO_ROOT, RecipeError
-from tasks.run import RunFolder
+from tasks.run import RunFolder, TracksFolder
 from tasks.start import validate_recipe
 from tasks.synth.llm import SynthesisConfig
+from tasks.tracks.dispatch import Layout, TrackFlow
 
 app = typer.Typer(help="Slipway: fine-tune a small model that beats its prompted baseline, and ship it.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -209,9 +213,44 @@ def convert(source: Annotated[Path, typer.Argument(help="The JSONL file to conve
 
 
 @app.command()
-def deploy() -> None:
+def tracks(recipes: Annotated[list[str] | None, typer.Argument(help="Recipes, one track each (default: the "
+                                                               "Fledgling structured and tool-call tracks).")] = None,
+           layout: Annotated[Layout, typer.Option(help="parallel: every track at once, each on its own pool; "
+                                                  "sequential: in turn, on the pool of every GPU.")] = "parallel",
+           set_: Overrides = None,
+           track_flow: Annotated[TrackFlow, typer.Option("--flow", help="What a track runs: finetune (every stage) "
+                                                          "or train (training and its loss gate).")] = "finetune",
+           pool: Annotated[list[str] | None, typer.Option(help="parallel: the pool of each track, in order "
+                                                          f"(repeatable; default {' '.join(PARALLEL_POOLS)}).")]
+           = None,
+           all_gpus_pool: Annotated[str, typer.Option(help="sequential: the pool of every GPU.")] = ALL_GPUS_POOL,
+           compare_with: Annotated[Path | None, typer.Option(help="A tracks folder of the other layout, to "
+                                                             "compare with in the report.")] = None,
+           run_name: Annotated[str | None, typer.Option(help="The tracks folder's name "
+                                                        "(default: tracks-<layout>-<UTC time>).")] = None,
+           output_root: OutputRoot = REPO_ROOT / "runs") -> None:
+    """Fine-tune several recipes as deployment runs on GPU work pools, at once or in turn, and compare (the
+    tracks flow; needs a Prefect server where `slipway deploy` ran, and a worker per pool)."""
+    overrides = parse_overrides(set_)
+    recipes = recipes or FLEDGLING_TRACKS
+    for recipe in recipes:
+        check_input(recipe, overrides)
+    run_name = run_name or default_run_name("tracks", layout)
+    state = tracks_flow(layout=layout, recipes=recipes, overrides=overrides, track_flow=track_flow, pools=pool,
+                        all_gpus_pool=all_gpus_pool, output_root=str(output_root), run_name=run_name,
+                        compare_with=str(compare_with) if compare_with else None, return_state=True)
+    finish(state, TracksFolder(output_root / run_name).report_md)
+
+
+@app.command()
+def deploy(gpus: Annotated[int, typer.Option(help="GPUs of the host the GPU workers run on: picks the GPU pools' "
+                                              "CUDA_VISIBLE_DEVICES from deployments/pools.yaml.")]
+           = DEFAULT_HOST_GPUS) -> None:
     """Stand the Prefect side up on PREFECT_API_URL: work pools, block types, every deployment in prefect.yaml."""
-    stand_up()
+    try:
+        stand_up(gpus)
+    except PoolsError as exc:
+        stop(str(exc))
 
 
 if __name__ == "__main__":

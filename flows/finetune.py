@@ -5,7 +5,8 @@ Run it:
     slipway run slipstream --set training.max_steps=5 --set data.eval_rows=8
     prefect deployment run finetune/slipstream                   # through a Prefect server and worker
 
-Stages: validate recipe → run folder → base model → architecture guard → data splits → baseline eval (base SLM, and the LLM
+Stages: validate recipe → run folder → devices seen → base model → architecture guard → data splits → baseline
+eval (base SLM, and the LLM
 baseline when the recipe names one) → LoRA training → merge → GGUF export → Modelfile → template check →
 merged eval → llama.cpp server eval → parity of every format → gates → deploy → model card → publish →
 report. The flow only wires tasks.
@@ -29,6 +30,7 @@ from tasks.recipe import REPO_ROOT
 from tasks.release.report import write_report
 from tasks.start import create_run_folder, validate_recipe
 from tasks.export.template_check import verify_chat_template
+from tasks.train.devices import record_devices
 from tasks.train.launch import train_adapter
 
 
@@ -47,6 +49,7 @@ def finetune(recipe: str = "slipstream", overrides: dict | None = None, output_r
     """
     cfg = validate_recipe(recipe, overrides or {})
     run_dir = create_run_folder(output_root, cfg, run_name, resume_from)
+    record_devices(run_dir)   # the GPUs this run's work pool gave it (the tracks report reads them)
     base_dir = bootstrap_base_model(cfg.model)
     # Before any training: the GGUF export (and an adapter deployment) must be possible for this architecture.
     guard_architecture(base_dir, cfg)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = REPO_ROOT / "recipes"
@@ -80,7 +80,22 @@ class LoraConfig(StrictModel):
 
 
 class TrainingConfig(StrictModel):
-    backend: Literal["trl", "unsloth"] = Field("trl", description="Local trainer: TRL+PEFT or Unsloth.")
+    # `backend` is the field's old name: recipes that still say `backend:` validate unchanged.
+    engine: Literal["trl", "unsloth"] = Field(
+        "trl", validation_alias=AliasChoices("engine", "backend"),
+        description="Local trainer: 'trl' (TRL SFTTrainer + PEFT; portable, CPU included) or 'unsloth' "
+        "(FastLanguageModel: 16-bit LoRA, or 4-bit QLoRA with model.load_in_4bit; GPU). Either runs under "
+        "`accelerate launch` when accelerate_config is set.")
+    packing: bool = Field(
+        False, description="Pack several rows into each fixed-length sequence (position_ids restart per row, so "
+        "rows never attend to each other; the loss stays on the answers): no padding, one tensor shape for "
+        "every step. The GPU fast path.")
+    tokens_per_step: int = Field(
+        0, ge=0, description="With packing: token budget of one optimizer step per device (rounded to whole "
+        "packed sequences). 0 = batch_size x the mean row length, i.e. as many steps as without packing.")
+    pack_length: int = Field(
+        0, ge=0, description="With packing: tokens per packed sequence; 0 = max_length. Attention cost grows "
+        "with it (the mask is block-diagonal but SDPA computes the whole square).")
     epochs: float = Field(2.0, gt=0)
     max_steps: int = Field(-1, ge=-1, description="-1: run `epochs`; otherwise stop after this many steps.")
     learning_rate: float = Field(1e-3, gt=0, lt=1)

@@ -103,6 +103,11 @@ class RunFolder(Folder):
     def train_log(self) -> Path:
         return self.metrics_dir / "train.log"
 
+    @property
+    def devices(self) -> Path:
+        """What the run's process saw: CUDA_VISIBLE_DEVICES (its work pool's), the GPUs torch counts, the host."""
+        return self.metrics_dir / "devices.json"
+
     # --- export ---------------------------------------------------------------------------------------
     @property
     def merged_dir(self) -> Path:
@@ -366,3 +371,21 @@ class SynthFolder(Folder):
     @property
     def complete_marker(self) -> Path:
         return self.root / COMPLETE_MARKER
+
+
+@dataclass(frozen=True)
+class TracksFolder(Folder):
+    """One run of the tracks flow (`runs/tracks-<layout>-<time>/`): a finetune run folder per track inside
+    it (each a RunFolder), and the report that compares them."""
+
+    def track_run(self, run_name: str) -> Path:
+        """The finetune run folder of one track (the finetune flow's `output_root` is this folder)."""
+        return self.root / run_name
+
+    @property
+    def report_json(self) -> Path:
+        return self.root / "tracks-report.json"
+
+    @property
+    def report_md(self) -> Path:
+        return self.root / "tracks-report.md"

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from conftest import ASSETS, REPO
 from flows.cli import app, parse_overrides
 
-COMMANDS = ("run", "evaluate", "synthesize", "serve", "check-template", "convert", "deploy")
+COMMANDS = ("run", "evaluate", "synthesize", "tracks", "serve", "check-template", "convert", "deploy")
 runner = CliRunner()
 
 
@@ -44,6 +44,13 @@ def test_a_bad_recipe_stops_before_prefect_with_one_message(tmp_path):
     assert f"{bad}:3: training.learning_rate: Input should be greater than 0" in proc.stderr
     assert f"{bad}:4: training.epoches: unknown key" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()
+
+
+def test_tracks_check_every_recipe_before_prefect_starts(tmp_path):
+    result = runner.invoke(app, ["tracks", "fledgling-structured", "no-such-recipe", "--set", "training.max_steps=2",
+                                 "--output-root", str(tmp_path / "runs")])
+    assert result.exit_code == 2 and "no-such-recipe.yaml: recipe not found" in result.output
+    assert not (tmp_path / "runs").exists()
 
 
 def test_convert_writes_the_target_format(tmp_path):

@@ -73,7 +73,7 @@ def prefect_stack(tmp_path):
 
 def test_deployment_run_completes_and_writes_the_report(prefect_stack, tmp_path, base_model_dir):
     env = prefect_stack
-    for pool, gpus in (("cpu", ""), ("gpu-a", "0,1"), ("gpu-b", "2,3")):
+    for pool, gpus in (("cpu", ""), ("gpu-a", "0,1"), ("gpu-b", "2,3"), ("gpu-all", "0,1,2,3")):
         inspected = json.loads(_prefect(env, "work-pool", "inspect", pool, "--output", "json").stdout)
         assert inspected["type"] == "process"
         assert inspected["base_job_template"]["variables"]["properties"]["env"]["default"] == \
@@ -81,7 +81,8 @@ def test_deployment_run_completes_and_writes_the_report(prefect_stack, tmp_path,
     wide = {**env, "COLUMNS": "250"}   # rich tables: no name cut short
     listed = _prefect(wide, "deployment", "ls").stdout
     for name in ("finetune/slipstream ", "finetune/slipstream-gpu ", "finetune/slipstream-gpu-ddp ",
-                 "evaluate/fledgling-structured ", "evaluate/fledgling-toolcall "):
+                 "evaluate/fledgling-structured ", "evaluate/fledgling-toolcall ", "finetune/gpu-all ",
+                 "train/gpu-a ", "train/gpu-b ", "tracks/fledgling "):
         assert name in listed, listed
     blocks = _prefect(wide, "block", "type", "ls").stdout
     assert "openai-compatible-endpoint" in blocks and "langfuse-credentials" in blocks

@@ -6,6 +6,7 @@ import json
 import pytest
 import yaml
 
+from deployments.up import load_pools
 from tasks.tasktypes import check_recipe
 from tasks.recipe import load_recipe
 from conftest import REPO
@@ -20,8 +21,9 @@ def test_deployment_entrypoint_and_parameters(deployment):
     flow = getattr(module, attr)
     params = deployment.get("parameters", {})
     flow.validate_parameters(params)   # Prefect's own check of names and types
-    check_recipe(load_recipe(params["recipe"], params.get("overrides")))
-    assert deployment["work_pool"]["name"] in {"cpu", "gpu-a", "gpu-b"}
+    for recipe in params.get("recipes") or [params["recipe"]]:   # a tracks deployment names several
+        check_recipe(load_recipe(recipe, params.get("overrides")))
+    assert deployment["work_pool"]["name"] in load_pools().pools
 
 
 def test_slipstream_deployment_exists():
@@ -31,7 +33,10 @@ def test_slipstream_deployment_exists():
 @pytest.mark.parametrize("path", sorted((REPO / "accelerate_config").glob("*.yaml")), ids=lambda p: p.stem)
 def test_accelerate_configs_parse(path):
     cfg = yaml.safe_load(path.read_text())
-    assert cfg["num_processes"] >= 1
+    if cfg["distributed_type"] == "NO":
+        assert cfg["num_processes"] == 1
+    else:   # one process per visible GPU: tasks/train/command.py passes --num_processes
+        assert "num_processes" not in cfg
     ds = cfg.get("deepspeed_config", {}).get("deepspeed_config_file")
     if ds:
         assert json.loads((REPO / ds).read_text())["zero_optimization"]["stage"] == 2

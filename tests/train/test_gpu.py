@@ -9,7 +9,7 @@ import pytest
 from conftest import REPO, gpu_test
 from tasks.recipe import Recipe
 from tasks.run import atomic_write_jsonl, new_run_dir
-from tasks.train.launch import training_command
+from tasks.train.command import training_command
 
 pytestmark = [pytest.mark.gpu, pytest.mark.integration]
 
@@ -53,3 +53,28 @@ def test_ddp_on_two_gpus_through_accelerate(tmp_path, tiny_rows, base_model_dir)
     assert stats["steps"] == 8
     assert losses[-1] < losses[0]
     assert (run_dir / "lora" / "adapter_model.safetensors").exists()
+
+
+@gpu_test(1)
+@pytest.mark.parametrize("fields", [{"training.engine": "unsloth"},
+                                    {"training.engine": "unsloth", "model.load_in_4bit": True},
+                                    {"training.packing": True, "model.dtype": "bfloat16"}],
+                         ids=["unsloth-16bit", "qlora", "trl-packed"])
+def test_gpu_engines_train(tmp_path, tiny_rows, base_model_dir, fields):
+    recipe, run_dir = _prepare(tmp_path, tiny_rows)
+    for dotted, value in fields.items():
+        section, key = dotted.split(".")
+        setattr(getattr(recipe, section), key, value)
+    (run_dir / "recipe.json").write_text(recipe.model_dump_json())
+    stats = _run_training(recipe, run_dir, base_model_dir)
+    losses = [h["loss"] for h in stats["history"] if "loss" in h]
+    assert stats["engine"] == recipe.training.engine and stats["trainable_tensors_changed"] > 0
+    assert losses[-1] < losses[0]
+
+
+@gpu_test(2)
+def test_zero2_on_two_gpus_through_accelerate(tmp_path, tiny_rows, base_model_dir):
+    recipe, run_dir = _prepare(tmp_path, tiny_rows, accelerate_config="zero2")
+    stats = _run_training(recipe, run_dir, base_model_dir)
+    assert stats["world_size"] == 2 and stats["steps"] == 8
+    assert stats["trainable_tensors_changed"] == stats["trainable_tensors"]

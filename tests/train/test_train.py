@@ -67,3 +67,29 @@ def test_training_resumes_from_the_last_checkpoint(tmp_path, base_model_dir, tin
     assert stats["steps"] == 4 and sorted(losses) == [1, 2, 3, 4]
     # Steps 1-2 come back from the checkpoint's state, byte for byte: they were not trained again.
     assert [losses[1], losses[2]] == [h["loss"] for h in first["history"] if "loss" in h]
+
+
+def test_packed_training_learns_on_the_answers_only(tmp_path, base_model_dir, tiny_rows):
+    """The fast path on CPU: rows packed into fixed 384-token sequences, as many optimizer steps as the
+    padded path would take (tokens_per_step 0), loss on the answers, every LoRA tensor trained."""
+    recipe = Recipe(name="packed")
+    recipe.training.packing = True
+    recipe.training.pack_length = 384
+    recipe.training.epochs = 3
+    recipe.training.batch_size = 2
+    recipe.training.logging_steps = 1
+    recipe.training.save_steps = 100
+    recipe.training.warmup_ratio = 0.0
+    recipe.training.lr_scheduler = "constant"
+    run_dir = new_run_dir(tmp_path, "packed")
+    atomic_write_jsonl(run_dir / "data" / "train.jsonl", tiny_rows[:8])
+    atomic_write_jsonl(run_dir / "data" / "val.jsonl", tiny_rows[8:10])
+    stats = train(recipe, run_dir, base_model_dir)
+    packing = stats["packing"]
+    assert packing["sequence_length"] == 384 and packing["sequences"] < 8       # several rows a sequence
+    assert packing["sequences_per_device_batch"] == 1                          # 2 rows of ~150 tokens
+    assert stats["steps"] == 3 * packing["sequences"]
+    assert stats["trainable_tensors_changed"] == stats["trainable_tensors"]
+    losses = [h["loss"] for h in stats["history"] if "loss" in h]
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert stats["eval_loss"] is not None                                      # packed val rows evaluate

@@ -40,7 +40,7 @@ def test_accelerate_configs_resolve_and_unknown_names_fail(tmp_path):
     assert training_command(recipe, tmp_path, tmp_path)[1:] == ["-m", "tasks.train.worker", str(tmp_path),
                                                                 "--base", str(tmp_path)]
     recipe.training.accelerate_config = "zero2"
-    cmd = training_command(recipe, tmp_path, tmp_path)
+    cmd = training_command(recipe, tmp_path, tmp_path, gpus=2)
     assert cmd[1:4] == ["-m", "accelerate.commands.launch", "--config_file"]
     assert cmd[-5:-3] == ["-m", "tasks.train.worker"]
 
