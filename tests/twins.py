@@ -97,7 +97,7 @@ def build_tokenizer(family: Family, out_dir: Path):
 
 
 # Bump when a twin's recipe changes, so a cached twin is rebuilt.
-TWIN_VERSION = 2
+TWIN_VERSION = 3
 
 
 def cached_twin(family_name: str) -> Path:
@@ -137,6 +137,11 @@ def tiny_twin(family_name: str, out_dir: Path, seed: int = 0) -> Path:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.save_pretrained(out_dir)
+    if family.name == "phi3":
+        # Phi-4-mini's tokenizer adds no BOS (its template has none); the Phi-3 vocabulary's GGUF would add <s>/
+        # <|endoftext|> to every deployed prompt. llama.cpp's converter reads add_bos_token from here.
+        config_path = out_dir / "tokenizer_config.json"
+        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "add_bos_token": False}, indent=2))
     torch.manual_seed(seed)
     dims = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
