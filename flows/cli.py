@@ -1,6 +1,7 @@
 """`slipway`: the command line. Each command is a thin call of one flow or task.
 
     slipway run slipstream --set training.max_steps=5          # the finetune flow (what `make demo` does)
+    slipway run gerbil --dry-run                               # downloads, memory estimate, chat template
     slipway evaluate fledgling-structured                      # the Fledgling decision flow
     slipway synthesize --set method=templates -n 2000          # training records
     slipway serve runs/<run>                                   # serve a run's deployed GGUF with llama.cpp
@@ -37,6 +38,7 @@ from tasks.data.formats import FORMATS, FormatError, convert_file
 from tasks.export import template_check
 from tasks.llamacpp import serve as llamacpp_serve
 from tasks.names import InvalidName, check_slug
+from tasks.models.hub import ModelSourceError, check_model_source
 from tasks.recipe import REPO_ROOT, RecipeError
 from tasks.run import RunFolder, TracksFolder, find_run_of_flow_run
 from tasks.start import validate_recipe
@@ -64,7 +66,8 @@ def stop(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
-def check_input(recipe: str, overrides: dict, eval_file: Path | None = None, run_name: str | None = None) -> None:
+def check_input(recipe: str, overrides: dict, eval_file: Path | None = None, run_name: str | None = None,
+                check_source: bool = True) -> None:
     """The recipe, run name (and an eval file) as the flow will read them; a bad one stops here, before
     Prefect starts."""
     try:
@@ -73,7 +76,10 @@ def check_input(recipe: str, overrides: dict, eval_file: Path | None = None, run
         cfg = validate_recipe.fn(recipe, overrides)   # the flow's own first task, run before Prefect starts
         if eval_file:
             load_eval_file(eval_file, cfg.task)
-    except (RecipeError, EvalFileError, InvalidName) as exc:
+        if check_source:
+            # A Hub base that is gated, missing or unreachable (and not cached) stops here, in seconds.
+            check_model_source(cfg.model)
+    except (RecipeError, EvalFileError, InvalidName, ModelSourceError) as exc:
         stop(str(exc))
 
 
@@ -111,10 +117,20 @@ def run(recipe: Annotated[str, typer.Argument(help="A recipe name in recipes/ or
         = None,
         resume: Annotated[Path | None, typer.Option(help="A run folder that did not complete: run it again, "
                                                     "training from its last checkpoint.")] = None,
-        output_root: OutputRoot = REPO_ROOT / "runs") -> None:
+        output_root: OutputRoot = REPO_ROOT / "runs",
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would be downloaded, the training "
+                                              "memory estimate and the chat template; run nothing.")] = False) -> None:
     """Fine-tune, export, serve, evaluate and gate one recipe (the finetune flow)."""
     overrides = parse_overrides(set_)
-    check_input(recipe, overrides, run_name=run_name)
+    check_input(recipe, overrides, run_name=run_name, check_source=not dry_run)   # a dry run reports the source instead
+    if dry_run:
+        from tasks.models.plan import dry_run_plan, render_plan
+
+        try:
+            typer.echo(render_plan(dry_run_plan(validate_recipe.fn(recipe, overrides))))
+        except ModelSourceError as exc:
+            stop(str(exc))
+        return
     state = finetune(recipe=recipe, overrides=overrides, output_root=str(output_root), run_name=run_name,
                      resume_from=str(resume) if resume else None, return_state=True)
     run_dir = run_folder_of(state, output_root, resume)

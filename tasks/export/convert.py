@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from functools import lru_cache
@@ -48,6 +49,10 @@ def merge_adapter(base_dir: Path, lora_dir: Path, out_dir: Path, dtype: str = "b
     with atomic_dir(out_dir) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        # transformers saves only tokenizer.json; llama.cpp's converter reads a SentencePiece vocabulary
+        # (Gemma, Phi-3, Llama-2) from tokenizer.model and would otherwise guess a byte-level BPE one.
+        if (Path(base_dir) / "tokenizer.model").exists() and not (tmp / "tokenizer.model").exists():
+            shutil.copy2(Path(base_dir) / "tokenizer.model", tmp / "tokenizer.model")
     return out_dir
 
 

@@ -19,7 +19,9 @@ family's official template, written out here so no hub download is needed:
 tests/models/test_chat_templates.py renders the first five against those references. GLM-4 has no end-of-turn
 token: an assistant turn ends where the next role tag (<|user|>) or <|endoftext|> begins, which its
 generation config lists as stop tokens. Phi-4's official template opens the assistant turn after every
-user turn, with or without add_generation_prompt; it is reproduced as is.
+user turn, with or without add_generation_prompt; it is reproduced as is. Llama-3.1's "Today Date" is fixed
+to the reference rendering's date: llama.cpp passes the serving day as `date_string`, so the official
+template would prompt a deployed model differently from training every day.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ QWEN2_5 = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}")
 
 LLAMA3_1 = (
-    "{{- bos_token }}{%- if not date_string is defined %}{%- set date_string = '26 Jul 2024' %}{%- endif %}"
+    "{{- bos_token }}{%- set date_string = '26 Jul 2024' %}"
     "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] | trim %}"
     "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = '' %}{%- endif %}"
     "{{- '<|start_header_id|>system<|end_header_id|>\n\n' }}{{- 'Cutting Knowledge Date: December 2023\n' }}"
@@ -135,19 +137,34 @@ def render_named(messages: list[dict], name: str, add_generation_prompt: bool = 
     return rendered[0]
 
 
+def template_source(template: str) -> str:
+    """The Jinja text of a built-in template name or of a *.jinja file (relative to the repo root).
+
+    Raises:
+        KeyError: an unknown name (the message lists the known ones).
+    """
+    if template.endswith(".jinja"):
+        from tasks.recipe import repo_path
+
+        return repo_path(template).read_text()
+    if template not in NAMED_TEMPLATES:
+        raise KeyError(f"unknown chat template {template!r}; built-in: {sorted(NAMED_TEMPLATES)}")
+    return NAMED_TEMPLATES[template].jinja
+
+
 def apply_template(tokenizer, template: str | None):
-    """Give the tokenizer the template a run should use: its own ('model' or None), or a named one.
+    """Give the tokenizer the template a run should use: its own ('model' or None), a named one, or a
+    Jinja file.
 
     Raises:
         ValueError: the tokenizer has no template of its own and none was named.
     """
     if template in (None, "model"):
         if not tokenizer.chat_template:
-            raise ValueError(f"the tokenizer has no chat template; name one of {sorted(NAMED_TEMPLATES)}")
+            raise ValueError(f"the tokenizer has no chat template; name one of {sorted(NAMED_TEMPLATES)} "
+                             "(model.chat_template) or a *.jinja file")
         return tokenizer
-    if template not in NAMED_TEMPLATES:
-        raise KeyError(f"unknown chat template {template!r}; built-in: {sorted(NAMED_TEMPLATES)}")
-    tokenizer.chat_template = NAMED_TEMPLATES[template].jinja
+    tokenizer.chat_template = template_source(template)
     return tokenizer
 
 

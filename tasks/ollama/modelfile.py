@@ -45,6 +45,8 @@ class ChatFormat:
     suffix: dict[str, str]
     generation_prompt: str
     stop: tuple[str, ...]          # end-of-turn token text first
+    fold_system: bool = False      # no system role (Gemma): the system prompt opens the first user turn,
+                                   # followed by suffix["system"]
 
 
 def _render(tokenizer, messages: list[dict], generation: bool) -> str:
@@ -74,6 +76,11 @@ def derive_chat_format(tokenizer) -> ChatFormat:
     u_last = _render(tokenizer, [s["system"], s["user"]], False)
     u_gen = _render(tokenizer, [s["system"], s["user"]], True)
     sys_t, usr_t, ast_t, usr2_t = (_SENTINELS[k] for k in ("system", "user", "assistant", "user2"))
+    eos = tokenizer.eos_token or ""
+    if eos and u_last.endswith(eos) and a_last.endswith(eos) and eos not in _after(u_gen, usr_t):
+        # Phi-4-mini: EOS closes a conversation rendered without a generation prompt (training rows), not a
+        # turn; Ollama always renders with the generation prompt, so it is no part of a message block.
+        u_last, a_last = u_last[:-len(eos)], a_last[:-len(eos)]
     head = full[:full.index(sys_t)]
     between_sys_user = full[full.index(sys_t) + len(sys_t):full.index(usr_t)]
     between_user_ast = full[full.index(usr_t) + len(usr_t):full.index(ast_t)]
@@ -82,7 +89,14 @@ def derive_chat_format(tokenizer) -> ChatFormat:
     generation_prompt = _strip_prefix(_after(u_gen, usr_t), suffix["user"], "generation prompt")
     prefix = {"assistant": _strip_prefix(between_user_ast, suffix["user"], "assistant header"),
               "user": _strip_prefix(between_ast_user, suffix["assistant"], "user header")}
+    stop = stop_strings(tokenizer, suffix["assistant"], prefix["user"])
     if not between_sys_user.endswith(prefix["user"]):
+        if head.endswith(prefix["user"]) and usr_t not in between_sys_user:
+            # No system role (Gemma): the system prompt is written inside the first user turn, then a
+            # separator, then the user's text.
+            prefix["system"], suffix["system"] = "", between_sys_user
+            return ChatFormat(head[:len(head) - len(prefix["user"])], prefix, suffix, generation_prompt, stop,
+                              fold_system=True)
         raise ModelfileError("chat template: the system block is not followed by a plain user block")
     suffix["system"] = between_sys_user[:len(between_sys_user) - len(prefix["user"])]
     # Role headers usually differ only by the role name (ChatML: "<|im_start|>user\n").
@@ -91,7 +105,6 @@ def derive_chat_format(tokenizer) -> ChatFormat:
         prefix["system"], preamble = guess, head[:len(head) - len(guess)]
     else:
         prefix["system"], preamble = head, ""
-    stop = stop_strings(tokenizer, suffix["assistant"], prefix["user"])
     return ChatFormat(preamble, prefix, suffix, generation_prompt, stop)
 
 
@@ -103,6 +116,10 @@ def stop_strings(tokenizer, assistant_suffix: str, user_prefix: str) -> tuple[st
     """
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     ids = tokenizer(assistant_suffix, add_special_tokens=False)["input_ids"]
+    if not ids and tokenizer.eos_token_id in special:
+        # No end-of-turn token (GLM-4): training ends each answer with EOS (tasks.train.worker.tokenize_row),
+        # and the next role tag stops generation too.
+        ids = [tokenizer.eos_token_id]
     if not ids or ids[0] not in special:
         raise ModelfileError(f"chat template: an assistant turn ends with {assistant_suffix!r}, not with a special "
                              "token; a deployed model would have no end-of-turn token to stop on")
@@ -118,10 +135,19 @@ def go_template(fmt: ChatFormat) -> str:
 
     No `{{-` trim markers: they would eat the newlines that are part of the role headers.
     """
-    pieces = [fmt.preamble, "{{ range .Messages }}"]
-    for i, role in enumerate(("system", "user", "assistant")):
-        pieces.append(f'{{{{ {"if" if i == 0 else "else if"} eq .Role "{role}" }}}}'
-                      f"{fmt.prefix[role]}{{{{ .Content }}}}{fmt.suffix[role]}")
+    if fmt.fold_system:
+        # The first user turn (index 1 after a system message) opens with the system prompt.
+        fold = ('{{ if eq $i 1 }}{{ with index $.Messages 0 }}{{ if eq .Role "system" }}{{ .Content }}'
+                f'{fmt.suffix["system"]}{{{{ end }}}}{{{{ end }}}}{{{{ end }}}}')
+        pieces = [fmt.preamble, "{{ range $i, $m := .Messages }}",
+                  f'{{{{ if eq .Role "user" }}}}{fmt.prefix["user"]}{fold}{{{{ .Content }}}}{fmt.suffix["user"]}',
+                  f'{{{{ else if eq .Role "assistant" }}}}{fmt.prefix["assistant"]}{{{{ .Content }}}}'
+                  f'{fmt.suffix["assistant"]}']
+    else:
+        pieces = [fmt.preamble, "{{ range .Messages }}"]
+        for i, role in enumerate(("system", "user", "assistant")):
+            pieces.append(f'{{{{ {"if" if i == 0 else "else if"} eq .Role "{role}" }}}}'
+                          f"{fmt.prefix[role]}{{{{ .Content }}}}{fmt.suffix[role]}")
     pieces += ["{{ end }}{{ end }}", fmt.generation_prompt]
     text = "".join(pieces)
     literal = fmt.preamble + fmt.generation_prompt + "".join(fmt.prefix.values()) + "".join(fmt.suffix.values())
@@ -131,8 +157,9 @@ def go_template(fmt: ChatFormat) -> str:
     return text
 
 
-def verify_go_template(tokenizer, template: str) -> None:
-    """Ollama's rendering of `template` must equal the tokenizer's Jinja rendering, character for character.
+def verify_go_template(tokenizer, template: str, bos_stripped: str = "") -> None:
+    """Ollama's rendering of `template` must equal the tokenizer's Jinja rendering, character for character
+    (less a leading `bos_stripped`, the BOS text the model's tokenizer adds itself).
 
     Raises:
         ModelfileError: naming the probe conversation and the first differing character.
@@ -141,6 +168,7 @@ def verify_go_template(tokenizer, template: str) -> None:
     probes = [[s["system"], s["user"]], [s["system"], s["user"], s["assistant"], s["user2"]]]
     for probe in probes:
         want = _render(tokenizer, probe, True)
+        want = want[len(bos_stripped):] if bos_stripped and want.startswith(bos_stripped) else want
         try:
             got = render_ollama_chat(template, probe, system=None)
         except GoTemplateError as exc:
@@ -246,15 +274,25 @@ def deployed_artifact(run: RunFolder | Path, modelfile: Modelfile) -> tuple[Path
     return model, run.deployed(modelfile.adapter) if modelfile.adapter else None
 
 
-def build_modelfile(tokenizer, from_: str, system: str, adapter: str | None = None) -> Modelfile:
+def build_modelfile(tokenizer, from_: str, system: str, adapter: str | None = None,
+                    gguf_adds_bos: bool = False) -> Modelfile:
     """A Modelfile whose TEMPLATE, stop tokens and SYSTEM are the training ones; sampling is greedy, as evaluated.
+
+    `gguf_adds_bos`: the GGUF's tokenizer adds BOS itself (`tokenizer.ggml.add_bos_token`), as Ollama's runner
+    then does for every prompt; a template that writes the BOS text (Gemma, Llama-3) would give two, so the
+    TEMPLATE leaves it out (llama.cpp's own chat path strips it the same way).
 
     Raises:
         ModelfileError: the chat template cannot be expressed as a Modelfile TEMPLATE.
     """
     fmt = derive_chat_format(tokenizer)
+    bos = tokenizer.bos_token or ""
+    stripped = bos if gguf_adds_bos and bos and fmt.preamble.startswith(bos) else ""
+    if stripped:
+        fmt = ChatFormat(fmt.preamble[len(bos):], fmt.prefix, fmt.suffix, fmt.generation_prompt, fmt.stop,
+                         fmt.fold_system)
     template = go_template(fmt)
-    verify_go_template(tokenizer, template)
+    verify_go_template(tokenizer, template, stripped)
     params = [("stop", s) for s in fmt.stop]
     # The evaluation that gated this model was greedy with no repetition penalty; Ollama's defaults
     # (temperature 0.8, repeat_penalty 1.1) would deploy a different decoder than the one measured.
@@ -280,8 +318,11 @@ def write_modelfile(run_dir: RunFolder | Path, recipe: Recipe, ggufs: dict[str, 
     system = recipe.model.system_prompt
     header = (f"Slipway {recipe.name}: TEMPLATE, SYSTEM and stop come from the training tokenizer's chat "
               "template.\nCreate with: ollama create <name> -f Modelfile")
+    served = Path(ggufs[recipe.export.serve_type] if recipe.deploy.artifact == "merged" else ggufs["base"])
+    adds_bos = bool(gguf_metadata(served)[0].get("tokenizer.ggml.add_bos_token", False))
     if recipe.deploy.artifact == "merged":
-        mf = build_modelfile(tokenizer, run.relative_to_deploy(run.gguf(recipe.export.serve_type)), system)
+        mf = build_modelfile(tokenizer, run.relative_to_deploy(run.gguf(recipe.export.serve_type)), system,
+                             gguf_adds_bos=adds_bos)
     else:
         lora = Path(ggufs["lora"])
         trained_kv, _ = gguf_metadata(Path(ggufs["base"]))
@@ -294,7 +335,8 @@ def write_modelfile(run_dir: RunFolder | Path, recipe: Recipe, ggufs: dict[str, 
         check_adapter_deployable(lora, base_identity(trained_kv), base_identity(from_kv), from_tensors,
                                  quantized_training_reason(recipe, run.lora_dir),
                                  recipe.deploy.allow_qlora_adapter)
-        mf = build_modelfile(tokenizer, from_, system, adapter=run.relative_to_deploy(run.lora_gguf))
+        mf = build_modelfile(tokenizer, from_, system, adapter=run.relative_to_deploy(run.lora_gguf),
+                             gguf_adds_bos=adds_bos)
     path = atomic_write_text(run.modelfile, mf.render(header))
     info = {"path": str(path), "mode": recipe.deploy.artifact, "from": mf.from_, "adapter": mf.adapter,
             "stop": mf.stop}

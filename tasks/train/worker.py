@@ -44,8 +44,17 @@ def tokenize_row(row: dict, tokenizer, max_length: int) -> dict:
     if full_ids[:len(prompt_ids)] != prompt_ids:
         raise MaskError("the chat template renders the prompt differently with and without the answer; "
                         "cannot locate the assistant turn")
+    if tokenizer.eos_token_id is not None and not set(full_ids[len(prompt_ids):]) & special_ids(tokenizer):
+        # A template with no end-of-turn token (GLM-4: a turn ends where the next role tag begins) would
+        # train answers that never stop; end them with EOS, which llama.cpp and Ollama stop on.
+        full_ids = full_ids + [tokenizer.eos_token_id]
     mask = [0] * len(prompt_ids) + [1] * (len(full_ids) - len(prompt_ids))
     return {"input_ids": full_ids[:max_length], "completion_mask": mask[:max_length]}
+
+
+def special_ids(tokenizer) -> set[int]:
+    """Ids of the special tokens (the tokenizer's own and the added ones marked special)."""
+    return set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
 
 
 def check_mask(tokenized: list[dict], rows: list[dict], tokenizer) -> dict:
@@ -85,11 +94,16 @@ def prepare_tokenizer(tokenizer, model: ModelConfig):
             model could not learn to stop), or a tokenizer with no template of its own and none named.
     """
     apply_template(tokenizer, model.chat_template)
-    if model.chat_template != "model":
-        end_of_turn = NAMED_TEMPLATES[model.chat_template].end_of_turn
-        if end_of_turn not in tokenizer.get_vocab():
-            raise ValueError(f"model.chat_template {model.chat_template!r} ends a turn with {end_of_turn!r}, "
-                             "which is not a token of this model's vocabulary; use 'model'")
+    named = NAMED_TEMPLATES.get(model.chat_template)
+    if named is not None:
+        if named.end_of_turn not in tokenizer.get_vocab():
+            raise ValueError(f"model.chat_template {model.chat_template!r} ends a turn with {named.end_of_turn!r}, "
+                             "which is not a token of this model's vocabulary; use 'model' or this family's template")
+        if named.end_of_turn != named.role_markers[1].strip() and "eos_token" not in named.jinja:
+            # Generation must stop where a trained turn ends (Gemma: <end_of_turn>, not the tokenizer's <eos>).
+            # Not for GLM-4 (no end-of-turn token: it stops on the next role tag) nor templates that render
+            # eos_token themselves (Phi-4-mini), whose rendering would change.
+            tokenizer.eos_token = named.end_of_turn
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -99,6 +99,18 @@ def test_fingerprint_follows_the_template_and_unknown_names_fail(tokenizer):
         apply_template(tokenizer, "mistral")
 
 
-def test_the_recipe_accepts_exactly_the_built_in_names():
-    accepted = typing.get_args(ModelConfig.model_fields["chat_template"].annotation)
-    assert list(accepted) == ["model", *NAMED_TEMPLATES]
+def test_the_recipe_accepts_exactly_the_built_in_names_and_jinja_files(tmp_path):
+    from tasks.recipe import CHAT_TEMPLATE_NAMES
+
+    assert list(CHAT_TEMPLATE_NAMES) == list(NAMED_TEMPLATES)
+    for name in ["model", *NAMED_TEMPLATES]:
+        assert ModelConfig(chat_template=name).chat_template == name
+    with pytest.raises(ValueError, match="'mistral': 'model', one of"):
+        ModelConfig(chat_template="mistral")
+    with pytest.raises(ValueError, match="no such Jinja file"):
+        ModelConfig(chat_template=str(tmp_path / "missing.jinja"))
+    jinja = tmp_path / "mine.jinja"
+    jinja.write_text(NAMED_TEMPLATES["chatml"].jinja)
+    tokenizer = type("Tok", (), {"chat_template": None})()
+    apply_template(tokenizer, ModelConfig(chat_template=str(jinja)).chat_template)
+    assert tokenizer.chat_template == NAMED_TEMPLATES["chatml"].jinja
