@@ -260,8 +260,6 @@ def restore_bytelevel_tokenizer(tokenizer_json: Path, gguf_pre: str | None) -> N
 
 def embedded_base_folder(source: str, name: str) -> Path:
     """The cached HF folder of an embedded base, converted from its GGUF on first use (atomic, locked)."""
-    from filelock import FileLock
-
     gguf = embedded_gguf_path(source)
     digest = _sha256(gguf)
     target = slipway_home() / "models" / f"{name}-{digest[:12]}-v{CONVERTER_VERSION}{EMBEDDED[source].revision}"
