@@ -89,7 +89,7 @@ def model_card(recipe: Recipe, run_dir: RunFolder | Path, results: dict[str, dic
               f"| Loss | {training.get('first_loss')} → {training.get('final_loss')} |",
               f"| Hardware | {training.get('device')} ({training.get('mixed_precision')}), "
               f"{training.get('seconds')} s |",
-              f"| Framework | {'Unsloth + TRL' if recipe.training.backend == 'unsloth' else 'TRL + PEFT'} |",
+              f"| Framework | {'Unsloth + TRL' if recipe.training.engine == 'unsloth' else 'TRL + PEFT'} |",
               f"| System Prompt | `{recipe.model.system_prompt}` |", "",
               "## Available Formats", "", "| Format | File | Size | sha256 | Use Case |", "|---|---|---|---|---|"]
     uses = {"adapter": ("LoRA Adapter", "adapter/", "Load on the base with PEFT"),

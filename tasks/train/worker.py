@@ -99,12 +99,12 @@ def load_model(recipe: Recipe, base_dir: Path):
 
     dtype = getattr(torch, recipe.model.dtype)
     lora = recipe.lora
-    if recipe.training.backend == "unsloth":
+    if recipe.training.engine == "unsloth":
         try:
             import unsloth  # noqa: F401  (must be imported before transformers/peft to patch them)
             from unsloth import FastLanguageModel
         except ImportError as exc:
-            raise RuntimeError("training.backend 'unsloth' needs `pip install unsloth` (GPU machines)") from exc
+            raise RuntimeError("training.engine 'unsloth' needs `pip install unsloth` (GPU machines)") from exc
         model, tokenizer = FastLanguageModel.from_pretrained(
             model_name=str(base_dir), max_seq_length=recipe.training.max_length, dtype=dtype,
             load_in_4bit=recipe.model.load_in_4bit)
