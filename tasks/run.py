@@ -103,6 +103,29 @@ class RunFolder(Folder):
     def train_log(self) -> Path:
         return self.metrics_dir / "train.log"
 
+    # --- remote training (training.engine: together) ------------------------------------------------
+    @property
+    def remote_dir(self) -> Path:
+        """remote/: what a remote engine created (job.json, files.json, the downloaded adapter archive)."""
+        return self.root / "remote"
+
+    @property
+    def remote_job(self) -> Path:
+        """remote/job.json: the remote job's id, written the moment it exists, so a re-run re-attaches."""
+        return self.remote_dir / "job.json"
+
+    @property
+    def remote_files(self) -> Path:
+        return self.remote_dir / "files.json"
+
+    @property
+    def remote_intent(self) -> Path:
+        """remote/intent.json: a job is about to be created (adopted, not duplicated, if the answer was lost)."""
+        return self.remote_dir / "intent.json"
+
+    def remote_archive(self, name: str) -> Path:
+        return self.remote_dir / name
+
     # --- export ---------------------------------------------------------------------------------------
     @property
     def merged_dir(self) -> Path:
@@ -164,6 +187,11 @@ class RunFolder(Folder):
     @property
     def template_check(self) -> Path:
         return self.metrics_dir / "template-check.json"
+
+    @property
+    def verify_results(self) -> Path:
+        """metrics/verify.json: each verify prompt asked of the deployed endpoint, pass/fail."""
+        return self.metrics_dir / "verify.json"
 
     @property
     def decision(self) -> Path:

@@ -17,7 +17,8 @@ from pathlib import Path
 from prefect import task
 
 from tasks.eval import parity
-from tasks.eval.runners import generate_openai
+from tasks.eval import verify
+from tasks.eval.runners import LLAMA_CPP_GREEDY, generate_openai
 from tasks.export import template_check
 from tasks.llamacpp.serve import ManagedLlamaServer
 from tasks.ollama.adapter_guard import ModelfileRefused, base_identity, gguf_metadata
@@ -52,12 +53,28 @@ def deploy_llamacpp(run_dir: RunFolder | Path, recipe: Recipe, max_new_tokens: i
         record = {"target": "llamacpp", "base_url": server.base_url, "model": server.alias, "artifact": str(model),
                   "lora": str(lora) if lora else None, "pid": server.process.pid, "command": server.command(),
                   "running": cfg.keep_running, "log": str(server.log_path),
+                  "served_as": "base GGUF + LoRA GGUF (--lora)" if lora else "one GGUF",
                   "test_chat": {"prompt": row["messages"][-2]["content"], "answer": answers[0], "tokens": tokens}}
+        record |= verify_deployment(run, recipe, server.base_url, server.alias, max_new_tokens, LLAMA_CPP_GREEDY)
     finally:
         if not cfg.keep_running:
             server.stop()
     atomic_write_json(run.deploy_target_record("llamacpp"), record)
     return record
+
+
+def verify_deployment(run: RunFolder, recipe: Recipe, base_url: str, model: str, max_new_tokens: int,
+                      extra_body: dict | None = None) -> dict:
+    """deploy.verify_file's prompts asked of the deployed endpoint, pass/fail each (metrics/verify.json);
+    returns the deploy record's `verify` summary (empty when the recipe names no verify file)."""
+    if not recipe.deploy.verify_file:
+        return {}
+    from tasks.recipe import repo_path
+
+    result = verify.verify_endpoint(base_url, model, repo_path(recipe.deploy.verify_file), recipe.model.system_prompt,
+                                    max_new_tokens, concurrency=recipe.deploy.parallel, extra_body=extra_body)
+    atomic_write_json(run.verify_results, result)
+    return {"verify": {"passed": result["passed"], "total": result["total"], "file": recipe.deploy.verify_file}}
 
 
 def _parameters(modelfile: Modelfile) -> dict:
@@ -213,4 +230,5 @@ def report_sections(run_dir: RunFolder | Path) -> list[str]:
     """The report's export sections: parity table, template check, deployment (each empty when absent)."""
     run = RunFolder(run_dir)
     # parity.render_section still joins its paths onto a Path, so it gets the folder's Path.
-    return parity.render_section(run.root) + template_check.render_section(run) + render_section(run)
+    return (parity.render_section(run.root) + template_check.render_section(run) + render_section(run)
+            + verify.render_section(run))
