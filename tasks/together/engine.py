@@ -270,6 +270,38 @@ def cancel_job(recipe: Recipe, job_id: str) -> str:
     return client.fine_tuning.cancel(job_id).status
 
 
+def _poll(client, recipe: Recipe, job_id: str, logger, progress_id, deadline: float) -> dict:
+    """Read status and events every together.poll_seconds until the job ends; the finished job's facts."""
+    seen = 0
+    while True:
+        job = client.fine_tuning.retrieve(job_id)
+        events = client.fine_tuning.list_events(job_id).data
+        for event in events[seen:]:
+            logger.info("[together %s] %s: %s", job_id, event.type, event.message)
+        seen = len(events)
+        total, done = _field(job, "total_steps"), _field(job, "steps_completed")
+        if progress_id and total:
+            update_progress_artifact(artifact_id=progress_id, progress=min(100.0, 100.0 * (done or 0) / total))
+        if job.status == TERMINAL_OK:
+            if progress_id:
+                update_progress_artifact(artifact_id=progress_id, progress=100.0)
+            return {"id": job_id, "status": job.status, "token_count": job.token_count,
+                    "output_name": job.x_model_output_name, "created_at": str(job.created_at),
+                    "updated_at": _field(job, "updated_at"), "total_price": _field(job, "total_price"),
+                    "steps": done or total}
+        if job.status in TERMINAL_FAILED:
+            raise RemoteTrainingError(f"Together job {job_id} {job.status}: {_job_error(job, events)}")
+        if time.time() > deadline:
+            cancel_job(recipe, job_id)
+            raise RemoteTrainingError(f"Together job {job_id} still {job.status} after "
+                                      f"{recipe.together.timeout_minutes:g} minutes: cancelled it")
+        time.sleep(recipe.together.poll_seconds)
+
+
+# Names of what Prefect raises in a flow run that is being stopped (a worker's SIGTERM, a cancelled run).
+_STOP_SIGNALS = ("TerminationSignal", "CancelledError", "Abort", "KeyboardInterrupt", "SystemExit")
+
+
 @task(name="together-wait", **IO_RETRIES)
 def wait_for_job(run_dir: Path, recipe: Recipe, job_record: dict) -> dict:
     """Poll the job until it ends: new events into the log, progress into an artifact.
@@ -281,7 +313,6 @@ def wait_for_job(run_dir: Path, recipe: Recipe, job_record: dict) -> dict:
     run, logger, cfg = RunFolder(run_dir), _logger(), recipe.together
     client = make_client(cfg)
     job_id = job_record["id"]
-    seen = 0
     try:
         progress_id = create_progress_artifact(progress=0.0, description=f"Together job {job_id}")
     except MissingContextError:
@@ -290,36 +321,9 @@ def wait_for_job(run_dir: Path, recipe: Recipe, job_record: dict) -> dict:
     try:
         with stage_timer(run, "train-remote"):
             return _poll(client, recipe, job_id, logger, progress_id, deadline)
-    except (KeyboardInterrupt, SystemExit) as exc:   # the flow run is being stopped: stop paying for the job
-            job = client.fine_tuning.retrieve(job_id)
-            events = client.fine_tuning.list_events(job_id).data
-            for event in events[seen:]:
-                logger.info("[together %s] %s: %s", job_id, event.type, event.message)
-            seen = len(events)
-            total, done = _field(job, "total_steps"), _field(job, "steps_completed")
-            if progress_id and total:
-                update_progress_artifact(artifact_id=progress_id, progress=min(100.0, 100.0 * (done or 0) / total))
-            if job.status == TERMINAL_OK:
-                if progress_id:
-                    update_progress_artifact(artifact_id=progress_id, progress=100.0)
-                return {"id": job_id, "status": job.status, "token_count": job.token_count,
-                        "output_name": job.x_model_output_name, "created_at": str(job.created_at),
-                        "updated_at": _field(job, "updated_at"), "total_price": _field(job, "total_price"),
-                        "steps": done or total}
-            if job.status in TERMINAL_FAILED:
-                raise RemoteTrainingError(f"Together job {job_id} {job.status}: {_job_error(job, events)}")
-            if time.time() > deadline:
-                cancel_job(recipe, job_id)
-                raise RemoteTrainingError(f"Together job {job_id} still {job.status} after "
-                                          f"{cfg.timeout_minutes:g} minutes: cancelled it")
-            time.sleep(cfg.poll_seconds)
-    except (KeyboardInterrupt, SystemExit) as exc:   # the flow run is being stopped: stop paying for the job
-        logger.warning("stopping (%s): cancelling Together job %s", type(exc).__name__, job_id)
-        cancel_job(recipe, job_id)
-        raise
     except BaseException as exc:
-        if type(exc).__name__ in ("TerminationSignal", "CancelledError", "Abort"):
-            logger.warning("flow run cancelled: cancelling Together job %s", job_id)
+        if type(exc).__name__ in _STOP_SIGNALS:   # the flow run is being stopped: stop paying for the job
+            logger.warning("stopping (%s): cancelling Together job %s", type(exc).__name__, job_id)
             cancel_job(recipe, job_id)
         raise
 
