@@ -149,6 +149,11 @@ class RunFolder(Folder):
         return self.gguf_dir / "base-f16.gguf"
 
     @property
+    def lora_merged_gguf(self) -> Path:
+        """The LoRA GGUF merged into the base GGUF by llama-export-lora (for an Ollama that refuses ADAPTER)."""
+        return self.gguf_dir / "model-lora-merged-f16.gguf"
+
+    @property
     def gguf_manifest(self) -> Path:
         return self.gguf_dir / "manifest.json"
 

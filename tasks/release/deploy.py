@@ -6,7 +6,10 @@
   ollama                         through the official `ollama` client: upload each GGUF as a blob by its
                                  sha256 (checked against the export manifest), create the model with
                                  files / adapters / template / system / parameters, read it back with
-                                 show, and run a test chat.
+                                 show, and run a test chat. Ollama >= 0.34.1 refuses ADAPTER
+                                 (ollama/ollama#14969): asked its version (/api/version), an adapter
+                                 deployment then ships one GGUF merged by llama.cpp's llama-export-lora
+                                 instead (deploy.json `path` says which was taken).
 Writes deploy/<target>.json.
 """
 
@@ -133,6 +136,35 @@ def check_registry_base(client, base: str, trained_base_gguf: Path) -> None:
                                    f"{value!r} for the base it was trained on, {got[key]!r} in Ollama")
 
 
+ADAPTER_REFUSED_FROM = (0, 34, 1)   # ollama/ollama#14969: create refuses ADAPTER from this release on
+
+
+def ollama_version(host: str) -> tuple[int, ...] | None:
+    """The server's version from GET /api/version, as a tuple; None when it does not say."""
+    import re
+
+    import httpx
+
+    try:
+        response = httpx.get(f"{host.rstrip('/')}/api/version", timeout=10)
+        response.raise_for_status()
+        match = re.match(r"^v?(\d+)\.(\d+)\.(\d+)", str(response.json().get("version", "")))
+    except (httpx.HTTPError, ValueError):
+        return None
+    return tuple(int(g) for g in match.groups()) if match else None
+
+
+def merged_for_ollama(run: RunFolder, modelfile: Modelfile) -> Path:
+    """The Modelfile's base GGUF with its ADAPTER merged in (llama-export-lora), made once per run."""
+    from tasks.export.convert import merge_lora_gguf
+
+    base = run.deployed(modelfile.from_)
+    base = base if base.exists() else run.base_gguf   # FROM a registry model: the base it was checked against
+    if not run.lora_merged_gguf.exists():
+        merge_lora_gguf(base, run.deployed(modelfile.adapter), run.lora_merged_gguf)
+    return run.lora_merged_gguf
+
+
 def deploy_ollama(run_dir: RunFolder | Path, recipe: Recipe, max_new_tokens: int) -> dict:
     """Create the model on an Ollama server from the run's Modelfile and answer one test chat (deploy/ollama.json).
 
@@ -155,12 +187,23 @@ def deploy_ollama(run_dir: RunFolder | Path, recipe: Recipe, max_new_tokens: int
         return path.name, push_blob(client, path, digests[path])
 
     files, from_ = {}, None
-    if run.deployed(modelfile.from_).exists():
-        files = dict([upload(modelfile.from_)])
+    version = ollama_version(cfg.ollama_host) if modelfile.adapter else None   # only ADAPTER depends on it
+    path = "merged GGUF"
+    if modelfile.adapter and version is not None and version >= ADAPTER_REFUSED_FROM:
+        # This Ollama refuses ADAPTER: ship base + LoRA merged into one GGUF by llama.cpp instead.
+        merged = merged_for_ollama(run, modelfile)
+        from tasks.export.convert import sha256_file
+        files, adapters = {merged.name: push_blob(client, merged, sha256_file(merged))}, None
+        path = f"merged by llama-export-lora (Ollama {'.'.join(map(str, version))} refuses ADAPTER)"
     else:
-        from_ = modelfile.from_
-        check_registry_base(client, from_, run.base_gguf)
-    adapters = dict([upload(modelfile.adapter)]) if modelfile.adapter else None
+        if run.deployed(modelfile.from_).exists():
+            files = dict([upload(modelfile.from_)])
+        else:
+            from_ = modelfile.from_
+            check_registry_base(client, from_, run.base_gguf)
+        adapters = dict([upload(modelfile.adapter)]) if modelfile.adapter else None
+        if adapters:
+            path = "FROM base + ADAPTER"
     name = model_name(recipe)
     params = _parameters(modelfile)
     try:
@@ -179,9 +222,12 @@ def deploy_ollama(run_dir: RunFolder | Path, recipe: Recipe, max_new_tokens: int
         raise DeployError(f"Ollama at {cfg.ollama_host} refused the deployment of {name} "
                           f"(HTTP {exc.status_code}): {exc.error}") from None
     record = {"target": "ollama", "host": cfg.ollama_host, "model": name, "from": from_, "files": files,
-              "adapters": adapters or {}, "parameters": params, "details": dict(shown.details or {}),
+              "adapters": adapters or {}, "path": path,
+              "ollama_version": ".".join(map(str, version)) if version else None,
+              "parameters": params, "details": dict(shown.details or {}),
               "test_chat": {"prompt": row["messages"][-2]["content"], "answer": reply.message.content,
                             "done_reason": reply.done_reason}}
+    record |= verify_deployment(run, recipe, f"{cfg.ollama_host.rstrip('/')}/v1", name, max_new_tokens)
     atomic_write_json(run.deploy_target_record("ollama"), record)
     return record
 
@@ -219,7 +265,9 @@ def render_section(run_dir: RunFolder | Path) -> list[str]:
     if d.get("skipped"):
         return lines + [f"Not deployed ({d['target']}): {d['skipped']}.", ""]
     where = d.get("base_url") or f"{d.get('host')} model `{d.get('model')}`"
-    lines += [f"Target **{d['target']}** at {where}; Modelfile `deploy/Modelfile`.", "",
+    how = d.get("path") or d.get("served_as")
+    lines += [f"Target **{d['target']}** at {where}; Modelfile `deploy/Modelfile`"
+              + (f"; deployed as: {how}" if how else "") + ".", "",
               f"Test chat: `{d['test_chat']['prompt'][:80]}` →", "", "```", d["test_chat"]["answer"].strip(), "```", ""]
     if d["target"] == "llamacpp":
         lines += ["Serve it again: `python -m tasks.llamacpp.serve run " + str(run_dir) + "`", ""]
