@@ -205,16 +205,17 @@ def verify(base_url: Annotated[str, typer.Option(help="The server's OpenAI base 
            max_tokens: Annotated[int, typer.Option(help="Answer length limit.")] = 512,
            api_key_env: Annotated[str | None, typer.Option(help="Environment variable holding the API key "
                                                           "(hosted APIs; local servers need none).")] = None,
+           task: Annotated[str, typer.Option(help="Task type of rows that name none.")] = "keyword",
            json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results here.")] = None) -> None:
     """Ask each verify prompt of a deployed model and print pass/fail per prompt; exit 1 unless all pass."""
     import os
 
     try:
-        load_eval_file(eval_file)
+        load_eval_file(eval_file, task)
     except EvalFileError as exc:
         stop(str(exc))
     result = verify_endpoint(base_url, model, eval_file, system_prompt, max_tokens,
-                             api_key=os.environ.get(api_key_env) if api_key_env else None)
+                             api_key=os.environ.get(api_key_env) if api_key_env else None, task=task)
     typer.echo("\n".join(render_lines(result)))
     if json_out:
         from tasks.run import atomic_write_json

@@ -23,13 +23,14 @@ from tasks.tasktypes import task_type
 
 def verify_endpoint(base_url: str, model: str, eval_file: str | Path, system_prompt: str = "",
                     max_tokens: int = 256, api_key: str | None = None, concurrency: int = 2,
-                    extra_body: dict | None = None) -> dict:
-    """Ask every prompt of `eval_file`; returns {"passed", "total", "results": [{id, prompt, passed, ...}]}.
+                    extra_body: dict | None = None, task: str | None = "keyword") -> dict:
+    """Ask every prompt of `eval_file` (rows without a `task` are `task`'s); returns {"passed", "total",
+    "results": [{id, prompt, passed, metric, score, missing, error, answer}]}.
 
     Raises:
         tasks.data.evalfile.EvalFileError: a bad line of the eval file, naming file and line.
     """
-    rows = [to_chat_row(row, system_prompt) for row in load_eval_file(Path(eval_file))]
+    rows = [to_chat_row(row, system_prompt) for row in load_eval_file(Path(eval_file), task)]
     endpoint = OpenAICompatibleEndpoint(base_url=base_url, model=model, timeout_s=300,
                                         extra_body=extra_body or {}, **({"api_key": api_key} if api_key else {}))
     completions = EndpointRunner(endpoint, model, max_tokens, concurrency=concurrency).run(requests_from_rows(rows))

@@ -75,7 +75,8 @@ def verify_deployment(run: RunFolder, recipe: Recipe, base_url: str, model: str,
     from tasks.recipe import repo_path
 
     result = verify.verify_endpoint(base_url, model, repo_path(recipe.deploy.verify_file), recipe.model.system_prompt,
-                                    max_new_tokens, concurrency=recipe.deploy.parallel, extra_body=extra_body)
+                                    max_new_tokens, concurrency=recipe.deploy.parallel, extra_body=extra_body,
+                                    task=recipe.task)
     atomic_write_json(run.verify_results, result)
     return {"verify": {"passed": result["passed"], "total": result["total"], "file": recipe.deploy.verify_file}}
 

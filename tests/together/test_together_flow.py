@@ -84,8 +84,8 @@ def test_gerbil_remote_run_survives_faults_and_a_kill_and_shows_no_key(tmp_path,
     verify = json.loads(run.verify_results.read_text())
     assert verify["total"] == 12 and all(r["answer"] for r in verify["results"])
     report = run.report_md.read_text()
-    assert "## Verify prompts on the deployed model" in report
-    assert report.count("| PASS |") + report.count("| FAIL |") == 12
+    section = report.split("## Verify prompts on the deployed model")[1].split("\n## ")[0]
+    assert section.count("| PASS |") + section.count("| FAIL |") == 12
     assert "estimate before: $" in report and "billed after:" in report
     assert run.is_complete()
     # The planted key: in no file of the run, no log line, no artifact.
