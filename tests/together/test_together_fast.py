@@ -156,3 +156,15 @@ def _run_folder(tmp_path, recipe) -> Path:
     run = new_run_dir(tmp_path / "runs", "t")
     atomic_write_text(run / "recipe.json", recipe.model_dump_json())
     return run
+
+
+def test_the_key_can_come_from_a_block_and_is_never_shown(service, tmp_path, monkeypatch):
+    from blocks.together import TogetherCredentials
+
+    monkeypatch.delenv("TOGETHER_API_KEY", raising=False)
+    monkeypatch.delenv("TOGETHER_BASE_URL", raising=False)
+    TogetherCredentials(api_key=KEY, base_url=service.url).save("together-test", overwrite=True)
+    recipe = load_recipe("gerbil-local", {"together.model": "org/tiny", "together.credentials_block": "together-test"})
+    assert engine.make_client(recipe.together).fine_tuning.list().data == []   # the service accepted the key
+    block = TogetherCredentials.load("together-test")
+    assert KEY not in repr(block) and KEY not in str(block.model_dump()) and KEY not in block.model_dump_json()
