@@ -168,3 +168,22 @@ def test_the_key_can_come_from_a_block_and_is_never_shown(service, tmp_path, mon
     assert engine.make_client(recipe.together).fine_tuning.list().data == []   # the service accepted the key
     block = TogetherCredentials.load("together-test")
     assert KEY not in repr(block) and KEY not in str(block.model_dump()) and KEY not in block.model_dump_json()
+
+
+def test_a_stopped_wait_cancels_the_remote_job(service, recipe, tmp_path, monkeypatch):
+    run = _run_folder(tmp_path, recipe)
+    files = engine.upload_training_files.fn(run, recipe, {"train": str(_train_file(tmp_path))})
+    record = engine.submit_job.fn(run, recipe, files)
+
+    def stop(_seconds):   # the flow run is being stopped while the wait task sleeps between polls
+        raise KeyboardInterrupt
+    monkeypatch.setattr(engine.time, "sleep", stop)
+    with pytest.raises(KeyboardInterrupt):
+        engine.wait_for_job.fn(run, recipe, record)
+    job = service.service.jobs[record["id"]]
+    monkeypatch.undo()
+    import time
+    deadline = time.time() + 30
+    while job["status"] != "cancelled" and time.time() < deadline:
+        time.sleep(0.2)
+    assert job["status"] == "cancelled" and [e for e in job["events"] if e["type"] == "cancel_requested"]
