@@ -183,22 +183,17 @@ def create_params(recipe: Recipe, files: dict[str, dict]) -> dict:
 
 
 def _record_for_cancellation(run: RunFolder, job_id: str) -> None:
-    """Point the flow run at its job, so a cancellation hook (which only sees the flow run) can find it."""
-    from prefect.context import FlowRunContext
+    """Point the flow runs (this subflow's and the finetune flow's) at the job, so an on_cancellation hook,
+    which only sees the flow run, can find and cancel it (tasks/together/hooks.py)."""
+    from prefect.runtime import flow_run
     from prefect.variables import Variable
 
-    ctx = FlowRunContext.get()
-    if ctx is None or ctx.flow_run is None:
-        return
-    roots = {str(ctx.flow_run.id)}
-    root_id = getattr(ctx.flow_run, "root_flow_run_id", None)   # the finetune flow run, for a subflow
-    if root_id:
-        roots.add(str(root_id))
-    for flow_run_id in roots:
-        try:
+    try:
+        ids = {flow_run.id, flow_run.root_flow_run_id} - {None}
+        for flow_run_id in ids:
             Variable.set(f"together-job-{flow_run_id}", {"run_dir": str(run), "job_id": job_id}, overwrite=True)
-        except Exception as exc:   # noqa: BLE001  best effort: the run folder still has the id
-            _logger().warning("could not record the job for cancellation hooks: %s", type(exc).__name__)
+    except Exception as exc:   # noqa: BLE001  best effort: the run folder keeps the id either way
+        _logger().warning("could not record the job for cancellation hooks: %s", type(exc).__name__)
 
 
 @task(name="together-submit", **IO_RETRIES)

@@ -25,7 +25,8 @@ source (together 3.1.1: resources/files.py, lib/resources/files.py, resources/fi
 
 Every /v1 call needs `Authorization: Bearer <key>` (with --api-key, that key). Fault injection, seeded:
 --fault-rate F answers that share of /v1 calls with 429 (Retry-After) or 500 before doing anything;
---slow-s S delays that share of answers by S seconds; --fail-jobs makes every job fail remotely after
+--slow-s S delays that share of answers by S seconds; --queue-s keeps each job queued that long;
+--fail-jobs makes every job fail remotely after
 training starts, with an error event and the error in the job, as a real job that hits a bad row does.
 What it does not reproduce: multipart uploads over 5 GB, DPO, full fine-tuning, merged checkpoints,
 W&B, billing beyond the estimate, and the real cluster's queueing.
@@ -114,13 +115,13 @@ class Service:
 
     def __init__(self, root: Path, models: dict[str, Path], *, api_key: str | None = None, fault_rate: float = 0.0,
                  slow_s: float = 0.0, fail_jobs: bool = False, seed: int = 0, usd_per_mtok: float = 0.5,
-                 max_steps: int = -1):
+                 max_steps: int = -1, queue_s: float = 0.2):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.models, self.api_key = models, api_key
         self.fault_rate, self.slow_s, self.fail_jobs = fault_rate, slow_s, fail_jobs
         self.rng = random.Random(seed)
-        self.usd_per_mtok, self.max_steps = usd_per_mtok, max_steps
+        self.usd_per_mtok, self.max_steps, self.queue_s = usd_per_mtok, max_steps, queue_s
         self.files: dict[str, dict] = {}
         self.jobs: dict[str, dict] = {}
         self.procs: dict[str, subprocess.Popen] = {}
@@ -174,7 +175,9 @@ class Service:
         if not self._set(job, "queued"):
             return self._finish_cancel(job)
         self.event(job, "job_pending", "Fine-tune job queued")
-        time.sleep(0.2)
+        queued_until = time.time() + self.queue_s   # a cluster's queue: a cancel may arrive meanwhile
+        while time.time() < queued_until and job["status"] == "queued":
+            time.sleep(0.1)
         if not self._set(job, "running"):
             return self._finish_cancel(job)
         job["started_at"] = _now()
@@ -595,12 +598,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slow-s", type=float, default=0.0, help="delay a share of answers by this many seconds")
     parser.add_argument("--fail-jobs", action="store_true", help="every job fails remotely once training starts")
     parser.add_argument("--max-steps", type=int, default=-1, help="cap each job's optimizer steps (quick demos)")
+    parser.add_argument("--queue-s", type=float, default=0.2, help="how long a job waits in the queue")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     models = dict(m.split("=", 1) for m in args.model) or None
     with LocalTogether(args.state_dir, {k: Path(v) for k, v in models.items()} if models else None, args.port,
                        api_key=args.api_key, fault_rate=args.fault_rate, slow_s=args.slow_s,
-                       fail_jobs=args.fail_jobs, seed=args.seed, max_steps=args.max_steps) as svc:
+                       fail_jobs=args.fail_jobs, seed=args.seed, max_steps=args.max_steps,
+                       queue_s=args.queue_s) as svc:
         print(f"Together-compatible service on {svc.url} (TOGETHER_BASE_URL={svc.url}); models: "
               f"{sorted(svc.service.models)}", flush=True)
         try:

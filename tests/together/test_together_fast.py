@@ -22,7 +22,8 @@ KEY = "tgp_PLANTED_fast_0123456789abcdef"
 @pytest.fixture
 def service(tmp_path):
     # A model name mapped to a folder that is never trained on here (jobs in these tests do not train).
-    with LocalTogether(tmp_path / "svc", {"org/tiny": tmp_path}, api_key=KEY) as svc:
+    # Jobs wait in the queue for the whole test unless a test lets them go (queue_s = 0).
+    with LocalTogether(tmp_path / "svc", {"org/tiny": tmp_path}, api_key=KEY, queue_s=600) as svc:
         yield svc
 
 
@@ -61,7 +62,6 @@ def test_service_refuses_a_wrong_key_and_a_mixed_format_file(service, recipe, tm
 
 
 def test_submit_estimates_then_creates_once_and_a_second_submit_reattaches(service, recipe, tmp_path):
-    service.service.fail_jobs = True          # the job must not train in this test
     run = _run_folder(tmp_path, recipe)
     files = engine.upload_training_files.fn(run, recipe, {"train": str(_train_file(tmp_path))})
     record = engine.submit_job.fn(run, recipe, files)
@@ -77,7 +77,6 @@ def test_submit_estimates_then_creates_once_and_a_second_submit_reattaches(servi
 
 
 def test_a_lost_create_answer_adopts_the_job_instead_of_creating_a_second(service, recipe, tmp_path):
-    service.service.fail_jobs = True
     run = _run_folder(tmp_path, recipe)
     files = engine.upload_training_files.fn(run, recipe, {"train": str(_train_file(tmp_path))})
     first = engine.submit_job.fn(run, recipe, files)
@@ -88,7 +87,7 @@ def test_a_lost_create_answer_adopts_the_job_instead_of_creating_a_second(servic
 
 
 def test_a_remotely_failing_job_fails_with_the_remote_message(service, recipe, tmp_path):
-    service.service.fail_jobs = True
+    service.service.fail_jobs, service.service.queue_s = True, 0
     service.service.models["org/tiny"] = Path("/nonexistent-base")   # the worker fails: a remote error
     run = _run_folder(tmp_path, recipe)
     files = engine.upload_training_files.fn(run, recipe, {"train": str(_train_file(tmp_path))})
@@ -187,3 +186,27 @@ def test_a_stopped_wait_cancels_the_remote_job(service, recipe, tmp_path, monkey
     while job["status"] != "cancelled" and time.time() < deadline:
         time.sleep(0.2)
     assert job["status"] == "cancelled" and [e for e in job["events"] if e["type"] == "cancel_requested"]
+
+
+def test_the_cancellation_hook_cancels_the_job_its_flow_run_created(service, recipe, tmp_path):
+    import time
+    import uuid
+    from types import SimpleNamespace
+
+    from prefect.variables import Variable
+
+    from tasks.together.hooks import cancel_remote_job
+
+    run = _run_folder(tmp_path, recipe)
+    files = engine.upload_training_files.fn(run, recipe, {"train": str(_train_file(tmp_path))})
+    record = engine.submit_job.fn(run, recipe, files)
+    flow_run = SimpleNamespace(id=uuid.uuid4())
+    cancel_remote_job(None, flow_run, None)              # another flow run's cancellation: nothing to do
+    assert service.service.jobs[record["id"]]["status"] != "cancel_requested"
+    Variable.set(f"together-job-{flow_run.id}", {"run_dir": str(run), "job_id": record["id"]}, overwrite=True)
+    cancel_remote_job(None, flow_run, None)
+    job = service.service.jobs[record["id"]]
+    deadline = time.time() + 30
+    while job["status"] != "cancelled" and time.time() < deadline:
+        time.sleep(0.2)
+    assert job["status"] == "cancelled"
