@@ -18,9 +18,12 @@ care where training happened. flows/together.py wires these tasks:
                            rank, alpha), the training tokenizer saved beside it; training stats with the
                            billed tokens and price
 
-Retries: the client's own retries are off (max_retries=0) so that every 429, 5xx, timeout and dropped
-connection is a Prefect task-run retry with backoff, visible in the UI; anything else (a 400, a refused
-file, a failed job) fails at once. The API key comes from a TogetherCredentials block or TOGETHER_API_KEY;
+Retries, in two layers: each API call is retried by the client on 429 (after Retry-After), 5xx, timeouts
+and dropped connections (CLIENT_RETRIES times, exponential backoff), every such retry forwarded into the
+Prefect log as a warning; a call that still fails fails its task, which Prefect retries with backoff
+(IO_RETRIES: visible as task-run retries in the UI). Anything else (a 400, a refused file, a failed job)
+fails at once. A task makes several calls (create alone makes three), so per-call retries are what lets
+a run through a 30% fault rate; the task retries cover an outage longer than one call's retries. The API key comes from a TogetherCredentials block or TOGETHER_API_KEY;
 it is handed to the client and nowhere else (no log line, artifact or file carries it).
 """
 
@@ -81,12 +84,29 @@ def credentials(cfg: TogetherConfig) -> tuple[str, str]:
     return key, cfg.base_url or base_url or os.environ.get("TOGETHER_BASE_URL") or TOGETHER_DEFAULT_URL
 
 
+CLIENT_RETRIES = 4
+
+
+class _RetriesToRunLog(logging.Handler):
+    """The client logs "Retrying request to /v1/... in 0.9 seconds" at INFO; show it in the Prefect log."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("Retrying request"):
+            _logger().warning("together client: %s (429/5xx/timeout)", record.getMessage())
+
+
+_client_log = logging.getLogger("together._base_client")
+if not any(isinstance(h, _RetriesToRunLog) for h in _client_log.handlers):
+    _client_log.addHandler(_RetriesToRunLog())
+    _client_log.setLevel(logging.INFO)
+
+
 def make_client(cfg: TogetherConfig):
-    """The official client with its own retries off: retries are Prefect's, so they show."""
+    """The official client; its per-call retries are logged into the Prefect log (above)."""
     from together import Together
 
     key, base_url = credentials(cfg)
-    return Together(api_key=key, base_url=base_url, max_retries=0, timeout=120)
+    return Together(api_key=key, base_url=base_url, max_retries=CLIENT_RETRIES, timeout=120)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -265,15 +285,17 @@ def cancel_job(recipe: Recipe, job_id: str) -> str:
     return client.fine_tuning.cancel(job_id).status
 
 
+_EVENTS_LOGGED: dict[str, int] = {}   # per job: events already in the log (a retried wait does not repeat them)
+
+
 def _poll(client, recipe: Recipe, job_id: str, logger, progress_id, deadline: float) -> dict:
     """Read status and events every together.poll_seconds until the job ends; the finished job's facts."""
-    seen = 0
     while True:
         job = client.fine_tuning.retrieve(job_id)
         events = client.fine_tuning.list_events(job_id).data
-        for event in events[seen:]:
+        for event in events[_EVENTS_LOGGED.get(job_id, 0):]:
             logger.info("[together %s] %s: %s", job_id, event.type, event.message)
-        seen = len(events)
+        _EVENTS_LOGGED[job_id] = len(events)
         total, done = _field(job, "total_steps"), _field(job, "steps_completed")
         if progress_id and total:
             update_progress_artifact(artifact_id=progress_id, progress=min(100.0, 100.0 * (done or 0) / total))

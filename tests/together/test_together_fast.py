@@ -210,3 +210,16 @@ def test_the_cancellation_hook_cancels_the_job_its_flow_run_created(service, rec
     while job["status"] != "cancelled" and time.time() < deadline:
         time.sleep(0.2)
     assert job["status"] == "cancelled"
+
+
+def test_half_the_calls_failing_still_uploads_and_creates_one_job_and_says_so(service, recipe, tmp_path, caplog):
+    service.service.fault_rate = 0.5
+    run = _run_folder(tmp_path, recipe)
+    with caplog.at_level("WARNING", logger="slipway.together"):
+        files = engine.upload_training_files.fn(run, recipe, {"train": str(_train_file(tmp_path))})
+        engine.submit_job.fn(run, recipe, files)
+    faults = service.service.faults["429"] + service.service.faults["500"]
+    retried = [r.getMessage() for r in caplog.records if "Retrying request to /v1/" in r.getMessage()]
+    assert faults >= 2 and len(retried) == faults
+    assert len(service.service.jobs) == 1 and len(service.service.files) == 1
+    assert KEY not in caplog.text
