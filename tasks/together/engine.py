@@ -285,6 +285,11 @@ def cancel_job(recipe: Recipe, job_id: str) -> str:
     return client.fine_tuning.cancel(job_id).status
 
 
+def _pause(seconds: float) -> None:
+    """The wait between polls (where a stop signal usually lands)."""
+    time.sleep(seconds)
+
+
 _EVENTS_LOGGED: dict[str, int] = {}   # per job: events already in the log (a retried wait does not repeat them)
 
 
@@ -312,7 +317,7 @@ def _poll(client, recipe: Recipe, job_id: str, logger, progress_id, deadline: fl
             cancel_job(recipe, job_id)
             raise RemoteTrainingError(f"Together job {job_id} still {job.status} after "
                                       f"{recipe.together.timeout_minutes:g} minutes: cancelled it")
-        time.sleep(recipe.together.poll_seconds)
+        _pause(recipe.together.poll_seconds)
 
 
 # Names of what Prefect raises in a flow run that is being stopped (a worker's SIGTERM, a cancelled run).

@@ -176,11 +176,10 @@ def test_a_stopped_wait_cancels_the_remote_job(service, recipe, tmp_path, monkey
 
     def stop(_seconds):   # the flow run is being stopped while the wait task sleeps between polls
         raise KeyboardInterrupt
-    monkeypatch.setattr(engine.time, "sleep", stop)
+    monkeypatch.setattr(engine, "_pause", stop)
     with pytest.raises(KeyboardInterrupt):
         engine.wait_for_job.fn(run, recipe, record)
     job = service.service.jobs[record["id"]]
-    monkeypatch.undo()
     import time
     deadline = time.time() + 30
     while job["status"] != "cancelled" and time.time() < deadline:
