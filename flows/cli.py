@@ -35,7 +35,7 @@ from tasks.data.formats import FORMATS, FormatError, convert_file
 from tasks.eval.verify import render_lines, verify_endpoint
 from tasks.export import template_check
 from tasks.llamacpp import serve as llamacpp_serve
-from tasks.recipe import REPO_ROOT, RecipeError
+from tasks.recipe import DATA_DIR, REPO_ROOT, RecipeError
 from tasks.run import RunFolder
 from tasks.start import validate_recipe
 from tasks.synth.llm import SynthesisConfig
@@ -199,7 +199,7 @@ def convert(source: Annotated[Path, typer.Argument(help="The JSONL file to conve
 def verify(base_url: Annotated[str, typer.Option(help="The server's OpenAI base URL, e.g. http://localhost:11434/v1.")],
            model: Annotated[str, typer.Option(help="The model name the server answers to.")],
            eval_file: Annotated[Path, typer.Option(help="Verify prompts: an eval file, e.g. data/gerbil-verify.jsonl.")]
-           = REPO_ROOT / "data" / "gerbil-verify.jsonl",
+           = DATA_DIR / "gerbil-verify.jsonl",
            system_prompt: Annotated[str, typer.Option(help="System prompt sent with each prompt (empty: none; "
                                                       "an Ollama Modelfile's SYSTEM applies then).")] = "",
            max_tokens: Annotated[int, typer.Option(help="Answer length limit.")] = 512,
