@@ -288,6 +288,11 @@ def cancel_job(recipe: Recipe, job_id: str) -> str:
     return client.fine_tuning.cancel(job_id).status
 
 
+def _iso(value) -> str | None:
+    """A timestamp field as ISO text, whether the client parsed it into a datetime or kept the string."""
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
 def _pause(seconds: float) -> None:
     """The wait between polls (where a stop signal usually lands)."""
     time.sleep(seconds)
@@ -311,8 +316,8 @@ def _poll(client, recipe: Recipe, job_id: str, logger, progress_id, deadline: fl
             if progress_id:
                 update_progress_artifact(artifact_id=progress_id, progress=100.0)
             return {"id": job_id, "status": job.status, "token_count": job.token_count,
-                    "output_name": job.x_model_output_name, "created_at": str(job.created_at),
-                    "updated_at": _field(job, "updated_at"), "total_price": _field(job, "total_price"),
+                    "output_name": job.x_model_output_name, "created_at": _iso(job.created_at),
+                    "updated_at": _iso(_field(job, "updated_at")), "total_price": _field(job, "total_price"),
                     "steps": done or total}
         if job.status in TERMINAL_FAILED:
             raise RemoteTrainingError(f"Together job {job_id} {job.status}: {_job_error(job, events)}")
