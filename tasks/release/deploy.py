@@ -20,6 +20,7 @@ from pathlib import Path
 from prefect import task
 
 from tasks.eval import parity
+from tasks.data.evalfile import prompt_messages
 from tasks.eval import verify
 from tasks.eval.runners import LLAMA_CPP_GREEDY, generate_openai
 from tasks.export import template_check
@@ -36,6 +37,11 @@ class DeployError(RuntimeError):
 
 def _test_row(run: RunFolder) -> dict:
     return read_jsonl(run.split("test"))[0]
+
+
+def _prompt(row: dict) -> str:
+    """The row's question: its last user turn (test rows may or may not end with a gold answer)."""
+    return prompt_messages(row)[-1]["content"]
 
 
 def model_name(recipe: Recipe) -> str:
@@ -57,7 +63,7 @@ def deploy_llamacpp(run_dir: RunFolder | Path, recipe: Recipe, max_new_tokens: i
                   "lora": str(lora) if lora else None, "pid": server.process.pid, "command": server.command(),
                   "running": cfg.keep_running, "log": str(server.log_path),
                   "served_as": "base GGUF + LoRA GGUF (--lora)" if lora else "one GGUF",
-                  "test_chat": {"prompt": row["messages"][-2]["content"], "answer": answers[0], "tokens": tokens}}
+                  "test_chat": {"prompt": _prompt(row), "answer": answers[0], "tokens": tokens}}
         record |= verify_deployment(run, recipe, server.base_url, server.alias, max_new_tokens, LLAMA_CPP_GREEDY)
     finally:
         if not cfg.keep_running:
@@ -217,7 +223,8 @@ def deploy_ollama(run_dir: RunFolder | Path, recipe: Recipe, max_new_tokens: int
                               f"(stop {stored.stop} vs {modelfile.stop})")
         row = _test_row(run)
         # No system message: the Modelfile's SYSTEM must fill it in, as it will for users.
-        reply = client.chat(model=name, messages=row["messages"][1:-1], stream=False,
+        reply = client.chat(model=name, messages=[m for m in prompt_messages(row) if m["role"] != "system"],
+                            stream=False,
                             options={"num_predict": max_new_tokens})
     except ollama.ResponseError as exc:
         raise DeployError(f"Ollama at {cfg.ollama_host} refused the deployment of {name} "
@@ -226,7 +233,7 @@ def deploy_ollama(run_dir: RunFolder | Path, recipe: Recipe, max_new_tokens: int
               "adapters": adapters or {}, "path": path,
               "ollama_version": ".".join(map(str, version)) if version else None,
               "parameters": params, "details": dict(shown.details or {}),
-              "test_chat": {"prompt": row["messages"][-2]["content"], "answer": reply.message.content,
+              "test_chat": {"prompt": _prompt(row), "answer": reply.message.content,
                             "done_reason": reply.done_reason}}
     record |= verify_deployment(run, recipe, f"{cfg.ollama_host.rstrip('/')}/v1", name, max_new_tokens)
     atomic_write_json(run.deploy_target_record("ollama"), record)
