@@ -22,7 +22,7 @@ prefect_stack = _helpers.prefect_stack          # server + deployments.up + a `c
 _prefect = _helpers._prefect
 
 KEY = "tgp_PLANTED_deploy_5a4b3c2d1e0f"
-SMALL = {"data.train_rows": 16, "data.eval_rows": 4, "eval.max_new_tokens": 32, "together.poll_seconds": 0.5}
+SMALL = {"data.train_rows": 8, "training.epochs": 3, "data.eval_rows": 4, "eval.max_new_tokens": 32, "together.poll_seconds": 0.5}
 
 
 @pytest.fixture
