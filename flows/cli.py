@@ -8,6 +8,7 @@
     slipway check-template runs/<run>                          # re-check its Modelfile and GGUF
     slipway convert in.jsonl out.jsonl --to together           # convert a chat dataset's format
     slipway tracks --layout parallel                           # several recipes on GPU work pools (flows/tracks.py)
+    slipway verify --base-url URL --model NAME --eval-file F   # verify prompts on any OpenAI-compatible server
     slipway deploy --gpus 4                                    # pools, blocks and deployments on PREFECT_API_URL
 
 Installed by `pip install -e .` ([project.scripts]); `python -m flows.cli` is the same command. Bad input
@@ -35,11 +36,12 @@ from flows.tracks import ALL_GPUS_POOL, FLEDGLING_TRACKS, PARALLEL_POOLS
 from flows.tracks import tracks as tracks_flow
 from tasks.data.evalfile import EvalFileError, load_eval_file
 from tasks.data.formats import FORMATS, FormatError, convert_file
+from tasks.eval.verify import render_lines, verify_endpoint
 from tasks.export import template_check
 from tasks.llamacpp import serve as llamacpp_serve
 from tasks.names import InvalidName, check_slug
 from tasks.models.hub import ModelSourceError, check_model_source
-from tasks.recipe import REPO_ROOT, RecipeError
+from tasks.recipe import DATA_DIR, REPO_ROOT, RecipeError
 from tasks.run import RunFolder, TracksFolder, find_run_of_flow_run
 from tasks.start import validate_recipe
 from tasks.synth.llm import SynthesisConfig
@@ -226,6 +228,34 @@ def convert(source: Annotated[Path, typer.Argument(help="The JSONL file to conve
     except (FormatError, OSError) as exc:
         stop(f"error: {exc}")
     typer.echo(f"wrote {rows} rows to {target} ({to})")
+
+
+@app.command()
+def verify(base_url: Annotated[str, typer.Option(help="The server's OpenAI base URL, e.g. http://localhost:11434/v1.")],
+           model: Annotated[str, typer.Option(help="The model name the server answers to.")],
+           eval_file: Annotated[Path, typer.Option(help="Verify prompts: an eval file, e.g. data/gerbil-verify.jsonl.")]
+           = DATA_DIR / "gerbil-verify.jsonl",
+           system_prompt: Annotated[str, typer.Option(help="System prompt sent with each prompt (empty: none; "
+                                                      "an Ollama Modelfile's SYSTEM applies then).")] = "",
+           max_tokens: Annotated[int, typer.Option(help="Answer length limit.")] = 512,
+           api_key_env: Annotated[str | None, typer.Option(help="Environment variable holding the API key "
+                                                          "(hosted APIs; local servers need none).")] = None,
+           task: Annotated[str, typer.Option(help="Task type of rows that name none.")] = "keyword",
+           json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results here.")] = None) -> None:
+    """Ask each verify prompt of a deployed model and print pass/fail per prompt; exit 1 unless all pass."""
+    import os
+
+    try:
+        load_eval_file(eval_file, task)
+    except EvalFileError as exc:
+        stop(str(exc))
+    result = verify_endpoint(base_url, model, eval_file, system_prompt, max_tokens,
+                             api_key=os.environ.get(api_key_env) if api_key_env else None, task=task)
+    typer.echo("\n".join(render_lines(result)))
+    if json_out:
+        from tasks.run import atomic_write_json
+        atomic_write_json(json_out, result)
+    raise typer.Exit(0 if result["passed"] == result["total"] else 1)
 
 
 @app.command()

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from prefect import flow
 
+from flows.together import remote_training
+
 from tasks.models.bootstrap import bootstrap_base_model
 from tasks.data.prepare import prepare_splits, write_eval_file_split, write_splits
 from tasks.release.deploy import deploy_model
@@ -32,10 +34,11 @@ from tasks.release.report import write_report
 from tasks.start import create_run_folder, validate_recipe
 from tasks.export.template_check import verify_chat_template
 from tasks.train.devices import record_devices
+from tasks.together.hooks import cancel_remote_job
 from tasks.train.launch import train_adapter
 
 
-@flow(name="finetune", log_prints=True)
+@flow(name="finetune", log_prints=True, on_cancellation=[cancel_remote_job])
 def finetune(recipe: str = "slipstream", overrides: dict | None = None, output_root: str = str(REPO_ROOT / "runs"),
              run_name: str | None = None, resume_from: str | None = None) -> str:
     """Fine-tune, export, serve, evaluate and gate one recipe; returns the run folder.
@@ -63,7 +66,9 @@ def finetune(recipe: str = "slipstream", overrides: dict | None = None, output_r
                                   tokenizer_dir=base_dir, wait_for=[splits])
     llm = (measure_llm_baseline(run_dir, cfg, base_dir, wait_for=[splits])
            if cfg.baseline.source != "none" else None)
-    training = train_adapter(cfg, run_dir, base_dir, wait_for=[splits])
+    # Where training happens is the recipe's choice; what follows reads the same lora/ and metrics/ either way.
+    training = (remote_training(cfg, run_dir, base_dir) if cfg.training.engine == "together"
+                else train_adapter(cfg, run_dir, base_dir, wait_for=[splits]))
     merged_dir = merge_lora_adapter(run_dir, base_dir, wait_for=[training])
     ggufs = export_gguf(run_dir, base_dir, cfg.export, wait_for=[merged_dir])
     modelfile = write_modelfile(run_dir, cfg, ggufs)

@@ -95,11 +95,12 @@ class LoraConfig(StrictModel):
 
 class TrainingConfig(StrictModel):
     # `backend` is the field's old name: recipes that still say `backend:` validate unchanged.
-    engine: Literal["trl", "unsloth"] = Field(
+    engine: Literal["trl", "unsloth", "together"] = Field(
         "trl", validation_alias=AliasChoices("engine", "backend"),
         description="Local trainer: 'trl' (TRL SFTTrainer + PEFT; portable, CPU included) or 'unsloth' "
         "(FastLanguageModel: 16-bit LoRA, or 4-bit QLoRA with model.load_in_4bit; GPU). Either runs under "
-        "`accelerate launch` when accelerate_config is set.")
+        "`accelerate launch` when accelerate_config is set. 'together': a remote LoRA fine-tune on Together AI "
+        "through its official client (see the `together` section).")
     packing: bool = Field(
         False, description="Pack several rows into each fixed-length sequence (position_ids restart per row, so "
         "rows never attend to each other; the loss stays on the answers): no padding, one tensor shape for "
@@ -135,10 +136,15 @@ class TrainingConfig(StrictModel):
 
 class DataConfig(StrictModel):
     source: str = Field("data/slipstream-tqt.jsonl", description="JSONL path, relative to the repo root.")
-    format: Literal["sharegpt", "datafactory", "eval"] = Field(
+    format: Literal["sharegpt", "datafactory", "eval", "messages"] = Field(
         "sharegpt", description="'sharegpt': Slipstream TQT conversations; 'datafactory': Data Factory "
         "instruction/input/output rows (seed 002), converted to ShareGPT; 'eval': the eval-file format "
-        "(docs/eval-file-format.md) of any task type, its expected answers used as training targets.")
+        "(docs/eval-file-format.md) of any task type, its expected answers used as training targets; "
+        "'messages': OpenAI/Together chat rows ({\"messages\": [...]}) whose last turn is the answer to train "
+        "on (needs `test_file`: plain chat rows carry nothing a task type can score).")
+    test_file: str | None = Field(
+        None, description="An eval file (docs/eval-file-format.md) whose rows are the test split, instead of "
+        "a held-out share of the source (test_ratio is then unused); its prompts never reach training.")
     train_rows: int = Field(0, ge=0, description="Train on this many rows of the train split; 0 = all.")
     val_ratio: float = Field(0.05, ge=0, lt=0.5)
     test_ratio: float = Field(0.1, gt=0, lt=0.5)
@@ -154,6 +160,25 @@ class DataConfig(StrictModel):
     eval_files: list[str] = Field(
         default_factory=list, description="Evaluation JSONL files (relative to the repo root) whose prompts "
         "must never appear, exactly or nearly, in the training split.")
+
+
+class TogetherConfig(StrictModel):
+    """training.engine 'together': a LoRA fine-tune on Together AI (tasks/together/)."""
+
+    model: str = Field("Qwen/Qwen2.5-7B-Instruct", description="The base model's name on Together; the "
+                       "downloaded adapter's adapter_config.json must name it.")
+    credentials_block: str | None = Field(
+        None, description="Name of a saved TogetherCredentials block (blocks/together.py); None: the "
+        "TOGETHER_API_KEY (and TOGETHER_BASE_URL) environment variables.")
+    base_url: str | None = Field(None, description="API root without /v1 (the local service: "
+                                 "http://127.0.0.1:PORT); None: the block's, TOGETHER_BASE_URL, or Together's.")
+    suffix: str | None = Field(None, max_length=40, description="Appended to the output model's name.")
+    train_on_inputs: bool | Literal["auto"] = Field(
+        False, description="Loss on the prompt tokens too; False trains on the answers only, as local runs do.")
+    n_checkpoints: int = Field(1, ge=1)
+    n_evals: int = Field(0, ge=0, description="Evaluations on the uploaded validation split (0: none uploaded).")
+    poll_seconds: float = Field(10.0, gt=0, description="How often the job's status and events are read.")
+    timeout_minutes: float = Field(240.0, gt=0, description="Give up (and cancel the job) after this long.")
 
 
 class ExportConfig(StrictModel):
@@ -225,6 +250,10 @@ class DeployConfig(StrictModel):
                                "(stop it with `python -m tasks.llamacpp.serve stop RUN_DIR`).")
     ollama_host: str = Field("http://127.0.0.1:11434", description="Ollama server URL.")
     ollama_model: str | None = Field(None, description="Ollama model name; default slipway-<recipe name>.")
+    verify_file: str | None = Field(
+        None, description="An eval file (e.g. data/gerbil-verify.jsonl) whose prompts are asked of the deployed "
+        "OpenAI-compatible endpoint after deployment, each scored pass/fail by its task type (the report lists "
+        "them); `slipway verify` runs the same check against any server.")
     ollama_base: str | None = Field(None, description="artifact 'adapter': an Ollama model to use as FROM "
                                     "(checked against the adapter's base via /api/show); default: the exported "
                                     "f16 base GGUF.")
@@ -314,6 +343,7 @@ class Recipe(StrictModel):
     model: ModelConfig = ModelConfig()
     lora: LoraConfig = LoraConfig()
     training: TrainingConfig = TrainingConfig()
+    together: TogetherConfig = TogetherConfig()
     data: DataConfig = DataConfig()
     export: ExportConfig = ExportConfig()
     eval: EvalConfig = EvalConfig()
@@ -331,6 +361,16 @@ class Recipe(StrictModel):
     def check_adapter_deployment(self) -> "Recipe":
         if self.deploy.artifact == "adapter" and not self.export.lora_gguf:
             raise ValueError("deploy.artifact 'adapter' needs export.lora_gguf: true")
+        if self.data.format == "messages" and not self.data.test_file:
+            raise ValueError("data.format 'messages' needs data.test_file (an eval file to score the models on)")
+        if self.training.engine == "together":
+            if self.training.epochs != int(self.training.epochs) or self.training.max_steps != -1:
+                raise ValueError("training.engine 'together' trains whole epochs: training.epochs must be a whole "
+                                 "number and training.max_steps -1")
+            if self.training.lr_scheduler not in ("linear", "cosine"):
+                raise ValueError("training.engine 'together' offers lr_scheduler 'linear' or 'cosine'")
+            if self.training.accelerate_config:
+                raise ValueError("training.accelerate_config is for local engines; Together picks its own GPUs")
         return self
 
 

@@ -131,6 +131,29 @@ class RunFolder(Folder):
         """What the run's process saw: CUDA_VISIBLE_DEVICES (its work pool's), the GPUs torch counts, the host."""
         return self.metrics_dir / "devices.json"
 
+    # --- remote training (training.engine: together) ------------------------------------------------
+    @property
+    def remote_dir(self) -> Path:
+        """remote/: what a remote engine created (job.json, files.json, the downloaded adapter archive)."""
+        return self.root / "remote"
+
+    @property
+    def remote_job(self) -> Path:
+        """remote/job.json: the remote job's id, written the moment it exists, so a re-run re-attaches."""
+        return self.remote_dir / "job.json"
+
+    @property
+    def remote_files(self) -> Path:
+        return self.remote_dir / "files.json"
+
+    @property
+    def remote_intent(self) -> Path:
+        """remote/intent.json: a job is about to be created (adopted, not duplicated, if the answer was lost)."""
+        return self.remote_dir / "intent.json"
+
+    def remote_archive(self, name: str) -> Path:
+        return self.remote_dir / name
+
     # --- export ---------------------------------------------------------------------------------------
     @property
     def merged_dir(self) -> Path:
@@ -152,6 +175,11 @@ class RunFolder(Folder):
     def base_gguf(self) -> Path:
         """The base model the LoRA GGUF applies to (the no-merge ADAPTER deployment)."""
         return self.gguf_dir / "base-f16.gguf"
+
+    @property
+    def lora_merged_gguf(self) -> Path:
+        """The LoRA GGUF merged into the base GGUF by llama-export-lora (for an Ollama that refuses ADAPTER)."""
+        return self.gguf_dir / "model-lora-merged-f16.gguf"
 
     @property
     def gguf_manifest(self) -> Path:
@@ -192,6 +220,11 @@ class RunFolder(Folder):
     @property
     def template_check(self) -> Path:
         return self.metrics_dir / "template-check.json"
+
+    @property
+    def verify_results(self) -> Path:
+        """metrics/verify.json: each verify prompt asked of the deployed endpoint, pass/fail."""
+        return self.metrics_dir / "verify.json"
 
     @property
     def decision(self) -> Path:

@@ -18,6 +18,8 @@ against this real HTTP server on 127.0.0.1. It implements the documented endpoin
                                  and asks that server's /completion for the answer, using the stored stop
                                  strings and the request's options; without one it answers 501.
   GET  /api/tags, DELETE /api/delete
+  GET  /api/version              {"version": <the version it plays>}; from 0.34.1 on, /api/create refuses
+                                 any `adapters` (ollama/ollama#14969) with 400, as the real server does
 
 What it does not reproduce: model pulling, quantization at create time, the real scheduler and
 runners, tool calls, images, streaming progress beyond one status line per step.
@@ -41,8 +43,12 @@ from typing import Iterator
 DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
+ADAPTERS_REFUSED_FROM = (0, 34, 1)
+
+
 class _State:
-    def __init__(self, root: Path, upstream: str | None):
+    def __init__(self, root: Path, upstream: str | None, version: str = "0.33.0"):
+        self.version = version
         self.blobs = root / "blobs"
         self.blobs.mkdir(parents=True, exist_ok=True)
         self.models: dict[str, dict] = {}
@@ -127,6 +133,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.path == "/":
             return self._send(200, {"status": "Ollama API test double"})
+        if self.path == "/api/version":
+            return self._send(200, {"version": self.state.version})
         if self.path == "/api/tags":
             return self._send(200, {"models": [{"name": n, "model": n, "modified_at": m["modified_at"],
                                                 "size": m["size"], "digest": m["digest"]}
@@ -179,6 +187,9 @@ class _Handler(BaseHTTPRequestHandler):
         files, adapters = body.get("files") or {}, body.get("adapters") or {}
         if not files and not body.get("from"):
             return self._send(400, {"error": "neither 'from' or 'files' was specified"})
+        if adapters and tuple(int(p) for p in self.state.version.split(".")[:3]) >= ADAPTERS_REFUSED_FROM:
+            return self._send(400, {"error": "ADAPTER is no longer supported: creating LoRA adapter models was "
+                                             "removed; merge the adapter into the model instead"})
         if len(adapters) > 1:
             return self._send(400, {"error": "only one adapter is currently supported"})
         base_info: dict = {}
@@ -267,10 +278,10 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def ollama_api_server(upstream: str | None = None) -> Iterator[tuple[str, _State]]:
-    """Serve the double on a free 127.0.0.1 port; yields (base URL, state) and shuts it down after."""
+def ollama_api_server(upstream: str | None = None, version: str = "0.33.0") -> Iterator[tuple[str, _State]]:
+    """Serve the double on a free 127.0.0.1 port, playing Ollama `version`; yields (base URL, state)."""
     root = Path(tempfile.mkdtemp(prefix="ollama-api-double-"))
-    state = _State(root, upstream)
+    state = _State(root, upstream, version)
     handler = type("Handler", (_Handler,), {"state": state})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

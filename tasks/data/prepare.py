@@ -2,9 +2,12 @@
 
 Splits are made over *unique normalised prompts*, so a prompt that occurs twice in the source can never
 land in both train and test. Each row becomes chat `messages` with the recipe's system prompt.
-Three source formats: Slipstream ShareGPT conversations (`sharegpt`), Data Factory instruction/input/output
-rows (`datafactory`, seed 002; converted to ShareGPT first), and the eval-file format of any task type
-(`eval`, tasks/data/evalfile.py), whose expected answers become the assistant turns to train on.
+Four source formats: Slipstream ShareGPT conversations (`sharegpt`), Data Factory instruction/input/output
+rows (`datafactory`, seed 002; converted to ShareGPT first), the eval-file format of any task type
+(`eval`, tasks/data/evalfile.py), whose expected answers become the assistant turns to train on, and
+plain chat rows (`messages`, OpenAI/Together style, e.g. data/gerbil-qa.jsonl), whose last assistant turn
+is the answer. With `data.test_file` the test split is that eval file's rows (scored by the recipe's task
+type) and every source row is train or validation.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from prefect import task
 
 from tasks.data.dedupe import eval_prompts_from_file, merge_contamination, remove_contaminated, remove_duplicates
 from tasks.data.evalfile import EvalFileError, gold_answer, load_eval_file, to_chat_row
+from tasks.data.formats import FormatError, read_record
 from tasks.data.rows import Example, normalise, read_json_lines
 from tasks.tasktypes import task_type
 from tasks.protocol import SlipParseError, parse_tqt
@@ -138,6 +142,33 @@ def load_eval_examples(path: Path, task: str) -> list[Example]:
     return examples
 
 
+def load_chat_examples(path: Path) -> list[Example]:
+    """Read chat rows ({"messages": [...]}, optional `tools`): the last turn must be the assistant's answer,
+    the one before it the user's prompt (earlier turns and the row's own system prompt are not kept: the
+    recipe's system prompt is what training and evaluation use).
+
+    Raises:
+        DatasetError: '<file>:<line>: <rule>' for the first bad line.
+    """
+    path = repo_path(path)
+    if not path.exists():
+        raise DatasetError(f"{path}: dataset file not found")
+    examples = []
+    for line_no, obj, where in read_json_lines(path, DatasetError):
+        try:
+            conv = read_record(obj, "messages", where)
+        except FormatError as exc:
+            raise DatasetError(str(exc)) from None
+        roles = [m.role for m in conv.messages]
+        if roles[-2:] != ["user", "assistant"]:
+            raise DatasetError(f"{where}: the last two turns must be user then assistant, got {roles[-2:]}")
+        examples.append(Example(prompt=conv.messages[-2].content.strip(), answer=conv.messages[-1].content.strip(),
+                                anchor="", line=line_no))
+    if not examples:
+        raise DatasetError(f"{path}: no rows")
+    return examples
+
+
 def split_examples(examples: list[Example], cfg: DataConfig) -> dict[str, list[Example]]:
     """Seeded train/val/test split over unique normalised prompts (no prompt shared across splits)."""
     groups: dict[str, list[Example]] = {}
@@ -145,7 +176,7 @@ def split_examples(examples: list[Example], cfg: DataConfig) -> dict[str, list[E
         groups.setdefault(normalise(ex.prompt), []).append(ex)
     keys = sorted(groups)
     random.Random(cfg.seed).shuffle(keys)
-    n_test = max(1, round(len(keys) * cfg.test_ratio))
+    n_test = 0 if cfg.test_file else max(1, round(len(keys) * cfg.test_ratio))
     n_val = round(len(keys) * cfg.val_ratio)
     parts = {"test": keys[:n_test], "val": keys[n_test:n_test + n_val], "train": keys[n_test + n_val:]}
     return {name: [ex for k in part for ex in groups[k]] for name, part in parts.items()}
@@ -199,7 +230,8 @@ def prepare_cache_key(context, parameters) -> str:
                                    for f in ("prepare.py", "rows.py", "dedupe.py", "formats.py", "evalfile.py"))
                           + b"".join(p.read_bytes() for p in task_types))
     key = json.dumps([cfg.model_dump(), parameters["system_prompt"], parameters.get("task", "slipstream"),
-                      fingerprint(cfg.source), [fingerprint(f) for f in cfg.eval_files], code.hexdigest()[:12],
+                      fingerprint(cfg.source), [fingerprint(f) for f in cfg.eval_files],
+                      fingerprint(cfg.test_file) if cfg.test_file else None, code.hexdigest()[:12],
                       generator_fingerprint() if cfg.synth_rows else None])
     return "prepare-splits-" + hashlib.sha256(key.encode()).hexdigest()
 
@@ -213,7 +245,7 @@ def prepare_splits(cfg: DataConfig, system_prompt: str, task: str = "slipstream"
     removed after it.
     """
     loaders = {"eval": lambda p: load_eval_examples(p, task), "datafactory": load_datafactory_examples,
-               "sharegpt": load_examples}
+               "messages": load_chat_examples, "sharegpt": load_examples}
     examples = loaders[cfg.format](Path(cfg.source))
     if cfg.synth_rows:
         if task != "slipstream" or cfg.format != "sharegpt":
@@ -221,18 +253,26 @@ def prepare_splits(cfg: DataConfig, system_prompt: str, task: str = "slipstream"
                                f"is {task!r} with data.format {cfg.format!r}")
         examples += synthetic_examples(cfg)
     unique, dup_report = remove_duplicates(examples, cfg.near_duplicate_jaccard)
-    external = {f: eval_prompts_from_file(repo_path(f)) for f in cfg.eval_files}
+    held_out_files = [*cfg.eval_files, *([cfg.test_file] if cfg.test_file else [])]
+    external = {f: eval_prompts_from_file(repo_path(f)) for f in held_out_files}
     unique, from_files = remove_contaminated(unique, external, cfg.near_duplicate_jaccard)
     splits = split_examples(unique, cfg)
     held_out = {f"{name} split": [ex.prompt for ex in splits[name]] for name in ("test", "val")}
     splits["train"], from_splits = remove_contaminated(splits["train"], held_out, cfg.near_duplicate_jaccard)
     contamination = merge_contamination(from_files, from_splits)
     rows = {name: [to_messages(ex, system_prompt) for ex in part] for name, part in splits.items()}
+    if cfg.test_file:
+        try:
+            test_rows = load_eval_file(repo_path(cfg.test_file), task)
+        except EvalFileError as exc:
+            raise DatasetError(str(exc)) from None
+        rows["test"] = [to_chat_row(row, system_prompt) for row in test_rows]
     if cfg.train_rows:
         rows["train"] = rows["train"][:cfg.train_rows]
     if cfg.eval_rows:
         rows["test"] = rows["test"][:cfg.eval_rows]
-    test_prompts = {normalise(r["messages"][-2]["content"]) for r in rows["test"]}
+    test_prompts = {normalise(next(m["content"] for m in reversed(r["messages"]) if m["role"] == "user"))
+                    for r in rows["test"]}
     leaked = sum(normalise(r["messages"][-2]["content"]) in test_prompts for r in rows["train"])
     if leaked:  # an invariant of split_examples; checked because a leak would inflate every number
         raise DatasetError(f"{leaked} training prompts also occur in the test split")

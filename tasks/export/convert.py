@@ -150,6 +150,19 @@ def convert_lora_to_gguf(lora_dir: Path, base_dir: Path, out_file: Path) -> Path
     return out_file
 
 
+def merge_lora_gguf(base_gguf: Path, lora_gguf: Path, out_file: Path, threads: int | None = None) -> Path:
+    """Base GGUF + GGUF LoRA -> one merged GGUF with llama.cpp's llama-export-lora (no HF weights needed).
+
+    Raises:
+        ExportError: the tool failed (its output's tail in the message).
+    """
+    tmp = out_file.with_name(out_file.name + ".part")
+    _run_tool("llama-export-lora", [llamacpp.tool("llama-export-lora"), "-m", base_gguf, "--lora", lora_gguf,
+                                    "-o", tmp, "-t", str(threads or os.cpu_count() or 2)])
+    os.replace(tmp, out_file)
+    return out_file
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -191,7 +191,10 @@ def check_run(run_dir: RunFolder | Path, n_samples: int = 3) -> dict:
     modelfile = Modelfile.read(run.modelfile)
     model, lora = deployed_artifact(run, modelfile)
     tokenizer = AutoTokenizer.from_pretrained(run.lora_dir)
-    result = run_template_check(model, read_jsonl(run.split("test")), tokenizer, modelfile,
+    # Conversations that end with an answer: test rows with a gold answer, else (an eval file of prompts
+    # only, e.g. keyword verify prompts) the training rows, which are exactly what the template must reproduce.
+    rows = [r for r in read_jsonl(run.split("test")) if r["messages"][-1]["role"] == "assistant"]
+    result = run_template_check(model, rows or read_jsonl(run.split("train")), tokenizer, modelfile,
                                 run.server_log("template"), lora_path=lora, n_samples=n_samples)
     atomic_write_json(run.template_check, result)
     return result

@@ -4,7 +4,9 @@ llama.cpp comes from the llama-cpp-python sdist on PyPI (a package registry, so 
 the hubs): its `vendor/llama.cpp/` holds `convert_hf_to_gguf.py` (+ `conversion/`, `gguf-py/`),
 `convert_lora_to_gguf.py`, and the sources of `llama-quantize` and `llama-server`. The llama-cpp-python
 wheel ships none of those, so `python -m tasks.llamacpp.build build` (run by `make setup`) extracts the sdist
-and compiles just the two tools into `$SLIPWAY_HOME/llama.cpp-<version>/`. Nothing is built at run time.
+and compiles just the tools it needs (TOOLS) into `$SLIPWAY_HOME/llama.cpp-<version>/`; a tool added to TOOLS
+later is compiled alone from the extracted sources, without building the others again. Nothing is built at
+run time.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from pathlib import Path
 from tasks.run import cache_lock, slipway_home
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # vendors ggml-org/llama.cpp@0c1e57098
-TOOLS = ("llama-server", "llama-quantize")
+# llama-export-lora merges a GGUF LoRA into its base GGUF: the deployment fallback for an Ollama that
+# refuses ADAPTER (>= 0.34.1, ollama/ollama#14969), made without the HF weights.
+TOOLS = ("llama-server", "llama-quantize", "llama-export-lora")
 
 
 class LlamaCppMissing(FileNotFoundError):
@@ -69,17 +73,28 @@ def _run(cmd: list[str], **kw) -> None:
 
 
 def build(jobs: int | None = None) -> Path:
-    """Download the pinned sdist from PyPI, extract vendor/llama.cpp, compile the tools; idempotent.
+    """Download the pinned sdist from PyPI, extract vendor/llama.cpp, compile the missing tools; idempotent.
     One process builds at a time (a lock beside the folder); the others wait, then find it built."""
     with cache_lock(home()):
         return _build(home(), jobs)
 
 
 def _build(target: Path, jobs: int | None) -> Path:
-    if all((target / "bin" / t).exists() for t in TOOLS) and (target / "src" / "convert_hf_to_gguf.py").exists():
+    missing = [t for t in TOOLS if not (target / "bin" / t).exists()]
+    have_sources = (target / "src" / "convert_hf_to_gguf.py").exists()
+    if not missing and have_sources:
         print(f"llama.cpp {LLAMA_CPP_PYTHON_VERSION} already built at {target}")
         return target
     target.mkdir(parents=True, exist_ok=True)
+    if not have_sources:
+        _extract_sources(target)
+    _compile(target, missing, jobs)
+    print(f"llama.cpp {LLAMA_CPP_PYTHON_VERSION} built at {target}")
+    return target
+
+
+def _extract_sources(target: Path) -> None:
+    """vendor/llama.cpp of the pinned sdist (PyPI) into target/src."""
     with tempfile.TemporaryDirectory(dir=target) as tmp:
         tmp = Path(tmp)
         _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
@@ -91,22 +106,24 @@ def _build(target: Path, jobs: int | None) -> Path:
         if (target / "src").exists():
             shutil.rmtree(target / "src")
         shutil.move(str(vendored), target / "src")
+
+
+def _compile(target: Path, tools: list[str], jobs: int | None) -> None:
+    """Configure once and build only `tools` (and what they link), then keep just the static binaries."""
     build_dir = target / "build"
     _run(["cmake", "-S", str(target / "src"), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
           "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
           "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF",
           # The web UI would be fetched from the network; the OpenAI-compatible API does not need it.
           "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_UI=OFF"], stdout=subprocess.DEVNULL)
-    _run(["cmake", "--build", str(build_dir), "-j", str(jobs or os.cpu_count() or 2), "--target", *TOOLS])
+    _run(["cmake", "--build", str(build_dir), "-j", str(jobs or os.cpu_count() or 2), "--target", *tools])
     (target / "bin").mkdir(exist_ok=True)
-    for name in TOOLS:   # copied under a unique temp name, then renamed: never a half-copied binary
+    for name in tools:   # copied under a unique temp name, then renamed: never a half-copied binary
         fd, tmp_bin = tempfile.mkstemp(dir=target / "bin", prefix=f".{name}.", suffix=".tmp")
         os.close(fd)
         shutil.copy2(build_dir / "bin" / name, tmp_bin)
         os.replace(tmp_bin, target / "bin" / name)
     shutil.rmtree(build_dir, ignore_errors=True)  # ~400 MB of objects; the static binaries are enough
-    print(f"llama.cpp {LLAMA_CPP_PYTHON_VERSION} built at {target}")
-    return target
 
 
 def main(argv: list[str] | None = None) -> int:

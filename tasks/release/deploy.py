@@ -6,7 +6,10 @@
   ollama                         through the official `ollama` client: upload each GGUF as a blob by its
                                  sha256 (checked against the export manifest), create the model with
                                  files / adapters / template / system / parameters, read it back with
-                                 show, and run a test chat.
+                                 show, and run a test chat. Ollama >= 0.34.1 refuses ADAPTER
+                                 (ollama/ollama#14969): asked its version (/api/version), an adapter
+                                 deployment then ships one GGUF merged by llama.cpp's llama-export-lora
+                                 instead (deploy.json `path` says which was taken).
 Writes deploy/<target>.json.
 """
 
@@ -17,7 +20,9 @@ from pathlib import Path
 from prefect import task
 
 from tasks.eval import parity
-from tasks.eval.runners import generate_openai
+from tasks.data.evalfile import prompt_messages
+from tasks.eval import verify
+from tasks.eval.runners import LLAMA_CPP_GREEDY, generate_openai
 from tasks.export import template_check
 from tasks.llamacpp.serve import ManagedLlamaServer, load_api_key
 from tasks.ollama.adapter_guard import ModelfileRefused, base_identity, gguf_metadata
@@ -33,6 +38,11 @@ class DeployError(RuntimeError):
 
 def _test_row(run: RunFolder) -> dict:
     return read_jsonl(run.split("test"))[0]
+
+
+def _prompt(row: dict) -> str:
+    """The row's question: its last user turn (test rows may or may not end with a gold answer)."""
+    return prompt_messages(row)[-1]["content"]
 
 
 def model_name(recipe: Recipe) -> str:
@@ -58,12 +68,29 @@ def deploy_llamacpp(run_dir: RunFolder | Path, recipe: Recipe, max_new_tokens: i
                   "lora": str(lora) if lora else None, "pid": server.process.pid, "command": server.command(),
                   "api_key_block": cfg.api_key_block,   # the block's name only; the key is never written
                   "running": cfg.keep_running, "log": str(server.log_path),
-                  "test_chat": {"prompt": row["messages"][-2]["content"], "answer": answers[0], "tokens": tokens}}
+                  "served_as": "base GGUF + LoRA GGUF (--lora)" if lora else "one GGUF",
+                  "test_chat": {"prompt": _prompt(row), "answer": answers[0], "tokens": tokens}}
+        record |= verify_deployment(run, recipe, server.base_url, server.alias, max_new_tokens, LLAMA_CPP_GREEDY)
     finally:
         if not cfg.keep_running:
             server.stop()
     atomic_write_json(run.deploy_target_record("llamacpp"), record)
     return record
+
+
+def verify_deployment(run: RunFolder, recipe: Recipe, base_url: str, model: str, max_new_tokens: int,
+                      extra_body: dict | None = None) -> dict:
+    """deploy.verify_file's prompts asked of the deployed endpoint, pass/fail each (metrics/verify.json);
+    returns the deploy record's `verify` summary (empty when the recipe names no verify file)."""
+    if not recipe.deploy.verify_file:
+        return {}
+    from tasks.recipe import repo_path
+
+    result = verify.verify_endpoint(base_url, model, repo_path(recipe.deploy.verify_file), recipe.model.system_prompt,
+                                    max_new_tokens, concurrency=recipe.deploy.parallel, extra_body=extra_body,
+                                    task=recipe.task)
+    atomic_write_json(run.verify_results, result)
+    return {"verify": {"passed": result["passed"], "total": result["total"], "file": recipe.deploy.verify_file}}
 
 
 def _parameters(modelfile: Modelfile) -> dict:
@@ -122,6 +149,35 @@ def check_registry_base(client, base: str, trained_base_gguf: Path) -> None:
                                    f"{value!r} for the base it was trained on, {got[key]!r} in Ollama")
 
 
+ADAPTER_REFUSED_FROM = (0, 34, 1)   # ollama/ollama#14969: create refuses ADAPTER from this release on
+
+
+def ollama_version(host: str) -> tuple[int, ...] | None:
+    """The server's version from GET /api/version, as a tuple; None when it does not say."""
+    import re
+
+    import httpx
+
+    try:
+        response = httpx.get(f"{host.rstrip('/')}/api/version", timeout=10)
+        response.raise_for_status()
+        match = re.match(r"^v?(\d+)\.(\d+)\.(\d+)", str(response.json().get("version", "")))
+    except (httpx.HTTPError, ValueError):
+        return None
+    return tuple(int(g) for g in match.groups()) if match else None
+
+
+def merged_for_ollama(run: RunFolder, modelfile: Modelfile) -> Path:
+    """The Modelfile's base GGUF with its ADAPTER merged in (llama-export-lora), made once per run."""
+    from tasks.export.convert import merge_lora_gguf
+
+    base = run.deployed(modelfile.from_)
+    base = base if base.exists() else run.base_gguf   # FROM a registry model: the base it was checked against
+    if not run.lora_merged_gguf.exists():
+        merge_lora_gguf(base, run.deployed(modelfile.adapter), run.lora_merged_gguf)
+    return run.lora_merged_gguf
+
+
 def deploy_ollama(run_dir: RunFolder | Path, recipe: Recipe, max_new_tokens: int) -> dict:
     """Create the model on an Ollama server from the run's Modelfile and answer one test chat (deploy/ollama.json).
 
@@ -144,12 +200,23 @@ def deploy_ollama(run_dir: RunFolder | Path, recipe: Recipe, max_new_tokens: int
         return path.name, push_blob(client, path, digests[path])
 
     files, from_ = {}, None
-    if run.deployed(modelfile.from_).exists():
-        files = dict([upload(modelfile.from_)])
+    version = ollama_version(cfg.ollama_host) if modelfile.adapter else None   # only ADAPTER depends on it
+    path = "merged GGUF"
+    if modelfile.adapter and version is not None and version >= ADAPTER_REFUSED_FROM:
+        # This Ollama refuses ADAPTER: ship base + LoRA merged into one GGUF by llama.cpp instead.
+        merged = merged_for_ollama(run, modelfile)
+        from tasks.export.convert import sha256_file
+        files, adapters = {merged.name: push_blob(client, merged, sha256_file(merged))}, None
+        path = f"merged by llama-export-lora (Ollama {'.'.join(map(str, version))} refuses ADAPTER)"
     else:
-        from_ = modelfile.from_
-        check_registry_base(client, from_, run.base_gguf)
-    adapters = dict([upload(modelfile.adapter)]) if modelfile.adapter else None
+        if run.deployed(modelfile.from_).exists():
+            files = dict([upload(modelfile.from_)])
+        else:
+            from_ = modelfile.from_
+            check_registry_base(client, from_, run.base_gguf)
+        adapters = dict([upload(modelfile.adapter)]) if modelfile.adapter else None
+        if adapters:
+            path = "FROM base + ADAPTER"
     name = model_name(recipe)
     params = _parameters(modelfile)
     try:
@@ -162,15 +229,19 @@ def deploy_ollama(run_dir: RunFolder | Path, recipe: Recipe, max_new_tokens: int
                               f"(stop {stored.stop} vs {modelfile.stop})")
         row = _test_row(run)
         # No system message: the Modelfile's SYSTEM must fill it in, as it will for users.
-        reply = client.chat(model=name, messages=row["messages"][1:-1], stream=False,
+        reply = client.chat(model=name, messages=[m for m in prompt_messages(row) if m["role"] != "system"],
+                            stream=False,
                             options={"num_predict": max_new_tokens})
     except ollama.ResponseError as exc:
         raise DeployError(f"Ollama at {cfg.ollama_host} refused the deployment of {name} "
                           f"(HTTP {exc.status_code}): {exc.error}") from None
     record = {"target": "ollama", "host": cfg.ollama_host, "model": name, "from": from_, "files": files,
-              "adapters": adapters or {}, "parameters": params, "details": dict(shown.details or {}),
-              "test_chat": {"prompt": row["messages"][-2]["content"], "answer": reply.message.content,
+              "adapters": adapters or {}, "path": path,
+              "ollama_version": ".".join(map(str, version)) if version else None,
+              "parameters": params, "details": dict(shown.details or {}),
+              "test_chat": {"prompt": _prompt(row), "answer": reply.message.content,
                             "done_reason": reply.done_reason}}
+    record |= verify_deployment(run, recipe, f"{cfg.ollama_host.rstrip('/')}/v1", name, max_new_tokens)
     atomic_write_json(run.deploy_target_record("ollama"), record)
     return record
 
@@ -210,7 +281,9 @@ def render_section(run_dir: RunFolder | Path) -> list[str]:
     if d.get("skipped"):
         return lines + [f"Not deployed ({d['target']}): {d['skipped']}.", ""]
     where = d.get("base_url") or f"{d.get('host')} model `{d.get('model')}`"
-    lines += [f"Target **{d['target']}** at {where}; Modelfile `deploy/Modelfile`.", "",
+    how = d.get("path") or d.get("served_as")
+    lines += [f"Target **{d['target']}** at {where}; Modelfile `deploy/Modelfile`"
+              + (f"; deployed as: {how}" if how else "") + ".", "",
               f"Test chat: `{d['test_chat']['prompt'][:80]}` →", "", "```", d["test_chat"]["answer"].strip(), "```", ""]
     if d["target"] == "llamacpp":
         lines += ["Serve it again: `python -m tasks.llamacpp.serve run " + str(run_dir) + "`", ""]
@@ -221,4 +294,5 @@ def report_sections(run_dir: RunFolder | Path) -> list[str]:
     """The report's export sections: parity table, template check, deployment (each empty when absent)."""
     run = RunFolder(run_dir)
     # parity.render_section still joins its paths onto a Path, so it gets the folder's Path.
-    return parity.render_section(run.root) + template_check.render_section(run) + render_section(run)
+    return (parity.render_section(run.root) + template_check.render_section(run) + render_section(run)
+            + verify.render_section(run))

@@ -41,6 +41,10 @@ SLIPSTREAM_CITATION = """@misc{maio2025slipstream,
 }"""
 
 
+FRAMEWORKS = {"trl": "TRL + PEFT", "unsloth": "Unsloth + TRL",
+              "together": "Together AI fine-tuning (LoRA), adapter downloaded"}
+
+
 def _front_matter(meta: dict) -> str:
     return "---\n" + yaml.safe_dump({k: v for k, v in meta.items() if v is not None}, sort_keys=False) + "---\n"
 
@@ -92,7 +96,7 @@ def model_card(recipe: Recipe, run_dir: RunFolder | Path, results: dict[str, dic
               f"| Loss | {training.get('first_loss')} → {training.get('final_loss')} |",
               f"| Hardware | {training.get('device')} ({training.get('mixed_precision')}), "
               f"{training.get('seconds')} s |",
-              f"| Framework | {'Unsloth + TRL' if recipe.training.engine == 'unsloth' else 'TRL + PEFT'} |",
+              f"| Framework | {FRAMEWORKS[recipe.training.engine]} |",
               f"| System Prompt | `{recipe.model.system_prompt}` |", "",
               "## Available Formats", "", "| Format | File | Size | sha256 | Use Case |", "|---|---|---|---|---|"]
     uses = {"adapter": ("LoRA Adapter", "adapter/", "Load on the base with PEFT"),

@@ -110,6 +110,21 @@ def write_eval_json(run_dir: RunFolder | Path, results: dict[str, dict], task: s
     plot_comparison(results, run.eval_chart, task)
 
 
+def remote_training_lines(training: dict) -> list[str]:
+    """Rows for a remote (Together) run: the job, the price estimate before, the billed tokens after."""
+    remote = training.get("remote")
+    if not remote:
+        return []
+    estimate = remote.get("estimate") or {}
+    price = (f"${estimate['estimated_total_price']:.4f} for {estimate.get('estimated_train_token_count')} tokens"
+             if estimate.get("estimation_available") else "not available")
+    return [f"| engine | Together job `{remote['job_id']}` on `{remote['model']}` → `{remote.get('output_name')}` |",
+            f"| cost | estimate before: {price}; billed after: {remote.get('billed_tokens')} tokens, total_price "
+            f"{remote.get('total_price')} (as the API reports it) |",
+            f"| remote wall time | {remote.get('wall_seconds')} s, job created to finished (a local run's time is "
+            "its `train` stage below) |"]
+
+
 def render_report(recipe: Recipe, run_dir: RunFolder | Path, results: dict[str, dict], gates: list[dict],
                   training: dict, timings: dict, manifest: dict) -> str:
     """The finetune run's Markdown report; every number comes from the run folder's metrics."""
@@ -141,6 +156,7 @@ def render_report(recipe: Recipe, run_dir: RunFolder | Path, results: dict[str, 
               f"world size {training.get('world_size')} |",
               f"| adapter tensors changed | {training.get('trainable_tensors_changed')} / "
               f"{training.get('trainable_tensors')} |", "",
+              *remote_training_lines(training), "",
               "![loss curve](metrics/loss-curve.png)", "", "## Stage timings", "",
               "| stage | seconds | status |", "|---|---|---|"]
     lines += [f"| {stage} | {t['seconds']} | {t['status']} |" for stage, t in timings.items()]

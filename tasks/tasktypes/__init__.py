@@ -54,7 +54,9 @@ def check_recipe(recipe: Recipe) -> Recipe:
         raise RecipeError(f"recipe {recipe.name!r}: task {recipe.task!r} is not a registered task type; "
                           f"one of {sorted(TASK_TYPES)}")
     kind = TASK_TYPES[recipe.task]
-    if recipe.data.format not in kind.data_formats:
+    # Plain chat rows train any task: the test split then comes from data.test_file, in the task's own format.
+    if recipe.data.format not in kind.data_formats and not (recipe.data.format == "messages"
+                                                            and recipe.data.test_file):
         raise RecipeError(f"recipe {recipe.name!r}: task {kind.name!r} reads data.format "
                           f"{' or '.join(map(repr, kind.data_formats))} (the sharegpt loader is Slipstream TQT)")
     metric = recipe.eval.primary_metric

@@ -60,7 +60,8 @@ def test_every_pool_a_deployment_names_is_defined():
 
 def test_every_block_type_in_blocks_is_found():
     assert sorted(b.get_block_type_slug() for b in block_types()) == [
-        "azure-openai-endpoint", "hugging-face-hub-credentials", "langfuse-credentials", "openai-compatible-endpoint"]
+        "azure-openai-endpoint", "hugging-face-hub-credentials", "langfuse-credentials", "openai-compatible-endpoint",
+        "together-credentials"]
 
 
 def test_without_a_server_url_it_stops_before_touching_anything(tmp_path):
