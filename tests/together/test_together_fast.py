@@ -72,7 +72,8 @@ def test_submit_estimates_then_creates_once_and_a_second_submit_reattaches(servi
     assert job["training_type"] == {"type": "Lora", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
                                     "lora_trainable_modules": ",".join(recipe.lora.target_modules)}
     assert job["training_method"]["train_on_inputs"] is False
-    assert (job["n_epochs"], job["batch_size"], job["learning_rate"]) == (1, 8, 1e-3)
+    cfg = recipe.training
+    assert (job["n_epochs"], job["batch_size"], job["learning_rate"]) == (cfg.epochs, cfg.batch_size, cfg.learning_rate)
     assert job["suffix"] == "gerbil-local"
 
 
