@@ -36,6 +36,21 @@ class ExportError(RuntimeError):
     """A conversion step failed or cannot run; the message names the step and what to do."""
 
 
+def keep_bos_setting(base_dir: Path, merged_dir: Path) -> None:
+    """Carry the base tokenizer's `add_bos_token` into the merged folder's tokenizer_config.json.
+
+    Saving a tokenizer drops that key for some families (Phi-3), and llama.cpp's converter then falls back to
+    adding BOS: the GGUF would prompt with a token training never saw, and the template gate would fail."""
+    base_cfg, merged_cfg = base_dir / "tokenizer_config.json", merged_dir / "tokenizer_config.json"
+    if not (base_cfg.exists() and merged_cfg.exists()):
+        return
+    base_value = json.loads(base_cfg.read_text()).get("add_bos_token")
+    merged = json.loads(merged_cfg.read_text())
+    if base_value is not None and merged.get("add_bos_token") != base_value:
+        merged["add_bos_token"] = base_value
+        merged_cfg.write_text(json.dumps(merged, indent=2, ensure_ascii=False))
+
+
 def merge_adapter(base_dir: Path, lora_dir: Path, out_dir: Path, dtype: str = "bfloat16") -> Path:
     """Fold the LoRA weights into the base and save a 16-bit HF folder (with the training tokenizer)."""
     import torch
@@ -53,6 +68,7 @@ def merge_adapter(base_dir: Path, lora_dir: Path, out_dir: Path, dtype: str = "b
         # (Gemma, Phi-3, Llama-2) from tokenizer.model and would otherwise guess a byte-level BPE one.
         if (Path(base_dir) / "tokenizer.model").exists() and not (tmp / "tokenizer.model").exists():
             shutil.copy2(Path(base_dir) / "tokenizer.model", tmp / "tokenizer.model")
+        keep_bos_setting(Path(base_dir), tmp)
     return out_dir
 
 
