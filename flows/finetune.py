@@ -55,11 +55,12 @@ def finetune(recipe: str = "slipstream", overrides: dict | None = None, output_r
     run_dir = create_run_folder(output_root, cfg, run_name, resume_from)
     record_devices(run_dir)   # the GPUs this run's work pool gave it (the tracks report reads them)
     base_dir = bootstrap_base_model(cfg.model)
-    # Before any training: the GGUF export (and an adapter deployment) must be possible for this architecture.
-    guard_architecture(base_dir, cfg)
     # Later tasks read what earlier ones wrote through the run folder (tasks/run.py); `wait_for` names
     # the artifact each one reads, so the Prefect graph shows the real dependencies.
     splits = write_splits(run_dir, prepare_splits(cfg.data, cfg.model.system_prompt, cfg.task))
+    # Before any evaluation or training: the GGUF export (and an adapter deployment) must be possible for
+    # this architecture. After the splits, so a bad dataset line is the first thing a user hears about.
+    guard_architecture(base_dir, cfg)
     # Base, merged and the served quantization are measured by llama.cpp (several times faster than
     # transformers generate on CPU); the parity table keeps the one transformers-vs-GGUF comparison.
     base = serve_and_measure_gguf(run_dir, "base", base_model_gguf(base_dir), cfg.eval, cfg.deploy,

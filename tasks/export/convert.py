@@ -75,8 +75,12 @@ def merge_adapter(base_dir: Path, lora_dir: Path, out_dir: Path, dtype: str = "b
 @lru_cache(maxsize=1)
 def converter_architectures() -> frozenset[str]:
     """HF architectures the pinned convert_hf_to_gguf.py registers (read from its source, no import)."""
+    conversion = llamacpp.source_dir() / "conversion"
+    if not conversion.is_dir():
+        raise ExportError(f"llama.cpp's converter is not set up at {conversion.parent} (SLIPWAY_HOME): run "
+                          "`make llama` (or `python -m tasks.llamacpp.build build`) first")
     names: set[str] = set()
-    for path in (llamacpp.source_dir() / "conversion").glob("*.py"):
+    for path in conversion.glob("*.py"):
         for m in re.finditer(r"@ModelBase\.register\(([^)]*)\)", path.read_text()):
             names.update(re.findall(r"\"([^\"]+)\"", m.group(1)))
     return frozenset(names)

@@ -71,6 +71,12 @@ def prefect_stack(tmp_path):
         _stop(server)
 
 
+def cfg_eval_files() -> list[str]:
+    from tasks.recipe import load_recipe
+
+    return load_recipe("slipstream").data.eval_files
+
+
 def test_deployment_run_completes_and_writes_the_report(prefect_stack, tmp_path, base_model_dir):
     env = prefect_stack
     for pool, gpus in (("cpu", ""), ("gpu-a", "0,1"), ("gpu-b", "2,3"), ("gpu-all", "0,1,2,3")):
@@ -100,6 +106,7 @@ def test_deployment_run_completes_and_writes_the_report(prefect_stack, tmp_path,
     for label in ("| base |", "| merged |", "| gguf-q8_0 |", "Stage timings"):
         assert label in report
     evals = json.loads((run_dir / "metrics" / "eval.json").read_text())
-    assert set(evals) == {"base", "merged", "gguf-q8_0"}
+    # base, merged and served on the test split, plus the merged model on each of the recipe's eval files
+    assert set(evals) == {"base", "merged", "gguf-q8_0"} | {f"merged@{Path(f).stem}" for f in cfg_eval_files()}
     assert (run_dir / "gguf" / "model-q8_0.gguf").exists() and (run_dir / "gguf" / "lora-f16.gguf").exists()
     print(f"deployment run took {time.time() - start:.0f}s")
