@@ -30,7 +30,7 @@ from prefect.workers.process import ProcessWorker
 from pydantic import Field, ValidationError, model_validator
 
 import blocks
-from tasks.recipe import REPO_ROOT, StrictModel, describe_error, key_lines
+from tasks.recipe import REPO_ROOT, StrictModel, located_errors
 
 POOLS_FILE = Path(__file__).resolve().parent / "pools.yaml"
 DEFAULT_HOST_GPUS = 4   # the 2+2 host the GPU pools were laid out for
@@ -89,13 +89,7 @@ def load_pools(path: Path = POOLS_FILE) -> PoolsFile:
     except yaml.YAMLError as exc:
         raise PoolsError(f"{path}: not valid YAML: {exc}") from None
     except ValidationError as exc:
-        lines = key_lines(node) if node is not None else {}
-        messages = []
-        for err in exc.errors():
-            loc = tuple(err["loc"])
-            line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), 1)
-            messages.append(f"{path}:{line}: {'.'.join(map(str, loc)) or '<file>'}: {describe_error(err)}")
-        raise PoolsError("invalid work pools\n" + "\n".join(messages)) from None
+        raise PoolsError("invalid work pools\n" + "\n".join(located_errors(path, node, exc, "<file>"))) from None
 
 
 def pool_env(pools: PoolsFile, name: str, host_gpus: int) -> dict[str, str]:

@@ -404,6 +404,18 @@ def describe_error(err: dict) -> str:
         else err["msg"]
 
 
+def located_errors(path: str | Path, node, exc: ValidationError, root: str) -> list[str]:
+    """One `file:line: field: reason` per validation error, the line of the deepest key found for it in the
+    YAML `node` (1 when none is); `root` names the whole document's location."""
+    lines = key_lines(node) if node is not None else {}
+    messages = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), 1)
+        messages.append(f"{path}:{line}: {'.'.join(str(p) for p in loc) or root}: {describe_error(err)}")
+    return messages
+
+
 def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
     """Load and validate a recipe YAML (a name like 'slipstream' resolves to recipes/slipstream.yaml).
 
@@ -433,12 +445,4 @@ def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
-        lines = key_lines(node) if node is not None else {}
-        messages = []
-        for err in exc.errors():
-            loc = tuple(err["loc"])
-            # The line of the deepest key we can find for this location.
-            line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), 1)
-            field_name = ".".join(str(p) for p in loc) or "<recipe>"
-            messages.append(f"{path}:{line}: {field_name}: {describe_error(err)}")
-        raise RecipeError("invalid recipe\n" + "\n".join(messages)) from None
+        raise RecipeError("invalid recipe\n" + "\n".join(located_errors(path, node, exc, "<recipe>"))) from None
