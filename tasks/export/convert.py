@@ -36,19 +36,24 @@ class ExportError(RuntimeError):
     """A conversion step failed or cannot run; the message names the step and what to do."""
 
 
-def keep_bos_setting(base_dir: Path, merged_dir: Path) -> None:
-    """Carry the base tokenizer's `add_bos_token` into the merged folder's tokenizer_config.json.
+# tokenizer_config.json keys llama.cpp's converter reads and that saving a tokenizer with transformers 5 can drop
+# or rewrite: add_bos_token (Phi-3 loses it, and the converter then adds a BOS training never saw) and
+# tokenizer_class (saved as "TokenizersBackend"; the Phi3 converter takes Phi-4's GPT-2 vocabulary path only on
+# "GPT2Tokenizer" and otherwise asks for a tokenizer.model Phi-4-mini does not have).
+BASE_TOKENIZER_KEYS = ("add_bos_token", "add_eos_token", "tokenizer_class")
 
-    Saving a tokenizer drops that key for some families (Phi-3), and llama.cpp's converter then falls back to
-    adding BOS: the GGUF would prompt with a token training never saw, and the template gate would fail."""
+
+def keep_base_tokenizer_settings(base_dir: Path, merged_dir: Path) -> None:
+    """Carry the base tokenizer_config.json's BASE_TOKENIZER_KEYS into the merged folder's, so the GGUF is
+    converted the way the base model would be."""
     base_cfg, merged_cfg = base_dir / "tokenizer_config.json", merged_dir / "tokenizer_config.json"
     if not (base_cfg.exists() and merged_cfg.exists()):
         return
-    base_value = json.loads(base_cfg.read_text()).get("add_bos_token")
+    base = json.loads(base_cfg.read_text())
     merged = json.loads(merged_cfg.read_text())
-    if base_value is not None and merged.get("add_bos_token") != base_value:
-        merged["add_bos_token"] = base_value
-        merged_cfg.write_text(json.dumps(merged, indent=2, ensure_ascii=False))
+    kept = {key: base[key] for key in BASE_TOKENIZER_KEYS if base.get(key) is not None}
+    if any(merged.get(key) != value for key, value in kept.items()):
+        merged_cfg.write_text(json.dumps({**merged, **kept}, indent=2, ensure_ascii=False))
 
 
 def merge_adapter(base_dir: Path, lora_dir: Path, out_dir: Path, dtype: str = "bfloat16") -> Path:
@@ -68,7 +73,7 @@ def merge_adapter(base_dir: Path, lora_dir: Path, out_dir: Path, dtype: str = "b
         # (Gemma, Phi-3, Llama-2) from tokenizer.model and would otherwise guess a byte-level BPE one.
         if (Path(base_dir) / "tokenizer.model").exists() and not (tmp / "tokenizer.model").exists():
             shutil.copy2(Path(base_dir) / "tokenizer.model", tmp / "tokenizer.model")
-        keep_bos_setting(Path(base_dir), tmp)
+        keep_base_tokenizer_settings(Path(base_dir), tmp)
     return out_dir
 
 

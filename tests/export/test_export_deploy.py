@@ -303,3 +303,20 @@ def test_model_card_dataset_card_and_publishing_to_a_folder(exported_run, traine
         Recipe.model_validate({"name": "x", "release": {"hub_model_repo": "me/model"}})
     creds = HuggingFaceHubCredentials(token="hf_not_a_real_token")
     assert "hf_not_a_real_token" not in repr(creds) and creds.api().token == "hf_not_a_real_token"
+
+
+def test_merge_keeps_the_base_tokenizer_settings_the_converter_reads(tmp_path):
+    """transformers 5 saves tokenizer_class "TokenizersBackend" and can drop add_bos_token; llama.cpp's converter
+    reads both (Phi-4-mini takes the GPT-2 vocabulary path only on "GPT2Tokenizer")."""
+    from tasks.export.convert import keep_base_tokenizer_settings
+
+    base, merged = tmp_path / "base", tmp_path / "merged"
+    base.mkdir(), merged.mkdir()
+    (base / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "GPT2Tokenizer", "add_bos_token": False, "model_max_length": 131072}))
+    (merged / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "TokenizersBackend", "chat_template": "{{ messages }}", "eos_token": "<|end|>"}))
+    keep_base_tokenizer_settings(base, merged)
+    assert json.loads((merged / "tokenizer_config.json").read_text()) == {
+        "tokenizer_class": "GPT2Tokenizer", "chat_template": "{{ messages }}", "eos_token": "<|end|>",
+        "add_bos_token": False}
