@@ -15,6 +15,7 @@ collation, legacy templates) are in tasks.ollama.prompt.
 from __future__ import annotations
 
 import ast
+import datetime
 import html
 import json
 import math
@@ -213,14 +214,64 @@ def _parse_pipe(toks: list, where: str) -> Pipe:
     return Pipe(decl, assign, cmds)
 
 
-def parse(src: str) -> list:
-    """Parse a template into a node list.
+@dataclass
+class TemplateCall:
+    """{{ template "name" pipeline }} (pipe None when there is no pipeline)."""
+
+    name: str
+    pipe: Pipe | None
+
+
+@dataclass
+class _Define:
+    """The frame of a {{ define "name" }} or {{ block "name" pipeline }} being parsed."""
+
+    name: str
+    body: list
+    call: TemplateCall | None = None      # a block: the call left where the block stands
+
+
+class Tree(list):
+    """A parsed template: its top-level nodes, and `defines`, the set of named templates it can call
+    (shared with every template parsed into the same set, as Go's associated templates are)."""
+
+    def __init__(self, nodes=(), defines: dict | None = None):
+        super().__init__(nodes)
+        self.defines: dict[str, list] = {} if defines is None else defines
+
+
+def _is_empty(nodes: list) -> bool:
+    """parse.IsEmptyTree: nothing but white space (comments are already gone)."""
+    return all(isinstance(n, Text) and not n.text.strip(" \t\r\n") for n in nodes)
+
+
+def _template_name(toks: list, where: str, head: str) -> tuple[str, list]:
+    if len(toks) < 2 or toks[1][0] not in ("str", "raw"):
+        raise GoTemplateError(f"{where}: unexpected name in {head} clause")
+    kind, text = toks[1]
+    return (_unquote(text, where) if kind == "str" else text[1:-1]), toks[2:]
+
+
+def parse(src: str, defines: dict | None = None) -> Tree:
+    """Parse a template into a node list (a Tree, whose `defines` gets its {{ define }}s and {{ block }}s).
+
+    Args:
+        defines: a set of named templates to parse into (Go's Template.Parse on an existing set): a new
+            non-empty definition replaces an older one; within one text two non-empty ones are an error.
 
     Raises:
         GoTemplateError: a construct outside the supported subset, or unbalanced blocks.
     """
-    root: list = []
-    stack: list[tuple[list, Branch | None]] = [(root, None)]
+    root = Tree(defines=defines)
+    own: dict[str, list] = {}       # this text's definitions (parse's treeSet)
+    stack: list[tuple[list, Any]] = [(root, None)]
+
+    def add(name: str, body: list, where: str) -> None:
+        if name in own and not _is_empty(own[name]) and not _is_empty(body):
+            raise GoTemplateError(f"{where}: template: multiple definition of template {name!r}")
+        if name not in own or _is_empty(own[name]):
+            own[name] = body
+
     pos, trim_next = 0, False
     for m in _ACTION.finditer(src):
         text = src[pos:m.start()]
@@ -246,7 +297,7 @@ def parse(src: str) -> list:
             stack[-1][0].append(branch)
             stack.append((branch.body, branch))
         elif head == "else":
-            if len(stack) == 1:
+            if len(stack) == 1 or isinstance(stack[-1][1], _Define):
                 raise GoTemplateError(f"{where}: 'else' outside a block")
             _, branch = stack.pop()
             branch.else_body = []
@@ -261,17 +312,43 @@ def parse(src: str) -> list:
         elif head == "end":
             if len(stack) == 1:
                 raise GoTemplateError(f"{where}: 'end' without a block")
-            stack.pop()
+            _, frame = stack.pop()
+            if isinstance(frame, _Define):
+                add(frame.name, frame.body, where)
+                if frame.call is not None:
+                    stack[-1][0].append(frame.call)
             while len(stack) > 1 and isinstance(stack[-1][1], _Chained):
                 stack.pop()
         elif head in ("break", "continue"):
             if len(toks) > 1:
                 raise GoTemplateError(f"{where}: unexpected {toks[1][1]!r} in {head}")
-            if not any(b is not None and not isinstance(b, _Chained) and b.kind == "range" for _, b in stack):
+            in_range = False
+            for _, b in reversed(stack):
+                if isinstance(b, _Define):
+                    break
+                if isinstance(b, Branch) and b.kind == "range":
+                    in_range = True
+                    break
+            if not in_range:
                 raise GoTemplateError(f"{where}: {{{{{head}}}}} outside {{{{range}}}}")
             stack[-1][0].append(LoopControl(head))
-        elif head in ("define", "template", "block"):
-            raise GoTemplateError(f"{where}: {head!r} is not supported")
+        elif head == "define":
+            if len(stack) != 1:
+                raise GoTemplateError(f"{where}: unexpected <define> in command")
+            name, rest = _template_name(toks, where, "define")
+            if rest:
+                raise GoTemplateError(f"{where}: unexpected {rest[0][1]!r} in define clause")
+            frame = _Define(name, [])
+            stack.append((frame.body, frame))
+        elif head == "block":
+            name, rest = _template_name(toks, where, "block")
+            if not rest:
+                raise GoTemplateError(f"{where}: missing value for block clause")
+            frame = _Define(name, [], TemplateCall(name, _parse_pipe(rest, where)))
+            stack.append((frame.body, frame))
+        elif head == "template":
+            name, rest = _template_name(toks, where, "template")
+            stack[-1][0].append(TemplateCall(name, _parse_pipe(rest, where) if rest else None))
         else:
             stack[-1][0].append(Action(_parse_pipe(toks, where)))
     text = src[pos:]
@@ -281,6 +358,9 @@ def parse(src: str) -> list:
         stack[-1][0].append(Text(text))
     if len(stack) != 1:
         raise GoTemplateError("template: unclosed block (missing {{ end }})")
+    for name, body in own.items():   # Template.AddParseTree: an empty body never replaces a defined one
+        if name not in root.defines or not _is_empty(body):
+            root.defines[name] = body
     return root
 
 
@@ -373,12 +453,47 @@ def _go_float(f: float, verb: str = "v", prec: int = -1) -> str:
     return f"{minus}{text[:dp]}.{text[dp:]}"
 
 
-def _fmt(v: Any, top: bool = False) -> str:
-    """Go's fmt %v of a template value (`top`: an action's output, where nil prints `<no value>`)."""
+class GoStruct:
+    """A Go struct as a template sees it. A subclass lists FIELDS (exported Go name -> attribute, in
+    declaration order), JSON (json.Marshal's fields: (key, attribute, omitempty) triples; None: the Go names,
+    none omitted), POINTER (the template holds a *T), and may define String() (a fmt.Stringer) or
+    MarshalJSON() (a json.Marshaler, returning the JSON text)."""
+
+    FIELDS: dict[str, str] = {}
+    JSON: list[tuple[str, str, bool]] | None = None
+    POINTER = False
+
+
+class GoList(list):
+    """A typed Go slice; `GoList()` is the nil slice (json `null`), `GoList([])` an empty one (`[]`)."""
+
+    def __init__(self, items=None):
+        super().__init__(items or ())
+        self.is_nil = items is None
+
+
+class GoMap(dict):
+    """A typed Go map (sorted keys when ranged, printed or marshalled); `GoMap()` is the nil map. With
+    missingkey=zero a missing key reads as zero() (the element type's zero value)."""
+
+    def __init__(self, items=None):
+        super().__init__(items or ())
+        self.is_nil = items is None
+
+    def zero(self):
+        return _NO_VALUE
+
+
+def _fmt(v: Any, top: bool = False, depth: int = 0) -> str:
+    """Go's fmt %v of a template value. `top`: an action's output (text/template's printableValue: nil
+    prints `<no value>`, a pointer is printed as what it points to); `depth` > 0: inside a composite,
+    where Go prints a pointer to a struct as its address, which nothing can reproduce (so: an error)."""
     if v is _NO_VALUE or (top and v is None):
         return "<no value>"
     if v is None:
         return "<nil>"
+    if hasattr(v, "String"):
+        return v.String()
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int):
@@ -391,13 +506,14 @@ def _fmt(v: Any, top: bool = False) -> str:
     if isinstance(v, str):
         return v
     if isinstance(v, (list, tuple)):
-        return "[" + " ".join(_fmt(x) for x in v) + "]"
+        return "[" + " ".join(_fmt(x, depth=depth + 1) for x in v) + "]"
     if isinstance(v, dict):
-        return "map[" + " ".join(f"{_fmt(k)}:{_fmt(v[k])}" for k in sorted(v)) + "]"
-    if hasattr(v, "FIELDS"):   # a struct pointer, as Ollama passes messages
-        if hasattr(v, "String"):
-            return v.String()
-        return "&{" + " ".join(_fmt(getattr(v, a)) for a in v.FIELDS.values()) + "}"
+        return "map[" + " ".join(f"{_fmt(k, depth=depth + 1)}:{_fmt(v[k], depth=depth + 1)}" for k in sorted(v)) + "]"
+    if isinstance(v, GoStruct):
+        if v.POINTER and (depth or not v.FIELDS):
+            raise GoTemplateError(f"Go prints this {type(v).__name__} pointer as a memory address")
+        body = "{" + " ".join(_fmt(getattr(v, a), depth=depth + 1) for a in v.FIELDS.values()) + "}"
+        return "&" + body if v.POINTER and not top else body
     return str(v)
 
 
@@ -581,23 +697,91 @@ def _slice(v: Any, *idx) -> Any:
     return v.encode()[lo:hi].decode(errors="replace") if isinstance(v, str) else list(v[lo:hi])
 
 
+def _json_float(f: float) -> str:
+    """encoding/json's float64: the shortest digits, fixed notation unless < 1e-6 or >= 1e21 (then
+    `1e+21`, `1e-7`)."""
+    if math.isnan(f) or math.isinf(f):
+        raise GoTemplateError(f"json: unsupported value: {_go_float(f)}")
+    if f == 0:
+        return "-0" if math.copysign(1, f) < 0 else "0"
+    sign, digits, exp = Decimal(repr(f)).as_tuple()
+    ds = "".join(map(str, digits)).rstrip("0") or "0"
+    exp += len("".join(map(str, digits))) - len(ds)      # ds * 10**exp
+    minus = "-" if sign else ""
+    if abs(f) < 1e-6 or abs(f) >= 1e21:
+        x = exp + len(ds) - 1
+        mant = ds[0] + ("." + ds[1:] if len(ds) > 1 else "")
+        return f"{minus}{mant}e{'-' if x < 0 else '+'}{abs(x):02d}".replace("e-0", "e-")
+    point = len(ds) + exp
+    if point <= 0:
+        return f"{minus}0.{'0' * -point}{ds}"
+    if point >= len(ds):
+        return minus + ds + "0" * (point - len(ds))
+    return f"{minus}{ds[:point]}.{ds[point:]}"
+
+
+def _json_string(s: str) -> str:
+    r"""encoding/json's string: HTML-safe (<, >, & as \u003c...), U+2028/9 escaped, invalid UTF-16
+    surrogates as U+FFFD; \b and \f short as Go >= 1.22 (Ollama's toolchain) writes them."""
+    s = re.sub("[\ud800-\udfff]", "\ufffd", s)
+    return (json.dumps(s, ensure_ascii=False).replace("<", "\\u003c").replace(">", "\\u003e")
+            .replace("&", "\\u0026").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+
+
+def _json_empty(x: Any) -> bool:
+    """omitempty: false, 0, "", nil, and empty slices and maps."""
+    if x is None or x is _NO_VALUE:
+        return True
+    if isinstance(x, (bool, int, float, str, list, tuple, dict)):
+        return not x
+    return False
+
+
+def _json(x: Any) -> str:
+    if x is None or x is _NO_VALUE:
+        return "null"
+    if hasattr(x, "MarshalJSON"):
+        return x.MarshalJSON()
+    if isinstance(x, GoStruct):
+        fields = x.JSON if x.JSON is not None else [(k, a, False) for k, a in x.FIELDS.items()]
+        return "{" + ",".join(f"{_json_string(k)}:{_json(getattr(x, a))}" for k, a, omit in fields
+                              if not (omit and _json_empty(getattr(x, a)))) + "}"
+    if isinstance(x, bool):
+        return "true" if x else "false"
+    if isinstance(x, int):
+        return str(x)
+    if isinstance(x, float):
+        return _json_float(x)
+    if isinstance(x, str):
+        return _json_string(x)
+    if isinstance(x, dict):
+        if getattr(x, "is_nil", False):
+            return "null"
+        return "{" + ",".join(f"{_json_string(str(k))}:{_json(x[k])}" for k in sorted(x)) + "}"
+    if isinstance(x, (list, tuple)):
+        if getattr(x, "is_nil", False):
+            return "null"
+        return "[" + ",".join(_json(i) for i in x) + "]"
+    if isinstance(x, complex):
+        raise GoTemplateError("json: unsupported type: complex128")
+    raise GoTemplateError(f"json: unsupported type {type(x).__name__}")
+
+
 def _go_json(v: Any) -> str:
-    """Ollama's `json`: Go's json.Marshal (map keys sorted, <, > and & escaped, structs by field)."""
-    def plain(x):
-        if x is _NO_VALUE:
-            return None
-        if hasattr(x, "FIELDS"):
-            return {k: plain(getattr(x, a)) for k, a in x.FIELDS.items()}
-        if isinstance(x, dict):
-            return {k: plain(x[k]) for k in sorted(x)}
-        if isinstance(x, (list, tuple)):
-            return [plain(i) for i in x]
-        if isinstance(x, float) and x.is_integer() and abs(x) < 1e21:
-            return int(x)
-        return x
-    text = json.dumps(plain(v), ensure_ascii=False, separators=(",", ":"))
-    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026") \
-        .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    """Ollama's `json`: Go's json.Marshal, its error dropped (an unsupported value gives "")."""
+    try:
+        return _json(v)
+    except GoTemplateError:
+        return ""
+
+
+def _date(days_ago: int, args: tuple) -> str:
+    """Ollama's currentDate / yesterdayDate: the server's local date (a format argument is accepted and
+    ignored, as Ollama does)."""
+    for a in args:
+        if not isinstance(a, str):
+            raise GoTemplateError(f"wrong type for value; expected string; got {_go_type(a)}")
+    return (datetime.date.today() - datetime.timedelta(days=days_ago)).isoformat()
 
 
 def _escaper_text(args: tuple) -> str:
@@ -657,8 +841,13 @@ _FUNCS = {
     "js": _js,
     "urlquery": lambda *a: urllib.parse.quote_plus(_escaper_text(a), safe=""),
     "json": _go_json,
+    "currentDate": lambda *a: _date(0, a),
+    "yesterdayDate": lambda *a: _date(1, a),
+    "toTypeScriptType": lambda v: v.ToTypeScriptType() if hasattr(v, "ToTypeScriptType") else "any",
 }
-_ARITY = {"not": 1, "ne": 2, "lt": 2, "le": 2, "gt": 2, "ge": 2, "len": 1, "json": 1}
+# Ollama's own functions (template/template.go funcs), absent from the bare template of a legacy last turn.
+_OLLAMA_FUNCS = {"json", "currentDate", "yesterdayDate", "toTypeScriptType"}
+_ARITY = {"toTypeScriptType": 1, "not": 1, "ne": 2, "lt": 2, "le": 2, "gt": 2, "ge": 2, "len": 1, "json": 1}
 
 
 class _Scope:
@@ -697,10 +886,16 @@ def _field(v: Any, names: list[str]):
     return v
 
 
+_MAX_DEPTH = 200   # nested {{ template }} calls (Go allows 100000; Python's stack gives out long before)
+
+
 class _Exec:
-    def __init__(self, root: Any):
+    def __init__(self, root: Any, defines: dict, ollama_funcs: bool, out: list | None = None, depth: int = 0):
         self.scope = _Scope(root)
-        self.out: list[str] = []
+        self.defines = defines
+        self.ollama_funcs = ollama_funcs
+        self.out: list[str] = [] if out is None else out
+        self.depth = depth
 
     def operand(self, node: tuple, dot: Any):
         kind = node[0]
@@ -743,6 +938,8 @@ class _Exec:
                 if _truth(result) != (name == "and"):
                     return result
             return result
+        if name in _OLLAMA_FUNCS and not self.ollama_funcs:
+            raise GoTemplateError(f"{name!r} is not a defined function")
         args = [self.operand(n, dot) for n in raw]
         if piped is not _NO_VALUE:
             args.append(piped)
@@ -780,6 +977,18 @@ class _Exec:
                 self.branch(node, dot)
             elif isinstance(node, LoopControl):
                 raise _Break() if node.kind == "break" else _Continue()
+            elif isinstance(node, TemplateCall):
+                self.call(node, dot)
+
+    def call(self, node: TemplateCall, dot: Any) -> None:
+        """{{ template }}: the named template over the pipeline's value, with only `$` (that value) defined."""
+        body = self.defines.get(node.name)
+        if body is None:
+            raise GoTemplateError(f"template {node.name!r} not defined")
+        value = self.pipe(node.pipe, dot) if node.pipe is not None else _NO_VALUE
+        if self.depth + 1 >= _MAX_DEPTH:
+            raise GoTemplateError(f"exceeded maximum template depth ({_MAX_DEPTH})")
+        _Exec(value, self.defines, self.ollama_funcs, self.out, self.depth + 1).run(body, value)
 
     def branch(self, b: Branch, dot: Any) -> None:
         self.scope.frames.append({})
@@ -826,15 +1035,29 @@ class _Exec:
             self.scope.frames.pop()
 
 
-def execute(nodes: list, data: Any) -> str:
-    """Run parsed nodes over `data` (dicts, lists, structs with FIELDS, strings, numbers, bools)."""
-    ex = _Exec(data)
-    ex.run(nodes, data)
+def execute(nodes: list, data: Any, ollama_funcs: bool = True) -> str:
+    """Run parsed nodes over `data` (dicts, lists, GoStruct/GoList/GoMap values, strings, numbers, bools),
+    with the named templates of `nodes.defines` (when `nodes` is a Tree).
+
+    Args:
+        ollama_funcs: False for a bare template without Ollama's functions (json, currentDate, ...), as
+            Ollama executes a legacy template's last turn.
+    """
+    ex = _Exec(data, getattr(nodes, "defines", {}), ollama_funcs)
+    try:
+        ex.run(nodes, data)
+    except RecursionError:
+        raise GoTemplateError("template nesting too deep") from None
     return "".join(ex.out)
 
 
 def identifiers(nodes: list) -> set[str]:
-    """Every field and variable name the template mentions, lower-cased (Ollama's Template.Vars)."""
+    """Every field and variable name the template and the templates it defines mention, lower-cased
+    (Ollama's Template.Vars).
+
+    Raises:
+        GoTemplateError: a {{ template "name" }} without a pipeline (Ollama's Parse refuses it).
+    """
     names: set[str] = set()
 
     def from_operand(op: tuple) -> None:
@@ -861,8 +1084,15 @@ def identifiers(nodes: list) -> set[str]:
                 from_pipe(n.pipe)
                 walk(n.body)
                 walk(n.else_body or [])
+            elif isinstance(n, TemplateCall):
+                if n.pipe is None:
+                    raise GoTemplateError(f"template {n.name!r}: undefined template specified (Ollama refuses a "
+                                          "{{ template }} call without a pipeline)")
+                from_pipe(n.pipe)
 
     walk(nodes)
+    for body in getattr(nodes, "defines", {}).values():
+        walk(body)
     return names
 
 
