@@ -50,7 +50,9 @@ def test_functions_and_missing_keys():
 
 
 @pytest.mark.parametrize("tmpl, message", [
-    ('{{ template "x" . }}', "'template' is not supported"),
+    ('{{ template "x" . }}', "template 'x' not defined"),
+    ('{{ define "x" }}X{{ end }}{{ template "x" }}', "undefined template specified"),   # Ollama's TestParseError
+    ('{{ if 1 }}{{ define "x" }}X{{ end }}{{ end }}', "define"),
     ("{{ call .Prompt }}", "function 'call' is not supported"),
     ("{{ break }}", "outside {{range}}"),
     ("{{ if .Prompt }}unclosed", "unclosed block"),
@@ -59,3 +61,25 @@ def test_functions_and_missing_keys():
 def test_unsupported_or_broken_templates_are_refused_with_the_reason(tmpl, message):
     with pytest.raises(GoTemplateError, match=message):
         render_ollama_chat(tmpl, CHAT, system=None)
+
+
+def test_currentdate_and_yesterdaydate_are_the_local_dates():
+    import datetime
+
+    out = render_ollama_chat("{{ range .Messages }}{{ .Content }}{{ end }} {{ currentDate }} {{ yesterdayDate }}",
+                             [CHAT[0]], system=None)
+    today = datetime.date.today()
+    assert out in (f"Hello {today} {today - datetime.timedelta(days=1)}",
+                   f"Hello {datetime.date.today()} {datetime.date.today() - datetime.timedelta(days=1)}")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"think": "extreme"}, "invalid think value"),
+    ({"messages": [{"role": "user", "content": "x", "images": ["aGk="]}]}, "images"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"properties": []}}}]},
+     "want a JSON object"),
+])
+def test_requests_ollama_refuses_or_this_renderer_cannot_match_are_refused(kwargs, message):
+    args = {"template": "{{ range .Messages }}{{ .Content }}{{ end }}", "messages": CHAT, "system": None, **kwargs}
+    with pytest.raises(GoTemplateError, match=message):
+        render_ollama_chat(**args)

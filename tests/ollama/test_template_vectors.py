@@ -15,6 +15,9 @@ VECTORS = Path(__file__).parent / "vectors"
 OLLAMA = VECTORS / "ollama"
 CHAT_VECTORS = [json.loads(line) for line in (OLLAMA / "chat-vectors.jsonl").read_text().splitlines()]
 # Go decoded the data from JSON, so its numbers are float64s: Python reads them as floats too.
+TOOL_VECTORS = [json.loads(line) for line in (OLLAMA / "tool-vectors.jsonl").read_text().splitlines()]
+GO_TEMPLATE_VECTORS = [json.loads(line, parse_int=float)
+                       for line in (VECTORS / "go" / "template-vectors.jsonl").read_text().splitlines()]
 GO_VECTORS = [json.loads(line, parse_int=float) for line in (VECTORS / "go" / "exec-vectors.jsonl").read_text().splitlines()]
 # Ollama's TestTemplate drops one trailing space from these templates' output before comparing.
 TRAILING_SPACE = {"chatqa.gotmpl", "llama2-chat.gotmpl", "mistral-instruct.gotmpl", "openchat.gotmpl", "vicuna.gotmpl"}
@@ -55,6 +58,52 @@ def test_chat_renders_match_go_text_template_driven_as_ollama_drives_it(vector):
             render_ollama_chat(vector["template"], vector["messages"], vector["system"])
     else:
         assert render_ollama_chat(vector["template"], vector["messages"], vector["system"]) == vector["output"]
+
+
+@pytest.mark.parametrize("vector", TOOL_VECTORS,
+                         ids=lambda v: f"{v['template_name']}|{v['chat']}|{bool(v['system'])}|{v['think']}")
+def test_tool_chats_match_go_text_template_driven_as_ollama_drives_it(vector):
+    """Tools, assistant tool calls, tool results and think values over every shipped template, Ollama's
+    tool templates and templates that print every tool value every way Go prints it."""
+    args = (vector["template"], vector["messages"], vector["system"], vector.get("tools"), vector["think"])
+    if "error" in vector:
+        with pytest.raises(GoTemplateError):
+            render_ollama_chat(*args)
+    else:
+        assert render_ollama_chat(*args) == vector["output"]
+
+
+def test_the_go_reference_renders_ollamas_old_tool_testdata():
+    """The reference renderer's tool types reproduce Ollama's own expected tool renders (tools/testdata at
+    6b04cad7e), except where Ollama changed since: at fb3076099 `{{ .Function }}` of a tool prints as a Go
+    struct (template.go's templateToolFunction has no String method), and two files end in a newline."""
+    tool_dir = OLLAMA / "tools"
+    changed = {"qwen2.5", "qwen3", "llama3-groq-tool-use"}   # each prints {{ .Function }}
+    checked = 0
+    for v in TOOL_VECTORS:
+        name = v["template_name"].removeprefix("tools:").removesuffix(".gotmpl")
+        if v["template_name"].startswith("tools:") and v["chat"] == "ollama-tools-testdata" and not v["system"]:
+            expected = (tool_dir / f"{name}.out").read_text()
+            if name in changed:
+                assert "{{ .Function }}" in v["template"] and v["output"] != expected
+            else:
+                assert v["output"] == expected.removesuffix("\n") or v["output"] == expected, name
+                checked += 1
+    assert checked == 6
+
+
+@pytest.mark.parametrize("vector", GO_TEMPLATE_VECTORS, ids=lambda v: v["name"])
+def test_go_named_template_vectors(vector):
+    """define / template / block as Go runs them (Go's multi_test.go and exec_test.go cases)."""
+    defines: dict = {}
+    try:
+        for d in vector["defs"]:
+            parse(d, defines)
+        out = execute(parse(vector["template"], defines), vector["data"])
+    except GoTemplateError:
+        assert "error" in vector
+    else:
+        assert "error" not in vector and out == vector["output"]
 
 
 @pytest.mark.parametrize("vector", GO_VECTORS, ids=lambda v: v["name"])
