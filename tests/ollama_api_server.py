@@ -260,7 +260,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(501, {"error": "this test double has no model runner (start it with upstream=)"})
         options = {**m["parameters"], **(body.get("options") or {})}
         try:
-            prompt = reference_prompt(m["template"] or "{{ .Prompt }}", body.get("messages") or [], m["system"])
+            prompt = reference_prompt(m["template"] or "{{ .Prompt }}", body.get("messages") or [], m["system"],
+                                      body.get("tools"), body.get("think"))
         except (LookupError, ValueError) as exc:
             return self._send(500, {"error": f"template: {exc}"})
         stop = options.get("stop", [])

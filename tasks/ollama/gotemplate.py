@@ -1,15 +1,23 @@
 """Go's `text/template` language as Ollama executes chat templates (its Modelfile TEMPLATE).
 
 Text, `{{- -}}` trimming, comments, `if`/`else if`/`else`, `range` (with `$i, $m :=`, `break`,
-`continue`; maps in sorted key order), `with`, variables (`$`, `:=`, `=`), fields, Go number, string,
-raw-string and character constants, parenthesised pipelines, `|`, and the builtins and, or, not, eq,
-ne, lt, le, gt, ge, len, index, slice, print, printf, println, html, js, urlquery, plus Ollama's `json`;
-values print as Go's fmt prints them (`map[a:1]`, `[1 2]`, `1e+06`, `<no value>`), executed with option
-missingkey=zero as Ollama does. Go's own comparison and indexing errors are errors here too. `define`,
-`template`, `block` and `call` are refused with `GoTemplateError` naming them, never rendered
-approximately. tests/ollama/vectors/ holds the byte-exact checks: every template Ollama ships, Ollama's
-expected outputs, and Go's own text/template test vectors. Ollama's rules around the template (SYSTEM,
-collation, legacy templates) are in tasks.ollama.prompt.
+`continue`; maps in sorted key order), `with`, `define`/`template`/`block` (named templates: a set shared
+across parses, later non-empty definitions win, `$` is the callee's dot), variables (`$`, `:=`, `=`),
+fields, Go number, string, raw-string and character constants, parenthesised pipelines, `|`, and the
+builtins and, or, not, eq, ne, lt, le, gt, ge, len, index, slice, print, printf, println, html, js,
+urlquery, plus Ollama's json (Go's encoding/json, byte for byte), currentDate, yesterdayDate and
+toTypeScriptType; values print as Go's fmt prints them (`map[a:1]`, `[1 2]`, `1e+06`, `<no value>`, a
+Stringer's String(), a struct as `{a b}`), executed with option missingkey=zero as Ollama does. Go values
+a template can see (Ollama's messages and tools) are GoStruct / GoList / GoMap. Go's own comparison and
+indexing errors are errors here too; `call` is refused (templates get no function values). What Go would
+print as a memory address raises GoTemplateError rather than printing something else.
+tests/ollama/vectors/ holds the byte-exact checks: every template Ollama ships (with and without tools),
+Ollama's expected outputs, and Go's own text/template test vectors. Ollama's rules around the template
+(SYSTEM, collation, legacy templates, think) are in tasks.ollama.prompt; its tool values in
+tasks.ollama.template_values.
+
+Known gaps, all against Ollama's Go 1.26 toolchain where the reference renderer is Go 1.19: `range` over an
+integer (Go >= 1.22) is an error here as in 1.19; nested {{ template }} calls stop at 200 levels (Go: 100000).
 """
 
 from __future__ import annotations

@@ -5,7 +5,10 @@ the Modelfile is prepended when the first message is not a system message, conse
 role are merged with a blank line, and a template that never names `.Messages` is run once per turn in
 the legacy System/Prompt/Response style, with everything from the first `{{ .Response }}` on cut away
 for the open turn (ollama `server/routes.go` ChatHandler, `template/template.go` Parse, Execute,
-collate and deleteNode).
+collate and deleteNode). That last turn runs as Ollama runs it: a bare template without Ollama's functions
+or the named templates. The request's `tools`, the messages' tool calls and tool results, and `think`
+(Think/ThinkLevel/IsThinkSet, as server/prompt.go sets them) reach the template as Ollama's Go values
+(tasks.ollama.template_values).
 """
 
 from __future__ import annotations

@@ -129,6 +129,8 @@ def test_the_ollama_api_double_renders_with_go_not_with_the_code_under_test():
         assert not any(m and m.startswith("tasks") for m in imported), (source, imported)
     rows = [json.loads(line) for line in RENDERS.read_text().splitlines()]
     assert rows
+    assert any(row.get("tools") for row in rows)
     for row in rows:
-        assert reference_prompt(row["template"], row["messages"], row["system"]) == row["output"]
-        assert render_ollama_chat(row["template"], row["messages"], row["system"]) == row["output"]
+        args = (row["template"], row["messages"], row["system"], row.get("tools"), row.get("think"))
+        assert reference_prompt(*args) == row["output"]
+        assert render_ollama_chat(*args) == row["output"]

@@ -182,7 +182,12 @@ def double_cases() -> list[dict]:
     system = ModelConfig().system_prompt
     rows = [to_messages(ex, system) for ex in load_examples(HERE.parent.parent / "assets" / "slipstream-tiny.jsonl")]
     mf = build_modelfile(AutoTokenizer.from_pretrained(resolve_base_model(ModelConfig())), "x.gguf", system)
-    return [{"template": mf.template, "messages": row["messages"][1:-1], "system": mf.system} for row in rows[10:12]]
+    cases = [{"template": mf.template, "messages": row["messages"][1:-1], "system": mf.system} for row in rows[10:12]]
+    # a request with tools (the double passes `tools` and `think` through to Go): Ollama's tool testdata chat
+    tool_dir = HERE / "ollama" / "tools"
+    return cases + [{"template": (tool_dir / "qwen2.5.gotmpl").read_text(), "system": "",
+                     "messages": json.loads((tool_dir / "messages.json").read_text()),
+                     "tools": json.loads((tool_dir / "tools.json").read_text()), "think": None}]
 
 
 def write_double_renders() -> None:
@@ -193,7 +198,7 @@ def write_double_renders() -> None:
     from ollama_reference_render import go_render, render_key
 
     cases = double_cases()
-    rows = [{"key": render_key(c["template"], c["messages"], c["system"]), **c, **r}
+    rows = [{"key": render_key(c["template"], c["messages"], c["system"], c.get("tools"), c.get("think")), **c, **r}
             for c, r in zip(cases, go_render(cases), strict=True)]
     out = HERE / "double-renders.jsonl"
     out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
