@@ -3,8 +3,10 @@
 // It generates the expected outputs vendored in tests/ollama/vectors/ (the Python renderer under test is
 // checked against them) and needs no Go at test time. Regenerate with:
 //   go run tests/ollama/gorender/main.go < cases.jsonl > rendered.jsonl
-// Each input line: {"template": ..., "messages": [...], "system": ..., "raw": false, "data": {...}}.
-// raw: execute the template once over `data` with missingkey=zero (Go's own text/template semantics);
+// Each input line: {"template", "messages" (api.Message JSON: tool_calls, tool_name, thinking...), "system",
+// "tools" (api.Tool JSON), "think" (true/false/"high"...), "raw", "defs", "data", "legacy"}.
+// raw: execute the template once over `data` with missingkey=zero, `defs` parsed into its set first (Go's
+// own text/template semantics);
 // otherwise render an Ollama /api/chat prompt from `messages` (+ the Modelfile `system`).
 package main
 
