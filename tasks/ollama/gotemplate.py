@@ -492,16 +492,19 @@ class GoMap(dict):
         return _NO_VALUE
 
 
-def _fmt(v: Any, top: bool = False, depth: int = 0) -> str:
-    """Go's fmt %v of a template value. `top`: an action's output (text/template's printableValue: nil
-    prints `<no value>`, a pointer is printed as what it points to); `depth` > 0: inside a composite,
-    where Go prints a pointer to a struct as its address, which nothing can reproduce (so: an error)."""
+def _fmt(v: Any, top: bool = False, depth: int = 0, verb: str = "v") -> str:
+    """Go's fmt %v of a template value (or %s: `verb`, applied inside composites as fmt does, so a
+    number there prints as `%!s(int=0)`). `top`: an action's output (text/template's printableValue: nil
+    prints `<no value>`, a pointer is printed as what it points to); `depth` > 0: inside a composite, where
+    Go prints a pointer to a struct as its address, which nothing can reproduce (so: an error)."""
     if v is _NO_VALUE or (top and v is None):
         return "<no value>"
-    if v is None:
-        return "<nil>"
     if hasattr(v, "String"):
         return v.String()
+    if verb == "s" and not isinstance(v, (str, list, tuple, dict, GoStruct)):
+        return "%!s(<nil>)" if v is None else f"%!s({_go_type(v)}={_fmt(v)})"
+    if v is None:
+        return "<nil>"
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int):
@@ -513,14 +516,15 @@ def _fmt(v: Any, top: bool = False, depth: int = 0) -> str:
         return f"({_go_float(v.real)}{'' if imag.startswith(('-', '+')) else '+'}{imag}i)"
     if isinstance(v, str):
         return v
+    inner = {"depth": depth + 1, "verb": verb}
     if isinstance(v, (list, tuple)):
-        return "[" + " ".join(_fmt(x, depth=depth + 1) for x in v) + "]"
+        return "[" + " ".join(_fmt(x, **inner) for x in v) + "]"
     if isinstance(v, dict):
-        return "map[" + " ".join(f"{_fmt(k, depth=depth + 1)}:{_fmt(v[k], depth=depth + 1)}" for k in sorted(v)) + "]"
+        return "map[" + " ".join(f"{_fmt(k, **inner)}:{_fmt(v[k], **inner)}" for k in sorted(v)) + "]"
     if isinstance(v, GoStruct):
         if v.POINTER and (depth or not v.FIELDS):
             raise GoTemplateError(f"Go prints this {type(v).__name__} pointer as a memory address")
-        body = "{" + " ".join(_fmt(getattr(v, a), depth=depth + 1) for a in v.FIELDS.values()) + "}"
+        body = "{" + " ".join(_fmt(getattr(v, a), **inner) for a in v.FIELDS.values()) + "}"
         return "&" + body if v.POINTER and not top else body
     return str(v)
 
@@ -583,7 +587,7 @@ def _format_one(v: Any, verb: str, flags: str, prec: int) -> str:
     if verb == "s":
         if k == "string":
             return v[:prec] if prec >= 0 else v
-        return _fmt(v) if k == "other" else bad
+        return _fmt(v, verb="s") if k == "other" else bad
     if verb == "q":
         if k == "string":
             return json.dumps(v, ensure_ascii=False).replace("\\u007f", "\\x7f")
@@ -674,7 +678,8 @@ def _index(v: Any, *keys) -> Any:
         if isinstance(v, dict):
             if not isinstance(k, str):
                 raise GoTemplateError(f"error calling index: value has type {_go_type(k)}; should be string")
-            v = v.get(k)   # a missing key: the element type's zero value (nil for interface{})
+            # a missing key: the element type's zero value (nil for interface{})
+            v = v[k] if k in v else v.zero() if isinstance(v, GoMap) else None
         elif isinstance(v, (list, tuple, str)):
             i = _int_arg(k, "index")
             if not 0 <= i < len(v):
@@ -702,7 +707,11 @@ def _slice(v: Any, *idx) -> Any:
     if len(ix) >= 2 and ix[0] > ix[1] or len(ix) == 3 and ix[1] > ix[2]:
         raise GoTemplateError(f"error calling slice: invalid slice index: {ix[0]} > {ix[1]}")
     lo, hi = bounds[0], bounds[1] if len(ix) >= 2 else n
-    return v.encode()[lo:hi].decode(errors="replace") if isinstance(v, str) else list(v[lo:hi])
+    if isinstance(v, str):
+        return v.encode()[lo:hi].decode(errors="replace")
+    if isinstance(v, GoList):   # a typed slice keeps its type (and String method); nil stays nil
+        return type(v)(None if v.is_nil else list(v[lo:hi]))
+    return list(v[lo:hi])
 
 
 def _json_float(f: float) -> str:
@@ -882,7 +891,7 @@ def _field(v: Any, names: list[str]):
     for name in names:
         if isinstance(v, dict):
             # missingkey=zero on map[string]any: a missing key is the zero value (nil)
-            v = v.get(name, _NO_VALUE)
+            v = v[name] if name in v else v.zero() if isinstance(v, GoMap) else _NO_VALUE
         elif hasattr(v, "FIELDS"):   # a struct: only its exported fields exist
             if name not in v.FIELDS:
                 raise GoTemplateError(f"can't evaluate field {name} in type {type(v).__name__}")

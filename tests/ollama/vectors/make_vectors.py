@@ -102,6 +102,17 @@ TOOL_TEMPLATES = {
                "{{ .Function.Arguments }} {{ json .Function.Arguments }} {{ index .Function.Arguments \"query\" }} "
                "{{ .Function.Arguments.location }}{{ range $k, $v := .Function.Arguments }} {{ $k }}={{ $v }}{{ end }}"
                "{{ end }}{{ end }}\n{{ .Think }} {{ .ThinkLevel }} {{ .IsThinkSet }}"),
+    # typed values through builtins: slices keep their type, missing keys read as the element's zero value
+    "values-builtins": ('{{ slice .Tools 0 1 }}|{{ slice .Tools 1 }}|{{ index .Tools 0 }}|{{ printf "%s|%v" .Tools .Tools }}|'
+                        '{{ print .Tools }}|{{ html .Tools }}|{{ len .Tools }}\n'
+                        '{{- range .Tools }}\n{{ .Function.Parameters.Properties.nope }}|'
+                        '{{ index .Function.Parameters.Properties "nope" }}|{{ toTypeScriptType (index .Function.Parameters.Properties "nope") }}|'
+                        '{{ toTypeScriptType .Function }}|{{ with .Function.Parameters.Properties }}{{ len . }}{{ else }}none{{ end }}'
+                        '{{ end }}\n{{- range .Messages }}{{ range .ToolCalls }}\n{{ .Function.Arguments.nope }}|'
+                        '{{ index .Function.Arguments "nope" }}|{{ printf "%v %s" .Function.Arguments .Function }}|'
+                        '{{ js .Function.Arguments }}|{{ urlquery .Function.Name }}{{ end }}{{ end }}'),
+    # a legacy template sees no Tools or Messages (missing keys)
+    "legacy-tools": "{{ .Tools }}|{{ .Messages }}|{{ .Think }}|{{ .ThinkLevel }}|{{ .System }}|{{ .Prompt }}|{{ .Response }}",
     # named templates inside a chat template (Go's define/template/block)
     "define-template-block": (
         '{{- define "tool" }}<tool name="{{ .Function.Name }}">{{ json .Function.Parameters }}</tool>{{ end }}'
