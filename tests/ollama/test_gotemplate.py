@@ -57,6 +57,7 @@ def test_functions_and_missing_keys():
     ("{{ break }}", "outside {{range}}"),
     ("{{ if .Prompt }}unclosed", "unclosed block"),
     ("{{ range .Messages }}{{ .Nope }}{{ end }}", "can't evaluate field Nope"),
+    ("{{ .Messages }}", "memory address"),   # Go prints [0xc000... 0xc000...]: nothing can match it
 ])
 def test_unsupported_or_broken_templates_are_refused_with_the_reason(tmpl, message):
     with pytest.raises(GoTemplateError, match=message):

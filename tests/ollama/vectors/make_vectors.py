@@ -112,7 +112,7 @@ TOOL_TEMPLATES = {
                         '{{ index .Function.Arguments "nope" }}|{{ printf "%v %s" .Function.Arguments .Function }}|'
                         '{{ js .Function.Arguments }}|{{ urlquery .Function.Name }}{{ end }}{{ end }}'),
     # a legacy template sees no Tools or Messages (missing keys)
-    "legacy-tools": "{{ .Tools }}|{{ .Messages }}|{{ .Think }}|{{ .ThinkLevel }}|{{ .System }}|{{ .Prompt }}|{{ .Response }}",
+    "legacy-tools": "{{ .Tools }}|{{ .Think }}|{{ .ThinkLevel }}|{{ .System }}|{{ .Prompt }}|{{ .Response }}",
     # named templates inside a chat template (Go's define/template/block)
     "define-template-block": (
         '{{- define "tool" }}<tool name="{{ .Function.Name }}">{{ json .Function.Parameters }}</tool>{{ end }}'
@@ -225,6 +225,12 @@ def _go(cases: list[dict]) -> list[dict]:
 
 
 def _write(path: Path, rows: list[dict]) -> None:
+    import re
+
+    # Go prints a pointer inside a composite as its address: such an output is no vector
+    leaked = [r.get("template_name", r.get("name")) for r in rows if re.search(r"0xc[0-9a-f]{9}", r.get("output", ""))]
+    if leaked:
+        raise SystemExit(f"{path.name}: outputs with Go memory addresses: {sorted(set(leaked))}")
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     print(f"{len(rows)} renders -> {path}")
 
