@@ -10,6 +10,9 @@ own process (fresh GPU memory, and Unsloth patches transformers on import):
     hf              plain transformers Trainer + PEFT, padded batches of 8 rows (the reference, ratio 1.0)
     slipway-padded  Slipway's `train()`, engine trl, padded batches of 8 (today's path)
     slipway-trl     Slipway's `train()`, engine trl, packed (--tokens-per-step per optimizer step)
+    slipway-trl-flex   ... packed, training.attention flex_attention (document mask: only each row's block)
+    slipway-trl-liger  ... packed, training.liger_kernel (fused RMSNorm/SwiGLU/RoPE/linear+cross-entropy)
+    slipway-trl-fast   ... packed, both
     slipway-unsloth Slipway's `train()`, engine unsloth, packed
     unsloth-direct  Unsloth as its docs show: FastLanguageModel + get_peft_model(use_gradient_checkpointing=
                     "unsloth") + SFTTrainer on prompt/completion rows, batch 8 (its auto padding-free on)
@@ -37,7 +40,8 @@ sys.path.insert(0, str(REPO))
 PEAK_BF16_FLOPS = 989e12     # H100/H200 SXM dense bf16, the MFU denominator
 SYSTEM_PROMPT = "You are a Slipstream agent. Answer with THOUGHT, QUANTIZE and SLIP lines."
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SINGLE = ["hf", "slipway-padded", "slipway-trl", "slipway-unsloth", "unsloth-direct"]
+SINGLE = ["hf", "slipway-padded", "slipway-trl", "slipway-trl-flex", "slipway-trl-liger", "slipway-trl-fast",
+          "slipway-unsloth", "unsloth-direct"]
 MULTI = ["ddp-2", "zero2-2", "zero2-1"]
 
 
@@ -99,6 +103,12 @@ def recipe_for(variant: str, args):
         t.packing, t.tokens_per_step, t.pack_length = True, args.tokens_per_step, args.pack_length
     if variant == "slipway-unsloth":
         t.engine = "unsloth"
+    # slipway-trl-flex / -liger / -fast (both): the packed trl path with FlexAttention's document mask and/or
+    # Liger's fused kernels.
+    if variant in ("slipway-trl-flex", "slipway-trl-fast"):
+        t.attention = "flex_attention"
+    if variant in ("slipway-trl-liger", "slipway-trl-fast"):
+        t.liger_kernel = True
     if variant.startswith(("ddp", "zero2")):
         t.accelerate_config = variant.split("-")[0]
     return recipe

@@ -111,6 +111,13 @@ class TrainingConfig(StrictModel):
     pack_length: int = Field(
         0, ge=0, description="With packing: tokens per packed sequence; 0 = max_length. Attention cost grows "
         "with it (the mask is block-diagonal but SDPA computes the whole square).")
+    attention: Literal["sdpa", "flex_attention", "eager"] = Field(
+        "sdpa", description="transformers attention kernel (engine 'trl'). 'flex_attention': with packing, a "
+        "document mask built from the packed position_ids, so only each row's own causal block is computed "
+        "(SDPA computes the whole square and masks it); compiled on its first step; GPU only (no CPU backward).")
+    liger_kernel: bool = Field(
+        False, description="Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE, and a fused linear + "
+        "cross-entropy that never materializes the logits): less memory and time per step. GPU only (gpu extra).")
     epochs: float = Field(2.0, gt=0)
     max_steps: int = Field(-1, ge=-1, description="-1: run `epochs`; otherwise stop after this many steps.")
     learning_rate: float = Field(1e-3, gt=0, lt=1)

@@ -53,8 +53,8 @@ def check_engine(recipe, gpus: int, distributed_type: str | None) -> None:
             for a plain process.
 
     Raises:
-        EngineError: unsloth or 4-bit without a GPU; unsloth under DeepSpeed; an accelerate launch with
-            no GPU; a packed sequence shorter than max_length.
+        EngineError: unsloth, 4-bit, Liger or FlexAttention without a GPU; unsloth under DeepSpeed or with another
+            attention; an accelerate launch with no GPU; a packed sequence shorter than max_length.
     """
     cfg, model = recipe.training, recipe.model
     if cfg.engine == "unsloth" and gpus < 1:
@@ -69,6 +69,15 @@ def check_engine(recipe, gpus: int, distributed_type: str | None) -> None:
     if distributed_type is not None and gpus < 1:
         raise EngineError(f"training.accelerate_config {cfg.accelerate_config!r} launches one process per GPU "
                           "and no CUDA GPU is visible; leave it unset on a CPU machine")
+    if cfg.liger_kernel and gpus < 1:
+        raise EngineError("training.liger_kernel needs a CUDA GPU (Liger's kernels are Triton) and none is "
+                          "visible; leave it off on this machine")
+    if cfg.attention == "flex_attention" and gpus < 1:
+        raise EngineError("training.attention 'flex_attention' needs a CUDA GPU to train (PyTorch has no "
+                          "FlexAttention backward on CPU); use attention 'sdpa' on this machine")
+    if cfg.engine == "unsloth" and cfg.attention != "sdpa":
+        raise EngineError(f"training.attention {cfg.attention!r} applies to engine 'trl'; engine 'unsloth' "
+                          "picks its own attention kernels (leave attention: sdpa)")
     if cfg.packing and cfg.pack_length and cfg.pack_length < cfg.max_length:
         raise EngineError(f"training.pack_length {cfg.pack_length} is shorter than training.max_length "
                           f"{cfg.max_length}: a row would not fit in a packed sequence")

@@ -97,6 +97,11 @@ class PackedCollator:
     def __call__(self, features: list[dict]) -> dict:
         import torch
 
+        # position_ids are rebuilt from seq_lengths when the trainer kept only {input_ids, labels, seq_lengths}
+        # (TRL does with use_liger_kernel): the row boundaries are the same information.
+        for f in features:
+            if "position_ids" not in f:
+                f["position_ids"] = [p for n in f["seq_lengths"] for p in range(n)]
         batch = {key: torch.tensor([f[key] for f in features], dtype=torch.long)
                  for key in ("input_ids", "labels", "position_ids")}
         if self.flatten:

@@ -131,7 +131,7 @@ def load_model(recipe: Recipe, base_dir: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    kwargs: dict = {"dtype": dtype}
+    kwargs: dict = {"dtype": dtype, "attn_implementation": recipe.training.attention}
     if recipe.model.load_in_4bit:
         from transformers import BitsAndBytesConfig
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -278,7 +278,7 @@ def train(recipe: Recipe, run_dir: Path | RunFolder, base_dir: Path) -> dict:
         max_length=batch_extras.pop("max_length"), seed=cfg.seed, data_seed=cfg.seed, logging_steps=cfg.logging_steps,
         save_steps=cfg.save_steps, save_total_limit=2, eval_strategy="epoch" if val_data else "no",
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not on_gpu,
-        completion_only_loss=True, report_to=[], dataloader_num_workers=0,
+        completion_only_loss=True, report_to=[], dataloader_num_workers=0, use_liger_kernel=cfg.liger_kernel,
         **batch_extras,
         ddp_find_unused_parameters=False if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         disable_tqdm=True)

@@ -32,13 +32,16 @@ def test_engine_is_the_new_name_of_backend(tmp_path):
     ("trl", {"load_in_4bit": True}, 0, None, "load_in_4bit .* needs a CUDA GPU"),
     ("unsloth", {}, 2, "DEEPSPEED", "does not run under DeepSpeed"),
     ("trl", {}, 0, "MULTI_GPU", "no CUDA GPU is visible"),
+    ("trl", {"liger_kernel": True}, 0, None, "liger_kernel needs a CUDA GPU"),
+    ("trl", {"attention": "flex_attention"}, 0, None, "no FlexAttention backward on CPU"),
+    ("unsloth", {"attention": "flex_attention"}, 1, None, "applies to engine 'trl'"),
 ])
 def test_combinations_that_cannot_run_are_refused_before_launch(engine, fields, gpus, kind, message):
     recipe = Recipe(name="x")
     recipe.training.engine = engine
     recipe.training.accelerate_config = {"DEEPSPEED": "zero2", "MULTI_GPU": "ddp"}.get(kind)
     for key, value in fields.items():
-        setattr(recipe.model, key, value)
+        setattr(recipe.model if key in type(recipe.model).model_fields else recipe.training, key, value)
     with pytest.raises(EngineError, match=message):
         check_engine(recipe, gpus, kind)
 

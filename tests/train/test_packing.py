@@ -1,5 +1,6 @@
 """Packed batches on a tiny random Llama (CPU, seconds): the same loss as one row at a time, no attention
-across rows, only answer tokens as targets, fixed shapes."""
+across rows (with SDPA's mask and with FlexAttention's document mask), only answer tokens as targets, fixed
+shapes."""
 
 import pytest
 
@@ -121,3 +122,37 @@ def test_the_token_budget_sets_sequences_per_step():
     assert sequences_per_step(8192, 1024, 8, 133.0) == 8
     assert sequences_per_step(0, 512, 8, 100.0) == 2          # the unpacked budget: 8 rows of 100 tokens
     assert sequences_per_step(0, 2048, 4, 100.0) == 1         # never zero
+
+
+@pytest.mark.integration   # FlexAttention compiles its kernel on the first call (~30 s on 2 cores)
+def test_flex_attention_document_mask_matches_sdpa_and_keeps_rows_apart(tiny_llama, tokenized, tokenizer):
+    """training.attention 'flex_attention': transformers builds a document BlockMask from the packed
+    position_ids; the logits equal SDPA's block-diagonal ones and a row still never sees its neighbours."""
+    import copy
+
+    import torch
+
+    bins = pack_rows(tokenized, 640, tokenizer.pad_token_id)
+    packed = next(b for b in bins if len(b["seq_lengths"]) >= 3)
+    batch = PackedCollator()([packed])
+    first = packed["seq_lengths"][0]
+    perturbed = batch["input_ids"].clone()
+    perturbed[0, :first] = (perturbed[0, :first] + 1000) % 49152
+    flex = copy.deepcopy(tiny_llama)
+    flex.set_attn_implementation("flex_attention")
+    with torch.no_grad():
+        sdpa_logits = tiny_llama(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        before = flex(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        after = flex(input_ids=perturbed, position_ids=batch["position_ids"]).logits
+    torch.testing.assert_close(before, sdpa_logits, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(before[0, :first], after[0, :first])
+    torch.testing.assert_close(before[0, first:], after[0, first:], rtol=0, atol=1e-5)
+
+
+def test_position_ids_come_back_from_seq_lengths_when_the_trainer_dropped_them(tokenized, tokenizer):
+    """TRL keeps only input_ids, labels and seq_lengths under use_liger_kernel: the collator rebuilds the same
+    position_ids from the row lengths."""
+    bins = pack_rows(tokenized, 640, tokenizer.pad_token_id)
+    full = PackedCollator()(bins)
+    trimmed = PackedCollator()([{k: b[k] for k in ("input_ids", "labels", "seq_lengths")} for b in bins])
+    assert trimmed["position_ids"].equal(full["position_ids"]) and trimmed["input_ids"].equal(full["input_ids"])
