@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.together import remote_training
+from flows.together_training import remote_training
 
 from tasks.models.bootstrap import bootstrap_base_model
 from tasks.data.prepare import prepare_splits, write_eval_file_split, write_splits

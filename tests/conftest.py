@@ -93,3 +93,18 @@ def exported_run(trained_run, base_model_dir, tmp_path_factory):
     ggufs = export_gguf.fn(run_dir, base_model_dir, recipe.export)
     write_modelfile.fn(run_dir, recipe, ggufs)
     return run_dir, recipe, ggufs
+
+
+@pytest.fixture
+def langfuse_receiver(monkeypatch):
+    """A local Langfuse ingestion receiver (tests/receivers.py), the LANGFUSE_* variables pointing the client
+    at it, and the tracing module's cached client reset around the test."""
+    from receivers import LangfuseReceiver
+    from tasks import tracing
+
+    with LangfuseReceiver() as rec:
+        for key, value in rec.env().items():
+            monkeypatch.setenv(key, value)
+        tracing.reset()
+        yield rec
+    tracing.reset()

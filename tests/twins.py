@@ -107,13 +107,10 @@ TWIN_VERSION = 5
 def cached_twin(family_name: str) -> Path:
     """The family's twin, built once into ~/.cache/slipway/twins (a big vocabulary takes ~30-60 s to rebuild
     on 2 cores); atomic and locked like the base-model cache."""
-    from filelock import FileLock
-
-    from tasks.run import atomic_dir, slipway_home
+    from tasks.run import atomic_dir, cache_lock, slipway_home
 
     target = slipway_home() / "twins" / f"{family_name}-v{TWIN_VERSION}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
+    with cache_lock(target):
         if not (target / "config.json").exists():
             with atomic_dir(target) as tmp:
                 tiny_twin(family_name, tmp)

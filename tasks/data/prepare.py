@@ -18,12 +18,13 @@ import random
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 from prefect import task
 
 from tasks.data.dedupe import eval_prompts_from_file, merge_contamination, remove_contaminated, remove_duplicates
 from tasks.data.evalfile import EvalFileError, gold_answer, load_eval_file, to_chat_row
-from tasks.data.formats import FormatError, read_record
+from tasks.data.formats import FormatError, read_record, write_record
 from tasks.data.rows import Example, normalise, read_json_lines
 from tasks.tasktypes import task_type
 from tasks.protocol import SlipParseError, parse_tqt
@@ -65,19 +66,37 @@ def _row_to_example(obj: object, where: str, line: int) -> Example:
     return Example(prompt=texts[-2].strip(), answer=texts[-1].strip(), anchor=parsed.slip.anchor, line=line)
 
 
+def _load_rows(path: Path, to_example: Callable[[object, str, int], Example]) -> list[Example]:
+    """Every non-blank line of a source JSONL as an Example (`to_example(obj, '<file>:<line>', line)`),
+    its provenance the file's name: the one reading loop of the line-based formats.
+
+    Raises:
+        DatasetError: a missing or empty file, or '<file>:<line>: <rule>' for the first bad line.
+    """
+    path = repo_path(path)
+    if not path.exists():
+        raise DatasetError(f"{path}: dataset file not found")
+    examples = [to_example(obj, where, line_no) for line_no, obj, where in read_json_lines(path, DatasetError)]
+    if not examples:
+        raise DatasetError(f"{path}: no rows")
+    return [replace(ex, source=path.name) for ex in examples]
+
+
+def _read_as(obj: object, fmt: str, where: str):
+    """One row read as a tasks.data.formats conversation, its FormatError (file:line: field) a DatasetError."""
+    try:
+        return read_record(obj, fmt, where)
+    except FormatError as exc:
+        raise DatasetError(str(exc)) from None
+
+
 def load_examples(path: Path) -> list[Example]:
     """Read a ShareGPT JSONL file, validating every line.
 
     Raises:
         DatasetError: '<file>:<line>: <rule>' for the first bad line (not JSON, wrong shape, bad answer).
     """
-    path = repo_path(path)
-    if not path.exists():
-        raise DatasetError(f"{path}: dataset file not found")
-    examples = [_row_to_example(obj, where, line_no) for line_no, obj, where in read_json_lines(path, DatasetError)]
-    if not examples:
-        raise DatasetError(f"{path}: no rows")
-    return [replace(ex, source=path.name) for ex in examples]
+    return _load_rows(path, _row_to_example)
 
 
 def synthetic_examples(cfg: DataConfig) -> list[Example]:
@@ -102,21 +121,11 @@ def load_datafactory_examples(path: Path) -> list[Example]:
     Raises:
         DatasetError: '<file>:<line>: <rule>' for the first bad line.
     """
-    from tasks.data.formats import FormatError, read_record, write_record
+    def to_example(obj: object, where: str, line_no: int) -> Example:
+        sharegpt = write_record(_read_as(obj, "datafactory", where), "sharegpt", where)
+        return _row_to_example(sharegpt, where, line_no)
 
-    path = repo_path(path)
-    if not path.exists():
-        raise DatasetError(f"{path}: dataset file not found")
-    examples = []
-    for line_no, obj, where in read_json_lines(path, DatasetError):
-        try:
-            sharegpt = write_record(read_record(obj, "datafactory", where), "sharegpt", where)
-        except FormatError as exc:
-            raise DatasetError(str(exc)) from None
-        examples.append(_row_to_example(sharegpt, where, line_no))
-    if not examples:
-        raise DatasetError(f"{path}: no rows")
-    return [replace(ex, source=path.name) for ex in examples]
+    return _load_rows(path, to_example)
 
 
 def load_eval_examples(path: Path, task: str) -> list[Example]:
@@ -150,23 +159,15 @@ def load_chat_examples(path: Path) -> list[Example]:
     Raises:
         DatasetError: '<file>:<line>: <rule>' for the first bad line.
     """
-    path = repo_path(path)
-    if not path.exists():
-        raise DatasetError(f"{path}: dataset file not found")
-    examples = []
-    for line_no, obj, where in read_json_lines(path, DatasetError):
-        try:
-            conv = read_record(obj, "messages", where)
-        except FormatError as exc:
-            raise DatasetError(str(exc)) from None
+    def to_example(obj: object, where: str, line_no: int) -> Example:
+        conv = _read_as(obj, "messages", where)
         roles = [m.role for m in conv.messages]
         if roles[-2:] != ["user", "assistant"]:
             raise DatasetError(f"{where}: the last two turns must be user then assistant, got {roles[-2:]}")
-        examples.append(Example(prompt=conv.messages[-2].content.strip(), answer=conv.messages[-1].content.strip(),
-                                anchor="", line=line_no))
-    if not examples:
-        raise DatasetError(f"{path}: no rows")
-    return examples
+        return Example(prompt=conv.messages[-2].content.strip(), answer=conv.messages[-1].content.strip(),
+                       anchor="", line=line_no)
+
+    return _load_rows(path, to_example)
 
 
 def split_examples(examples: list[Example], cfg: DataConfig) -> dict[str, list[Example]]:

@@ -1,8 +1,10 @@
 """A managed llama.cpp OpenAI-compatible server (`llama-server`), on loopback unless told otherwise.
 
-`ManagedLlamaServer` picks a free port (or takes the configured one), waits for `/health`, keeps the
-server log in the run folder, restarts a server that died or stopped answering, and stops it cleanly
-(terminate, then kill). `llama_server(...)` is the same as a `with` block for evaluations.
+`ManagedLlamaServer` takes the configured port or lets llama-server bind a free one itself (`--port 0`, the
+port read back from its log: no port is picked in advance, so a concurrent run's server cannot take it
+first), waits for `/health`, keeps the server log in the run folder, restarts a server that died or
+stopped answering, and stops it cleanly (terminate, then kill). `llama_server(...)` is the same as a
+`with` block for evaluations.
 
 The serving boundary:
   * bound to anything but loopback, the server requires an API key (a Prefect `Secret` block named by
@@ -26,9 +28,9 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -62,10 +64,27 @@ class ServerHandle:
     process: subprocess.Popen
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+_LISTENING = re.compile(r"listening on https?://\S+:(\d+)\s*$", re.MULTILINE)
+
+
+def wait_bound_port(proc: subprocess.Popen, log_path: Path, offset: int, timeout: float) -> int:
+    """The port a llama-server started with `--port 0` bound, from its `listening on http://host:port` log
+    line (written after `offset`, where this start's output begins); fail fast if the process exits.
+
+    Raises:
+        ServerError: the process exited, or named no port within `timeout`.
+    """
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with open(log_path, "rb") as log:
+            log.seek(offset)
+            found = _LISTENING.search(log.read().decode(errors="replace"))
+        if found:
+            return int(found.group(1))
+        if proc.poll() is not None:
+            raise ServerError(f"llama-server exited with {proc.returncode}:\n{_tail(log_path)}")
+        time.sleep(0.1)
+    raise ServerError(f"llama-server named no listening port after {timeout:.0f}s:\n{_tail(log_path)}")
 
 
 def get_ok(url: str, timeout: float = 2) -> bool:
@@ -140,7 +159,8 @@ def _tail(path: Path, n: int = 15) -> str:
 class ManagedLlamaServer:
     """One llama-server process for one model (plus an optional LoRA GGUF).
 
-    The port is chosen once (free_port when 0) and kept across restarts, so clients keep their URL.
+    Port 0: llama-server binds a free one at the first start (so two runs never race for a port picked
+    in advance); that port is then kept across restarts, so clients keep their URL.
     """
 
     def __init__(self, model_path: Path, log_path: Path, alias: str = "slipway", host: str = "127.0.0.1",
@@ -158,7 +178,7 @@ class ManagedLlamaServer:
             raise ServerError(f"parallel must be 1..{MAX_PARALLEL} and ctx_size 256..{MAX_CTX_SIZE} "
                               f"(got {parallel}, {ctx_size})")
         self.model_path, self.lora_path, self.log_path = Path(model_path), lora_path, Path(log_path)
-        self.alias, self.host, self.port = alias, host, port or free_port(host)
+        self.alias, self.host, self.port = alias, host, port   # 0 until the first start binds one
         self.parallel, self.ctx_size, self.threads = parallel, ctx_size, threads
         self.startup_timeout, self.max_restarts = startup_timeout, max_restarts
         self._api_key, self.outlive_parent = api_key, outlive_parent
@@ -212,12 +232,15 @@ class ManagedLlamaServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._write_key_file()
         with open(self.log_path, "a") as log:
+            offset = log.tell()   # where this start's output begins (a restart appends to the same log)
             # Own session: a Ctrl-C in the terminal reaches us, and we stop the server deliberately; and
             # it dies with us unless it is meant to outlive the flow (deploy.keep_running).
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True,
                                             preexec_fn=None if self.outlive_parent else die_with_parent())
         try:
+            if not self.port:
+                self.port = wait_bound_port(self.process, self.log_path, offset, self.startup_timeout)
             wait_healthy(self.root_url, self.process, self.log_path, self.startup_timeout)
         except ServerError:
             self.stop()

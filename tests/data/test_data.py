@@ -3,7 +3,8 @@ import json
 import pytest
 
 from tasks.data.dedupe import remove_duplicates
-from tasks.data.prepare import DatasetError, load_examples, split_examples
+from tasks.data.prepare import (DatasetError, load_chat_examples, load_datafactory_examples, load_examples,
+                               split_examples)
 from tasks.data.rows import normalise
 from tasks.recipe import DataConfig
 from conftest import ASSETS, REPO
@@ -33,6 +34,30 @@ def test_answer_that_breaks_the_protocol_is_named(tmp_path):
     bad.write_text(json.dumps(row) + "\n")
     with pytest.raises(DatasetError, match=rf"{bad}:1: assistant answer .* unknown anchor"):
         load_examples(bad)
+
+
+@pytest.mark.parametrize("loader, good", [
+    (load_examples, {"conversations": [{"from": "human", "value": "u"},
+                                       {"from": "gpt", "value": "THOUGHT: t\nSLIP: SLIP v1 a b RequestReview"}]}),
+    (load_datafactory_examples, {"instruction": "s", "input": "u",
+                                 "output": "THOUGHT: t\nSLIP: SLIP v1 a b RequestReview"}),
+    (load_chat_examples, {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}),
+])
+def test_every_line_format_names_its_file_line_and_field_and_keeps_its_provenance(tmp_path, loader, good):
+    """The line-based formats share one reader: blank lines skipped, each row's provenance the file's name,
+    and the first bad line named file:line with the rule it broke."""
+    src = tmp_path / "rows.jsonl"
+    src.write_text(json.dumps(good) + "\n\n" + json.dumps(good) + "\n")
+    examples = loader(src)
+    assert [(e.prompt, e.line, e.source) for e in examples] == [("u", 1, "rows.jsonl"), ("u", 3, "rows.jsonl")]
+    src.write_text(json.dumps(good) + "\n" + json.dumps({"nothing": "here"}) + "\n")
+    with pytest.raises(DatasetError, match=rf"^{src}:2: "):
+        loader(src)
+    src.write_text("\n")
+    with pytest.raises(DatasetError, match=rf"^{src}: no rows$"):
+        loader(src)
+    with pytest.raises(DatasetError, match="dataset file not found"):
+        loader(tmp_path / "missing.jsonl")
 
 
 def test_split_is_seeded_and_shares_no_prompt():

@@ -8,7 +8,7 @@ import pytest
 from prefect import flow
 from prefect.settings import PREFECT_UI_URL, temporary_settings
 
-from receivers import FlakyChatServer, LangfuseReceiver
+from receivers import FlakyChatServer
 from tasks import tracing
 from tasks.recipe import BaselineConfig, EvalConfig, Recipe
 from tasks.run import RunFolder, atomic_write_jsonl, new_run_dir
@@ -17,14 +17,10 @@ KEY = "sk-trace-links-1234"
 
 
 @pytest.fixture
-def receiver(monkeypatch):
-    with LangfuseReceiver() as rec:
-        for key, value in rec.env().items():
-            monkeypatch.setenv(key, value)
-        tracing.reset()
-        with temporary_settings(updates={PREFECT_UI_URL: "http://prefect.example:4200"}):
-            yield rec
-    tracing.reset()
+def receiver(langfuse_receiver):
+    """The shared receiver (tests/conftest.py), with a Prefect UI URL for the links."""
+    with temporary_settings(updates={PREFECT_UI_URL: "http://prefect.example:4200"}):
+        yield langfuse_receiver
 
 
 def _links(span: dict) -> tuple:

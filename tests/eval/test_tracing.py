@@ -21,13 +21,8 @@ from conftest import REPO
 
 
 @pytest.fixture
-def receiver(monkeypatch):
-    with LangfuseReceiver() as rec:
-        for key, value in rec.env().items():
-            monkeypatch.setenv(key, value)
-        tracing.reset()
-        yield rec
-    tracing.reset()
+def receiver(langfuse_receiver):
+    return langfuse_receiver
 
 
 @pytest.fixture

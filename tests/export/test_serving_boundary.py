@@ -92,3 +92,28 @@ def test_the_server_dies_with_the_process_that_started_it(tmp_path):
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+@pytest.mark.integration
+def test_each_server_binds_a_free_port_itself_and_keeps_it_across_a_restart(tmp_path):
+    """No port is picked in advance (a window in which a concurrent run's server could take it): llama-server
+    binds port 0, the manager reads the port from its log, and a restart asks for that same port."""
+    import json
+
+    from tasks.models.bootstrap import embedded_gguf_path
+
+    servers = [ManagedLlamaServer(embedded_gguf_path(), tmp_path / f"{name}.log", alias=name, parallel=1)
+               for name in ("one", "two")]
+    assert [s.port for s in servers] == [0, 0]
+    with servers[0], servers[1]:
+        ports = [s.port for s in servers]
+        assert 0 not in ports and ports[0] != ports[1]
+        for server in servers:
+            args = server.process.args
+            assert args[args.index("--port") + 1] == "0"   # bound by llama-server, not chosen beforehand
+            with urllib.request.urlopen(server.base_url + "/models", timeout=30) as resp:
+                assert [m["id"] for m in json.load(resp)["data"]] == [server.alias]   # its own server answers
+        servers[0].restart()
+        args = servers[0].process.args
+        assert servers[0].port == ports[0] and args[args.index("--port") + 1] == str(ports[0])
+        assert _get(servers[0].root_url + "/health") == 200

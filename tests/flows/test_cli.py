@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import tomllib
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -83,3 +84,28 @@ def test_run_with_a_tiny_override_set_writes_the_report(tmp_path, base_model_dir
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"Report: {tmp_path / 'runs' / 'via-cli' / 'report.md'}" in proc.stdout
     assert (tmp_path / "runs" / "via-cli" / "COMPLETE").exists()
+
+
+@pytest.mark.integration
+def test_a_run_that_stops_early_names_the_folder_it_claimed(tmp_path):
+    """A failed run's CLI finds its folder by the flow run (tasks.run.find_run_of_flow_run), never by the name
+    it would have guessed: with every default name of the next minutes taken, that folder is a `-2`."""
+    from datetime import datetime, timedelta, timezone
+
+    lines = (ASSETS / "slipstream-tiny.jsonl").read_text().splitlines()
+    lines[3] = "not json"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    runs = tmp_path / "runs"
+    now = datetime.now(timezone.utc)
+    for s in range(-5, 300):
+        (runs / f"slipstream-{(now + timedelta(seconds=s)).strftime('%Y%m%d-%H%M%S')}").mkdir(parents=True)
+    taken = {p.name for p in runs.iterdir()}
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "slipstream", "--output-root", str(runs),
+                           "--set", f"data.source={bad}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and f"{bad}:4: not valid JSON" in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    stopped = [line for line in proc.stdout.splitlines() if line.startswith("No report: the run stopped early (")]
+    assert len(stopped) == 1, proc.stdout[-3000:]
+    folder = Path(stopped[0].split("(", 1)[1].rstrip(")"))
+    assert folder.parent == runs and folder.name not in taken and folder.name.endswith("-2")
+    assert json.loads((folder / "recipe.json").read_text())["name"] == "slipstream"

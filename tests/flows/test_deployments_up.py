@@ -69,3 +69,18 @@ def test_without_a_server_url_it_stops_before_touching_anything(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "deployments.up"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 1 and "PREFECT_API_URL is not set" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_no_flow_module_shadows_an_installed_package():
+    """Prefect runs a deployment's entrypoint with its folder (flows/) on sys.path: a flows/together.py made
+    `from together import Together` import the flow module instead of Together's client."""
+    import importlib.metadata
+    import pkgutil
+
+    flows_dir = REPO / "flows"
+    installed = {name for dist in importlib.metadata.distributions()
+                 for name in (dist.read_text("top_level.txt") or "").split()}
+    installed |= {m.name for m in pkgutil.iter_modules() if m.module_finder.path != str(flows_dir)
+                  and not str(m.module_finder.path).startswith(str(REPO))}
+    ours = {p.stem for p in flows_dir.glob("*.py") if p.stem != "__init__"}
+    assert "together_training" in ours and not ours & installed, ours & installed
