@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO
 from tasks.together.local_service import LocalTogether
 
-pytestmark = [pytest.mark.integration, pytest.mark.unverified]
+pytestmark = pytest.mark.integration
 
 _spec = importlib.util.spec_from_file_location("prefect_deployment_helpers",
                                                REPO / "tests" / "flows" / "test_prefect_deployment.py")

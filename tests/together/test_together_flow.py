@@ -19,7 +19,7 @@ from flows.finetune import finetune
 from tasks.run import RunFolder
 from tasks.together.local_service import LocalTogether
 
-pytestmark = [pytest.mark.integration, pytest.mark.unverified]
+pytestmark = pytest.mark.integration
 
 KEY = "tgp_PLANTED_0f1e2d3c4b5a69788796a5b4c3d2e1f0"
 SMALL = {"data.train_rows": 8, "training.epochs": 3, "data.eval_rows": 4, "eval.max_new_tokens": 32, "together.poll_seconds": 0.5}
