@@ -99,11 +99,10 @@ class PackedCollator:
 
         # position_ids are rebuilt from seq_lengths when the trainer kept only {input_ids, labels, seq_lengths}
         # (TRL does with use_liger_kernel): the row boundaries are the same information.
-        for f in features:
-            if "position_ids" not in f:
-                f["position_ids"] = [p for n in f["seq_lengths"] for p in range(n)]
-        batch = {key: torch.tensor([f[key] for f in features], dtype=torch.long)
-                 for key in ("input_ids", "labels", "position_ids")}
+        positions = [f["position_ids"] if "position_ids" in f else [p for n in f["seq_lengths"] for p in range(n)]
+                     for f in features]
+        batch = {key: torch.tensor([f[key] for f in features], dtype=torch.long) for key in ("input_ids", "labels")}
+        batch["position_ids"] = torch.tensor(positions, dtype=torch.long)
         if self.flatten:
             batch = {key: value.reshape(1, -1) for key, value in batch.items()}
             batch["packed_seq_lengths"] = torch.tensor([n for f in features for n in f["seq_lengths"]],

@@ -74,16 +74,23 @@ def test_packed_batch_gives_the_unpacked_loss(tiny_llama, tokenized, tokenizer):
     assert hf.item() == pytest.approx(reference / targets, rel=1e-4)
 
 
-def test_a_row_never_sees_the_other_rows_of_its_sequence(tiny_llama, tokenized, tokenizer):
-    """Perturbing every token of one row leaves the logits of the other rows in its sequence unchanged."""
-    import torch
-
+def _sequence_with_its_first_row_perturbed(tokenized, tokenizer):
+    """A packed sequence of 3+ rows as a batch, its first row's length, and its input_ids with every token
+    of that first row changed."""
     bins = pack_rows(tokenized, 640, tokenizer.pad_token_id)
     packed = next(b for b in bins if len(b["seq_lengths"]) >= 3)
     batch = PackedCollator()([packed])
     first = packed["seq_lengths"][0]
     perturbed = batch["input_ids"].clone()
     perturbed[0, :first] = (perturbed[0, :first] + 1000) % 49152
+    return batch, first, perturbed
+
+
+def test_a_row_never_sees_the_other_rows_of_its_sequence(tiny_llama, tokenized, tokenizer):
+    """Perturbing every token of one row leaves the logits of the other rows in its sequence unchanged."""
+    import torch
+
+    batch, first, perturbed = _sequence_with_its_first_row_perturbed(tokenized, tokenizer)
     with torch.no_grad():
         before = tiny_llama(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
         after = tiny_llama(input_ids=perturbed, position_ids=batch["position_ids"]).logits
@@ -132,12 +139,7 @@ def test_flex_attention_document_mask_matches_sdpa_and_keeps_rows_apart(tiny_lla
 
     import torch
 
-    bins = pack_rows(tokenized, 640, tokenizer.pad_token_id)
-    packed = next(b for b in bins if len(b["seq_lengths"]) >= 3)
-    batch = PackedCollator()([packed])
-    first = packed["seq_lengths"][0]
-    perturbed = batch["input_ids"].clone()
-    perturbed[0, :first] = (perturbed[0, :first] + 1000) % 49152
+    batch, first, perturbed = _sequence_with_its_first_row_perturbed(tokenized, tokenizer)
     flex = copy.deepcopy(tiny_llama)
     flex.set_attn_implementation("flex_attention")
     with torch.no_grad():
