@@ -63,4 +63,8 @@ def check_recipe(recipe: Recipe) -> Recipe:
     if metric is not None and metric not in kind.metric_keys:
         raise RecipeError(f"recipe {recipe.name!r}: eval.primary_metric {metric!r} is not a {kind.name} metric; "
                           f"one of {kind.metric_keys}")
+    if recipe.deploy.constrain_output and kind.grammar is None:
+        raise RecipeError(f"recipe {recipe.name!r}: deploy.constrain_output needs an answer grammar, and task "
+                          f"{kind.name!r} has none; task types with one: "
+                          f"{sorted(t.name for t in TASK_TYPES.values() if t.grammar)}")
     return recipe
