@@ -47,8 +47,8 @@ def check_recipe(recipe: Recipe) -> Recipe:
     """The recipe's task-type rules, checked before any work (the recipe model itself is plain data).
 
     Raises:
-        RecipeError: the task is not registered, cannot train from data.format, or eval.primary_metric is
-            not one of its metrics.
+        RecipeError: the task is not registered, cannot train from data.format, eval.primary_metric is
+            not one of its metrics, or deploy.constrain_output asks for a grammar the task does not have.
     """
     if recipe.task not in TASK_TYPES:
         raise RecipeError(f"recipe {recipe.name!r}: task {recipe.task!r} is not a registered task type; "
