@@ -127,6 +127,7 @@ def judge(tmp_path_factory):
 
 
 @pytest.mark.integration
+@pytest.mark.unverified   # not yet seen passing: on a loaded machine one echo outlasted the 120 s call timeout
 def test_llama_cpp_accepts_every_hand_written_gold_answer(judge):
     golds = _hand_golds()
     refused = [g for g in golds if not judge.accepts(g)]
