@@ -167,6 +167,7 @@ def _hand_golds() -> list[str]:
 
 
 @pytest.mark.integration
+@pytest.mark.unverified   # not yet seen passing: did not finish in 140 s on a loaded machine (4 answers)
 def test_a_constrained_server_answers_only_in_the_format(tmp_path):
     """The untrained base model, served the way a constrained run serves it, on hand-written prompts: every
     answer is a complete TQT answer the task type's scorer parses (unconstrained, it rarely writes one)."""
