@@ -144,6 +144,7 @@ def test_llama_cpp_accepts_every_gold_answer(judge):
 
 
 @pytest.mark.integration
+@pytest.mark.unverified   # seen passing without its last case (second SLIP line); not yet in full
 def test_llama_cpp_refuses_an_invented_anchor_a_differing_second_anchor_and_a_missing_dst(judge):
     gold = _hand_golds()[0]
     assert gold.endswith("-> RequestTask\nSLIP: SLIP v1 coordinator haruto RequestTask rerun invoice_backfill "
