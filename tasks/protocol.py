@@ -19,6 +19,7 @@ the punctuation that occurs in the published dataset, e.g. ``artifact: model_v2.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 
@@ -63,10 +64,12 @@ DOMAIN_LABELS = ["task", "plan", "observation", "evaluation", "control", "resour
 URGENCY_LABELS = ["background", "low", "low_normal", "normal", "elevated", "high", "urgent", "critical"]
 
 AGENT_CHARS = r"A-Za-z0-9._-"
-AGENT_ID = re.compile(rf"^[{AGENT_CHARS}]{{1,64}}$")
+AGENT_MAX = 64
+AGENT_ID = re.compile(rf"^[{AGENT_CHARS}]{{1,{AGENT_MAX}}}$")
 # Payload tokens: printable ASCII without whitespace or the separators the spec forbids ('|', '@').
 PAYLOAD_CHARS = r"A-Za-z0-9._\-:=/,+%'#<>\[\]{}()\""
-PAYLOAD_TOKEN = re.compile(rf"^[{PAYLOAD_CHARS}]{{1,80}}$")
+PAYLOAD_MAX = 80
+PAYLOAD_TOKEN = re.compile(rf"^[{PAYLOAD_CHARS}]{{1,{PAYLOAD_MAX}}}$")
 _QUANTIZE = re.compile(r"^\[(?P<hint>[^\]]*)\]\s*->\s*(?P<anchor>[A-Za-z]+)$")
 
 
@@ -198,3 +201,72 @@ def format_tqt(thought: str, message: SlipMessage, with_quantize: bool = True) -
         lines.append(f"QUANTIZE: [{quantize_hint(message.anchor)}] -> {message.anchor}")
     lines.append(f"SLIP: {message.wire()}")
     return "\n".join(lines)
+
+
+# Constrained decoding: a GBNF grammar (llama.cpp) whose every sentence parse_tqt accepts. Bounds the parser
+# does not have keep a constrained model from rambling until max_tokens: the published dataset's longest
+# thought is 197 characters and its longest message carries 11 payload tokens.
+THOUGHT_MAX = 256
+PAYLOAD_MAX_TOKENS = 16
+# What str.splitlines() splits on (parse_tqt reads lines with it): none of them may occur inside a line.
+_LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+def _gbnf_char(code: int) -> str:
+    char = chr(code)
+    return char if char.isascii() and char.isalnum() else (f"\\x{code:02X}" if code < 0x100 else f"\\u{code:04X}")
+
+
+def _gbnf_class(chars: list[str], negate: bool = False) -> str:
+    """A GBNF character class of `chars`, consecutive runs as ranges, punctuation as \\xHH escapes (so no
+    character can read as GBNF syntax: '-', ']', '^', '\\')."""
+    codes, parts, i = sorted({ord(c) for c in chars}), [], 0
+    while i < len(codes):
+        j = i
+        while j + 1 < len(codes) and codes[j + 1] == codes[j] + 1:
+            j += 1
+        parts.append(_gbnf_char(codes[i]) + (f"-{_gbnf_char(codes[j])}" if j > i else ""))
+        i = j + 1
+    return "[" + ("^" if negate else "") + "".join(parts) + "]"
+
+
+def _gbnf_literal(text: str) -> str:
+    return json.dumps(text)   # GBNF string literals take JSON's escapes (\n, \", \\)
+
+
+def _matching(pattern: re.Pattern) -> list[str]:
+    """The printable ASCII characters a one-character string of `pattern` may consist of."""
+    return [chr(c) for c in range(0x21, 0x7F) if pattern.match(chr(c))]
+
+
+def tqt_gbnf(anchors: tuple[str, ...] | list[str] = tuple(UCR_ANCHORS)) -> str:
+    """The GBNF grammar of a TQT answer (llama.cpp `--grammar-file`): a THOUGHT line, an optional QUANTIZE
+    line, then one SLIP line, and nothing after it (so generation stops there). The anchor is one of
+    `anchors` (default: every UCR anchor parse_slip accepts), and a QUANTIZE line names the same anchor as
+    the SLIP line: one alternative per anchor. Agent ids and payload tokens use exactly the characters and
+    lengths of AGENT_ID and PAYLOAD_TOKEN; hints are the four slipcore labels (or the dataset's rare
+    `ANCHOR=<anchor>`)."""
+    def alternatives(words) -> str:
+        return " | ".join(_gbnf_literal(w) for w in words)
+
+    per_anchor = [f"q-{a} ::= {_gbnf_literal(a + chr(10) + 'SLIP: SLIP v1 ')} agents {_gbnf_literal(a)} payload"
+                  for a in anchors]
+    return "\n".join([
+        "# TQT answer (tasks/protocol.py tqt_gbnf): THOUGHT, optional QUANTIZE, SLIP; the anchor of both lines",
+        "# is the same protocol anchor. Generated from tasks.protocol; do not edit by hand.",
+        'root ::= "THOUGHT: " thought "\\n" (quantized | slip-line)',
+        f"thought ::= {_gbnf_class(list(_LINE_BREAKS), negate=True)}{{0,{THOUGHT_MAX}}}",
+        'quantized ::= "QUANTIZE: [" hint "] -> " (' + " | ".join(f"q-{a}" for a in anchors) + ")",
+        'slip-line ::= "SLIP: SLIP v1 " agents anchor payload',
+        'agents ::= agent " " agent " "',
+        f"agent ::= {_gbnf_class(_matching(AGENT_ID))}{{1,{AGENT_MAX}}}",
+        f'payload ::= (" " token){{0,{PAYLOAD_MAX_TOKENS}}}',
+        f"token ::= {_gbnf_class(_matching(PAYLOAD_TOKEN))}{{1,{PAYLOAD_MAX}}}",
+        f"anchor ::= {alternatives(anchors)}",
+        'hint ::= "ACTION=" action " | DOMAIN=" domain " | URGENCY=" urgency " | POLARITY=" polarity '
+        '| "ANCHOR=" anchor',
+        f"action ::= {alternatives(ACTION_LABELS)}",
+        f"domain ::= {alternatives(DOMAIN_LABELS)}",
+        f"urgency ::= {alternatives(URGENCY_LABELS)}",
+        f"polarity ::= {alternatives(POLARITY_LABELS)}",
+        *per_anchor, ""])

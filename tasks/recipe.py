@@ -266,12 +266,21 @@ class DeployConfig(StrictModel):
                                     "f16 base GGUF.")
     allow_qlora_adapter: bool = Field(False, description="artifact 'adapter': accept an adapter trained on a "
                                       "4-bit base (QLoRA) on an unquantized base.")
+    constrain_output: bool = Field(
+        False, description="Serve with the task type's GBNF grammar (llama-server --grammar-file): the deployed "
+        "server and every llama.cpp evaluation of the run (base, merged, served, parity GGUF rows) can only "
+        "answer in the task's format. Needs a task type with a grammar, and target 'llamacpp' or 'none'.")
 
     @model_validator(mode="after")
     def check_serving_boundary(self) -> "DeployConfig":
         if self.target == "llamacpp" and not is_loopback(self.host) and not self.api_key_block:
             raise ValueError(f"host {self.host!r} is reachable from other machines: llama-server then needs an "
                              "API key; set deploy.api_key_block to a Prefect Secret block holding one")
+        if self.constrain_output and self.target == "ollama":
+            raise ValueError("deploy.constrain_output needs a server that enforces a GBNF grammar: Ollama cannot "
+                             "(its Modelfile and API take no grammar), so the deployed model would answer "
+                             "unconstrained unlike every evaluation of the run; use deploy.target 'llamacpp' or "
+                             "set deploy.constrain_output: false")
         return self
 
     @field_validator("ollama_model")

@@ -201,6 +201,11 @@ class RunFolder(Folder):
     def predictions(self, label: str) -> Path:
         return self.metrics_dir / f"predictions-{label}.jsonl"
 
+    @property
+    def answer_grammar(self) -> Path:
+        """The task's GBNF answer grammar every llama-server of the run starts with (deploy.constrain_output)."""
+        return self.root / "answer-grammar.gbnf"
+
     def server_log(self, label: str) -> Path:
         """The log of the llama-server that served `label` during evaluation."""
         return self.metrics_dir / f"llama-server-{label}.log"

@@ -31,6 +31,7 @@ from tasks.models.bootstrap import baseline_gguf
 from tasks.eval import metrics
 from tasks.eval.runners import (EndpointConfigError, EndpointRunner, FailedCalls, HFRunner, Request, Runner,
                                 check_failed_calls, llama_cpp_runner, requests_from_rows)
+from tasks.llamacpp.serve import answer_grammar
 from tasks.tasktypes import task_of
 from tasks.tasktypes.base import TokenCounter
 from tasks.recipe import DeployConfig, EvalConfig, Recipe
@@ -177,12 +178,14 @@ def measure_gguf(run_dir: Path, label: str, gguf_path: Path, cfg: EvalConfig, de
     """
     run = RunFolder(run_dir)
     rows = read_jsonl(run.split(split))
+    grammar = answer_grammar(run, deploy, task_of(rows[0]).name) if rows else None
     with stage_timer(run, f"eval-{label}"), _deadline(label, cfg), llama_cpp_runner(
             gguf_path, run.server_log(label), label, cfg.max_new_tokens, parallel=deploy.parallel,
-            lora_path=lora_path, request_timeout_s=cfg.request_timeout_s) as runner:
+            lora_path=lora_path, request_timeout_s=cfg.request_timeout_s, grammar_file=grammar) as runner:
         summary, records = run_and_score(runner, rows, run.name, _counter_for(rows, tokenizer_dir),
                                          usd_per_hour=cfg.slm_usd_per_hour,
                                          progress=_progress_logger(label, run.name, len(rows)))
+    summary["grammar_constrained"] = grammar is not None
     tracing.flush()
     return _save_eval(run, label, summary, records, cfg)
 
@@ -235,6 +238,7 @@ def measure_llm_baseline(run_dir: Path, recipe: Recipe, tokenizer_dir: Path | No
     rows = read_jsonl(run.split("test"))
     options = {"structured_output": cfg.structured_output, "tool_calling": cfg.tool_calling}
     label = cfg.label
+    grammar = None   # an endpoint Block is asked as it is; a local GGUF is served under the run's rule
     with contextlib.ExitStack() as stack, stage_timer(run, f"eval-{label}"), _deadline(label, ev):
         if cfg.source == "block":
             endpoint = load_endpoint_block(cfg.block)
@@ -242,12 +246,14 @@ def measure_llm_baseline(run_dir: Path, recipe: Recipe, tokenizer_dir: Path | No
             prices = (cfg.input_usd_per_mtok if cfg.input_usd_per_mtok is not None else endpoint.input_cost_per_mtok,
                       cfg.output_usd_per_mtok if cfg.output_usd_per_mtok is not None else endpoint.output_cost_per_mtok)
         else:
+            grammar = answer_grammar(run, recipe.deploy, recipe.task)
             runner = stack.enter_context(llama_cpp_runner(
                 baseline_gguf(cfg), run.server_log(label), label, ev.max_new_tokens,
-                parallel=cfg.concurrency, request_timeout_s=ev.request_timeout_s, **options))
+                parallel=cfg.concurrency, request_timeout_s=ev.request_timeout_s, grammar_file=grammar, **options))
             prices = (cfg.input_usd_per_mtok, cfg.output_usd_per_mtok)   # None: not priced
         summary, records = run_and_score(runner, rows, run.name, _counter_for(rows, tokenizer_dir), prices=prices,
                                          progress=_progress_logger(label, run.name, len(rows)))
+    summary["grammar_constrained"] = grammar is not None
     tracing.flush()
     return _save_eval(run, label, summary, records, ev)
 

@@ -20,6 +20,7 @@ from prefect import task
 
 from tasks.eval.measure import run_and_score
 from tasks.eval.runners import HFRunner, check_failed_calls, llama_cpp_runner
+from tasks.llamacpp.serve import answer_grammar
 from tasks.tasktypes import primary_metric
 from tasks.markdown import pct
 from tasks.recipe import Recipe
@@ -50,8 +51,10 @@ def _size(v: dict) -> int:
 
 
 def measure_variant(run_dir: Path, v: dict, rows: list[dict], max_new_tokens: int, batch_size: int,
-                    parallel: int, metric: str, max_failed_calls: int = 0) -> dict:
-    """One row of the parity table: the variant's runner over the rows, scored by `run_and_score`.
+                    parallel: int, metric: str, max_failed_calls: int = 0, grammar_file: Path | None = None) -> dict:
+    """One row of the parity table: the variant's runner over the rows, scored by `run_and_score`. A llama.cpp
+    row is served under `grammar_file` (deploy.constrain_output) like the run's other evaluations;
+    transformers generate has no GBNF, so the reference row is unconstrained (the table says so).
 
     Raises:
         FailedCalls: more failed calls than `max_failed_calls` (eval.max_failed_calls): a failed call would
@@ -59,18 +62,20 @@ def measure_variant(run_dir: Path, v: dict, rows: list[dict], max_new_tokens: in
     """
     run = RunFolder(run_dir)
     label = f"parity-{v['label']}"
+    constrained = grammar_file is not None and not v["runner"].startswith("transformers")
     with contextlib.ExitStack() as stack:
         if v["runner"].startswith("transformers"):
             runner = HFRunner(Path(v["model"]), label, max_new_tokens, batch_size)
         else:
             runner = stack.enter_context(llama_cpp_runner(v["model"], run.server_log(label), label,
-                                                          max_new_tokens, parallel=parallel, lora_path=v["lora"]))
+                                                          max_new_tokens, parallel=parallel, lora_path=v["lora"],
+                                                          grammar_file=grammar_file))
         summary, records = run_and_score(runner, rows, run.name)
     atomic_write_jsonl(run.predictions(label), records)
     check_failed_calls(label, [r.get("call_error") for r in records], max_failed_calls,
                        f"eval.max_failed_calls is {max_failed_calls}; every call in {run.predictions(label)}")
     return {"label": v["label"], "runner": v["runner"], "artifact": str(v["model"]) + (f" + {v['lora'].name}" if v["lora"] else ""),
-            "bytes": _size(v), metric: summary.get(metric),
+            "bytes": _size(v), metric: summary.get(metric), "grammar_constrained": constrained,
             # Slipstream columns; other task types (Fledgling tracks) have none of them and show '–'.
             **{k: summary.get(k) for k in ("strict_parse", "anchor_accuracy", "src_dst_accuracy",
                                                           "rows", "failed_calls", "generated_tokens",
@@ -86,8 +91,9 @@ def measure_parity(run_dir: Path, base_dir: Path, recipe: Recipe, ggufs: dict[st
         return {}
     with stage_timer(run, "parity"):
         metric = primary_metric(recipe)
+        grammar = answer_grammar(run, recipe.deploy, recipe.task)
         table = [measure_variant(run, v, rows, recipe.eval.max_new_tokens, recipe.eval.batch_size,
-                                 recipe.deploy.parallel, metric, recipe.eval.max_failed_calls)
+                                 recipe.deploy.parallel, metric, recipe.eval.max_failed_calls, grammar)
                  for v in parity_variants(run, base_dir, ggufs)]
     ref = next(r for r in table if r["label"] == REFERENCE)
     for r in table:
@@ -96,6 +102,18 @@ def measure_parity(run_dir: Path, base_dir: Path, recipe: Recipe, ggufs: dict[st
               "chosen": f"gguf-{recipe.export.serve_type}", "max_drop": recipe.eval.max_quant_drop, "variants": table}
     atomic_write_json(run.parity, result)
     return result
+
+
+def _constraint_note(variants: list[dict]) -> list[str]:
+    """Under deploy.constrain_output the llama.cpp rows answer under the task's grammar; transformers cannot."""
+    constrained = [v["label"] for v in variants if v.get("grammar_constrained")]
+    free = [v["label"] for v in variants if not v.get("grammar_constrained")]
+    if not constrained:
+        return []
+    return ["", f"Grammar-constrained (deploy.constrain_output, the run's answer grammar): {', '.join(constrained)}; "
+            f"unconstrained: {', '.join(free) or 'none'} (transformers generate takes no GBNF grammar), so the "
+            "strict-parse column compares the constrained rows with each other, and the drop from the reference "
+            "includes what the grammar changed."]
 
 
 def render_section(run_dir: Path) -> list[str]:
@@ -108,7 +126,7 @@ def render_section(run_dir: Path) -> list[str]:
              f"The same greedy evaluation on the first {p['rows']} test rows for every shipped form; drop = "
              f"{p['reference']} {p['metric'].replace('_', ' ')} minus the form's (the chosen artifact "
              f"`{p['chosen']}` may drop at most {pct(p['max_drop'])} on the full test split: gate "
-             "quantization-verified).", "",
+             "quantization-verified).", *_constraint_note(p["variants"]), "",
              f"| form | runner | size | {p['metric'].replace('_', ' ')} | strict parse | anchor acc. | src/dst acc. "
              "| drop | tokens/s |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -276,11 +276,12 @@ class ServedRunner(EndpointRunner):
 def llama_cpp_runner(gguf_path: Path, log_path: Path, label: str, max_new_tokens: int, parallel: int = 2,
                      host: str = "127.0.0.1", port: int = 0, model: str | None = None,
                      lora_path: Path | None = None, request_timeout_s: float = 300,
-                     **runner_kwargs) -> Iterator[EndpointRunner]:
+                     grammar_file: Path | None = None, **runner_kwargs) -> Iterator[EndpointRunner]:
     """llama.cpp's OpenAI-compatible server on a GGUF for the block's duration, with a runner on it that
-    restarts a crashed server before giving up on its calls."""
+    restarts a crashed server before giving up on its calls; `grammar_file` constrains every answer
+    (deploy.constrain_output)."""
     with ManagedLlamaServer(Path(gguf_path), log_path, alias=label, host=host, port=port, parallel=parallel,
-                            lora_path=lora_path) as server:
+                            lora_path=lora_path, grammar_file=grammar_file) as server:
         endpoint = OpenAICompatibleEndpoint(base_url=server.base_url, model=server.alias, timeout_s=request_timeout_s,
                                             extra_body=LLAMA_CPP_GREEDY)
         yield ServedRunner(endpoint, label, max_new_tokens, concurrency=parallel, kind="llama.cpp server",

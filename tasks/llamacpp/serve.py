@@ -15,6 +15,9 @@ The serving boundary:
     when the process died), and the restart budget is given back after `healthy_reset_s` of health;
   * the server dies with the process that started it (PR_SET_PDEATHSIG), so a killed flow leaves no
     orphan; only a deployment with deploy.keep_running outlives its flow, on purpose.
+  * with deploy.constrain_output, every generation follows the task type's GBNF answer grammar
+    (`--grammar-file`, the run folder's copy written by `answer_grammar`): the deployed server and every
+    llama.cpp evaluation of the run answer under the same rule.
 
 Run one in the foreground, restarted if it crashes, until Ctrl-C / SIGTERM (`serve_run`, `stop_run`):
     python -m tasks.llamacpp.serve run RUN_DIR            # serves what RUN_DIR/deploy/Modelfile deploys
@@ -43,8 +46,9 @@ from typing import Callable, Iterator
 
 from tasks.llamacpp import build as llamacpp
 from tasks.ollama.modelfile import Modelfile, deployed_artifact
-from tasks.recipe import Recipe, is_loopback
-from tasks.run import RunFolder, atomic_write_json
+from tasks.recipe import DeployConfig, Recipe, RecipeError, is_loopback
+from tasks.run import RunFolder, atomic_write_json, atomic_write_text
+from tasks.tasktypes import task_type
 
 MAX_PARALLEL = 64
 MAX_CTX_SIZE = 131072
@@ -166,7 +170,8 @@ class ManagedLlamaServer:
     def __init__(self, model_path: Path, log_path: Path, alias: str = "slipway", host: str = "127.0.0.1",
                  port: int = 0, parallel: int = 2, ctx_size: int = 2048, lora_path: Path | None = None,
                  threads: int | None = None, startup_timeout: float = 120, max_restarts: int = 3,
-                 api_key: str | None = None, outlive_parent: bool = False, health: HealthPolicy | None = None):
+                 api_key: str | None = None, outlive_parent: bool = False, health: HealthPolicy | None = None,
+                 grammar_file: Path | None = None):
         """
         Raises:
             ServerError: a non-loopback host without an API key, or parallel / ctx_size out of bounds.
@@ -178,6 +183,7 @@ class ManagedLlamaServer:
             raise ServerError(f"parallel must be 1..{MAX_PARALLEL} and ctx_size 256..{MAX_CTX_SIZE} "
                               f"(got {parallel}, {ctx_size})")
         self.model_path, self.lora_path, self.log_path = Path(model_path), lora_path, Path(log_path)
+        self.grammar_file = grammar_file   # every generation constrained to it (deploy.constrain_output)
         self.alias, self.host, self.port = alias, host, port   # 0 until the first start binds one
         self.parallel, self.ctx_size, self.threads = parallel, ctx_size, threads
         self.startup_timeout, self.max_restarts = startup_timeout, max_restarts
@@ -219,6 +225,8 @@ class ManagedLlamaServer:
                "-np", str(self.parallel), "-t", str(self.threads or os.cpu_count() or 2), "--jinja", "--no-webui"]
         if self.lora_path is not None:
             cmd += ["--lora", str(self.lora_path)]
+        if self.grammar_file is not None:
+            cmd += ["--grammar-file", str(self.grammar_file)]
         if self._api_key is not None:   # the file exists only while the server starts (see start)
             cmd += ["--api-key-file", str(self.key_file or "<removed after start>")]
         return cmd
@@ -330,6 +338,25 @@ def llama_server(model_path: Path, log_path: Path, alias: str = "slipway", host:
         server.stop()
 
 
+def answer_grammar(run_dir: RunFolder | Path, deploy: DeployConfig, task: str) -> Path | None:
+    """deploy.constrain_output: the task type's GBNF grammar, written (atomically, the same text every time)
+    to the run folder for `llama-server --grammar-file`; None when the run serves unconstrained.
+
+    Raises:
+        RecipeError: constrain_output for a task type without a grammar (check_recipe refuses it earlier).
+    """
+    if not deploy.constrain_output:
+        return None
+    grammar = task_type(task).grammar
+    if grammar is None:
+        raise RecipeError(f"deploy.constrain_output: task {task!r} has no answer grammar")
+    path = RunFolder(run_dir).answer_grammar
+    text = grammar()
+    if not path.exists() or path.read_text() != text:
+        atomic_write_text(path, text)
+    return path
+
+
 def serve_forever(server: ManagedLlamaServer, check_every: float = 5.0) -> None:
     """Run until SIGINT/SIGTERM, restarting the server when it dies; then stop it cleanly."""
     stopping = {"flag": False}
@@ -396,10 +423,12 @@ def serve_run(run_dir: RunFolder | Path, host: str = "127.0.0.1", port: int = 0,
     """
     run = RunFolder(run_dir)
     model, lora = deployed_artifact(run, Modelfile.read(run.modelfile))
-    deploy = Recipe.model_validate_json(run.recipe_json.read_text()).deploy
+    recipe = Recipe.model_validate_json(run.recipe_json.read_text())
+    deploy = recipe.deploy
     serve_forever(ManagedLlamaServer(model, run.deploy_server_log, alias=run.name, host=host, port=port,
                                      parallel=parallel, ctx_size=deploy.ctx_size, lora_path=lora,
-                                     api_key=load_api_key(deploy.api_key_block)))
+                                     api_key=load_api_key(deploy.api_key_block),
+                                     grammar_file=answer_grammar(run, deploy, recipe.task)))
 
 
 def load_api_key(block_name: str | None) -> str | None:

@@ -24,7 +24,7 @@ from tasks.data.evalfile import prompt_messages
 from tasks.eval import verify
 from tasks.eval.runners import LLAMA_CPP_GREEDY, generate_openai
 from tasks.export import template_check
-from tasks.llamacpp.serve import ManagedLlamaServer, load_api_key
+from tasks.llamacpp.serve import ManagedLlamaServer, answer_grammar, load_api_key
 from tasks.ollama.adapter_guard import ModelfileRefused, base_identity, gguf_metadata
 from tasks.ollama.modelfile import Modelfile, deployed_artifact
 from tasks.recipe import DeployConfig, Recipe
@@ -58,7 +58,8 @@ def deploy_llamacpp(run_dir: RunFolder | Path, recipe: Recipe, max_new_tokens: i
     # A server left running (keep_running) outlives the flow on purpose; any other dies with it.
     server = ManagedLlamaServer(model, run.deploy_server_log, alias=model_name(recipe), host=cfg.host, port=cfg.port,
                                 parallel=cfg.parallel, ctx_size=cfg.ctx_size, lora_path=lora, api_key=api_key,
-                                outlive_parent=cfg.keep_running)
+                                outlive_parent=cfg.keep_running,
+                                grammar_file=answer_grammar(run, cfg, recipe.task))
     server.start()
     try:
         row = _test_row(run)
@@ -69,6 +70,7 @@ def deploy_llamacpp(run_dir: RunFolder | Path, recipe: Recipe, max_new_tokens: i
                   "api_key_block": cfg.api_key_block,   # the block's name only; the key is never written
                   "running": cfg.keep_running, "log": str(server.log_path),
                   "served_as": "base GGUF + LoRA GGUF (--lora)" if lora else "one GGUF",
+                  "grammar_file": str(server.grammar_file) if server.grammar_file else None,
                   "test_chat": {"prompt": _prompt(row), "answer": answers[0], "tokens": tokens}}
         record |= verify_deployment(run, recipe, server.base_url, server.alias, max_new_tokens, LLAMA_CPP_GREEDY)
     finally:
@@ -283,7 +285,10 @@ def render_section(run_dir: RunFolder | Path) -> list[str]:
     where = d.get("base_url") or f"{d.get('host')} model `{d.get('model')}`"
     how = d.get("path") or d.get("served_as")
     lines += [f"Target **{d['target']}** at {where}; Modelfile `deploy/Modelfile`"
-              + (f"; deployed as: {how}" if how else "") + ".", "",
+              + (f"; deployed as: {how}" if how else "")
+              + ("; every answer constrained to the task's GBNF grammar (`--grammar-file "
+                 f"{Path(d['grammar_file']).name}`, deploy.constrain_output)" if d.get("grammar_file") else "")
+              + ".", "",
               f"Test chat: `{d['test_chat']['prompt'][:80]}` →", "", "```", d["test_chat"]["answer"].strip(), "```", ""]
     if d["target"] == "llamacpp":
         lines += ["Serve it again: `python -m tasks.llamacpp.serve run " + str(run_dir) + "`", ""]

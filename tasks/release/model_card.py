@@ -20,6 +20,7 @@ from prefect import task
 
 from blocks.hub import HuggingFaceHubCredentials
 from tasks.data.prepare import mix_lines
+from tasks.llamacpp.serve import answer_grammar
 from tasks.markdown import pct
 from tasks.ollama.modelfile import Modelfile
 from tasks.recipe import REPO_ROOT, Recipe
@@ -118,16 +119,22 @@ def model_card(recipe: Recipe, run_dir: RunFolder | Path, results: dict[str, dic
               "return_dict=True)",
               "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=96, do_sample=False)[0]))", "```", "",
               "The merged model loads the same way without PEFT: `AutoModelForCausalLM.from_pretrained(\"./merged\")`.", "",
-              "### With llama.cpp", "", "```bash", f"llama-server -m gguf/{serve} --jinja --port 8080",
+              "### With llama.cpp", "", "```bash", f"llama-server -m gguf/{serve} --jinja --port 8080"
+              + (f" --grammar-file {run.answer_grammar.name}" if recipe.deploy.constrain_output else ""),
               "# OpenAI-compatible: POST http://127.0.0.1:8080/v1/chat/completions, temperature 0", "```", "",
               "The GGUF carries the training chat template (checked token for token, below), so `--jinja` "
-              "prompts it exactly as it was trained.", "", "### With Ollama", "",
+              "prompts it exactly as it was trained."
+              + (f" `{run.answer_grammar.name}` (GBNF) constrains every answer to the task's format, as this "
+                 "model was evaluated and deployed; Ollama cannot enforce a grammar, so there its answers are "
+                 "unconstrained." if recipe.deploy.constrain_output else ""), "", "### With Ollama", "",
               "The `Modelfile` in this repository was generated from the training tokenizer (TEMPLATE, SYSTEM and "
               "`PARAMETER stop` " + ", ".join(f"`{s}`" for s in modelfile.stop) + "):", "", "```bash",
               f"ollama create {repo_name} -f Modelfile",
               f'ollama run {repo_name} "Tell bob to review my authentication code"', "```", ""]
     lines += ["## Evaluation", "", f"Greedy decoding on {next(iter(results.values()))['rows']} held-out test rows, "
-              "scored with the strict Slipstream parser.", "",
+              "scored with the strict Slipstream parser"
+              + ("; llama.cpp outputs grammar-constrained (deploy.constrain_output)" if recipe.deploy.constrain_output
+                 else "") + ".", "",
               "| model | runner | strict parse | anchor acc. | recipient (dst) acc. | src/dst acc. |",
               "|---|---|---|---|---|---|"]
     lines += [f"| {label} | {r.get('runner')} | {pct(r.get('strict_parse'))} | {pct(r.get('anchor_accuracy'))} | "
@@ -215,6 +222,9 @@ def write_model_card(run_dir: RunFolder | Path, recipe: Recipe, results: dict[st
         mf.from_ = mf.from_.replace("../gguf/", "./gguf/")
         mf.adapter = mf.adapter.replace("../gguf/", "./gguf/") if mf.adapter else None
         atomic_write_text(model_dir / "Modelfile", mf.render(f"{name}: ollama create {name} -f Modelfile"))
+        grammar = answer_grammar(run, recipe.deploy, recipe.task)
+        if grammar is not None:   # the serving rule ships with the model (the card's llama-server command)
+            atomic_write_text(model_dir / grammar.name, grammar.read_text())
         atomic_write_text(model_dir / "README.md", model_card(recipe, run, results, training, name))
         data_dir.mkdir(parents=True, exist_ok=True)
         for split in SPLITS:

@@ -83,6 +83,12 @@ def results_section(task: str, results: dict[str, dict]) -> list[str]:
     lines = ["| model | runner | " + " | ".join(n for _, n in cols) + " |", "|---|---|" + "---|" * len(cols)]
     for label, res in results.items():
         lines.append(f"| {label} | {res.get('runner')} | " + " | ".join(pct(res.get(k)) for k, _ in cols) + " |")
+    constrained = [label for label, res in results.items() if res.get("grammar_constrained")]
+    if constrained:
+        free = [label for label in results if label not in constrained]
+        lines += ["", f"Grammar-constrained outputs: {', '.join(constrained)} answered under the task's GBNF answer "
+                  "grammar (deploy.constrain_output: llama-server `--grammar-file answer-grammar.gbnf`, the rule the "
+                  "deployment serves with)" + (f"; unconstrained: {', '.join(free)}." if free else ".")]
     lines += ["", "![comparison](metrics/eval-chart.png)", "", "### Latency, tokens and cost", "",
               "| model | rows | failed calls | latency p50 / p95 (s) | requests/s | tokens/s | prompt tok/req "
               "| completion tok/req | est. USD per 1k requests | price basis |",

@@ -47,8 +47,8 @@ def check_recipe(recipe: Recipe) -> Recipe:
     """The recipe's task-type rules, checked before any work (the recipe model itself is plain data).
 
     Raises:
-        RecipeError: the task is not registered, cannot train from data.format, or eval.primary_metric is
-            not one of its metrics.
+        RecipeError: the task is not registered, cannot train from data.format, eval.primary_metric is
+            not one of its metrics, or deploy.constrain_output asks for a grammar the task does not have.
     """
     if recipe.task not in TASK_TYPES:
         raise RecipeError(f"recipe {recipe.name!r}: task {recipe.task!r} is not a registered task type; "
@@ -63,4 +63,8 @@ def check_recipe(recipe: Recipe) -> Recipe:
     if metric is not None and metric not in kind.metric_keys:
         raise RecipeError(f"recipe {recipe.name!r}: eval.primary_metric {metric!r} is not a {kind.name} metric; "
                           f"one of {kind.metric_keys}")
+    if recipe.deploy.constrain_output and kind.grammar is None:
+        raise RecipeError(f"recipe {recipe.name!r}: deploy.constrain_output needs an answer grammar, and task "
+                          f"{kind.name!r} has none; task types with one: "
+                          f"{sorted(t.name for t in TASK_TYPES.values() if t.grammar)}")
     return recipe

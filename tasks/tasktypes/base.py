@@ -55,6 +55,8 @@ class TaskType:
     report_lines: Callable[[dict], list[str]] = _no_lines    # extra report section from {label: summary}
     counts_tokens: bool = False                   # scorer wants the SLM tokenizer's token counter
     data_formats: tuple[str, ...] = ("eval",)     # recipe data.format values that can train this task
+    # The GBNF grammar (llama.cpp) of the answer format, for deploy.constrain_output; None: the task has none.
+    grammar: Callable[[], str] | None = None
 
     @property
     def metric_keys(self) -> list[str]:

@@ -13,7 +13,7 @@ import json
 
 from tasks.tasktypes.base import TaskType, TokenCounter, f1
 from tasks.markdown import pct
-from tasks.protocol import SlipParseError, extract_slip_loose, names_agent, normalise_agent, parse_tqt
+from tasks.protocol import SlipParseError, extract_slip_loose, names_agent, normalise_agent, parse_tqt, tqt_gbnf
 
 
 def check_row(row) -> None:
@@ -127,4 +127,5 @@ SLIPSTREAM = TaskType(
     report_lines=report_lines,
     counts_tokens=True,
     data_formats=("sharegpt", "datafactory", "eval"),   # datafactory: TQT rows in the Data Factory format
+    grammar=tqt_gbnf,   # every anchor the parser knows, the same one in QUANTIZE and SLIP
 )
