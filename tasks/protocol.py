@@ -204,10 +204,12 @@ def format_tqt(thought: str, message: SlipMessage, with_quantize: bool = True) -
 
 
 # Constrained decoding: a GBNF grammar (llama.cpp) whose every sentence parse_tqt accepts. Bounds the parser
-# does not have keep a constrained model from rambling until max_tokens: the published dataset's longest
-# thought is 197 characters and its longest message carries 11 payload tokens.
+# does not have keep a constrained model from rambling until max_tokens: of every gold answer the recipes train
+# or evaluate on (published, templates, Data Factory, hand-written), the longest thought is 197 characters,
+# the longest message carries 11 payload tokens and the longest payload token has 56 characters.
 THOUGHT_MAX = 256
-PAYLOAD_MAX_TOKENS = 16
+PAYLOAD_MAX_TOKENS = 12
+GRAMMAR_TOKEN_MAX = 64
 # What str.splitlines() splits on (parse_tqt reads lines with it): none of them may occur inside a line.
 _LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 
@@ -261,7 +263,7 @@ def tqt_gbnf(anchors: tuple[str, ...] | list[str] = tuple(UCR_ANCHORS)) -> str:
         'agents ::= agent " " agent " "',
         f"agent ::= {_gbnf_class(_matching(AGENT_ID))}{{1,{AGENT_MAX}}}",
         f'payload ::= (" " token){{0,{PAYLOAD_MAX_TOKENS}}}',
-        f"token ::= {_gbnf_class(_matching(PAYLOAD_TOKEN))}{{1,{PAYLOAD_MAX}}}",
+        f"token ::= {_gbnf_class(_matching(PAYLOAD_TOKEN))}{{1,{GRAMMAR_TOKEN_MAX}}}",
         f"anchor ::= {alternatives(anchors)}",
         'hint ::= "ACTION=" action " | DOMAIN=" domain " | URGENCY=" urgency " | POLARITY=" polarity '
         '| "ANCHOR=" anchor',
@@ -270,3 +272,14 @@ def tqt_gbnf(anchors: tuple[str, ...] | list[str] = tuple(UCR_ANCHORS)) -> str:
         f"urgency ::= {alternatives(URGENCY_LABELS)}",
         f"polarity ::= {alternatives(POLARITY_LABELS)}",
         *per_anchor, ""])
+
+
+def tqt_max_chars(anchors: tuple[str, ...] | list[str] = tuple(UCR_ANCHORS)) -> int:
+    """The longest answer tqt_gbnf(anchors) allows, in characters: a constrained generation is complete within
+    this many tokens (no token is shorter than one character), whatever the model does."""
+    labels = (ACTION_LABELS, DOMAIN_LABELS, URGENCY_LABELS, POLARITY_LABELS)
+    hint = max(len("ACTION= | DOMAIN= | URGENCY= | POLARITY=") + sum(max(map(len, ls)) for ls in labels),
+               len("ANCHOR=") + max(map(len, anchors)))
+    anchor = max(map(len, anchors))
+    return (len("THOUGHT: ") + THOUGHT_MAX + 1 + len("QUANTIZE: [") + hint + len("] -> ") + anchor + 1
+            + len("SLIP: SLIP v1 ") + 2 * (AGENT_MAX + 1) + anchor + PAYLOAD_MAX_TOKENS * (1 + GRAMMAR_TOKEN_MAX))

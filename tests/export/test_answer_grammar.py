@@ -12,7 +12,7 @@ import pytest
 
 from tasks.data.prepare import load_datafactory_examples, load_eval_examples, load_examples, synthetic_examples
 from tasks.llamacpp.serve import ManagedLlamaServer, answer_grammar
-from tasks.protocol import UCR_ANCHORS, parse_tqt, tqt_gbnf
+from tasks.protocol import UCR_ANCHORS, parse_tqt, tqt_gbnf, tqt_max_chars
 from tasks.recipe import DATA_DIR, DeployConfig, Recipe, RecipeError, load_recipe
 from tasks.run import RunFolder
 from tasks.tasktypes import check_recipe, task_type
@@ -64,6 +64,19 @@ def test_the_grammar_is_written_from_the_protocol():
         assert f'q-{anchor} ::= "{anchor}\\nSLIP: SLIP v1 " agents "{anchor}" payload' in grammar
     assert "RequestBlocked" not in tqt_gbnf(("RequestTask", "InformBlocked"))
     assert "q-Fallback" not in tqt_gbnf(("RequestTask",))
+
+
+def test_the_longest_answer_the_grammar_allows_is_tqt_max_chars_long_and_parses():
+    from tasks.protocol import (ACTION_LABELS, AGENT_MAX, DOMAIN_LABELS, GRAMMAR_TOKEN_MAX, PAYLOAD_MAX_TOKENS,
+                                POLARITY_LABELS, THOUGHT_MAX, URGENCY_LABELS)
+
+    longest = lambda labels: max(labels, key=len)
+    anchor = max(UCR_ANCHORS, key=len)
+    hint = (f"ACTION={longest(ACTION_LABELS)} | DOMAIN={longest(DOMAIN_LABELS)} | "
+            f"URGENCY={longest(URGENCY_LABELS)} | POLARITY={longest(POLARITY_LABELS)}")
+    answer = (f"THOUGHT: {'x' * THOUGHT_MAX}\nQUANTIZE: [{hint}] -> {anchor}\nSLIP: SLIP v1 {'a' * AGENT_MAX} "
+              f"{'b' * AGENT_MAX} {anchor}" + f" {'p' * GRAMMAR_TOKEN_MAX}" * PAYLOAD_MAX_TOKENS)
+    assert parse_tqt(answer).slip.anchor == anchor and len(answer) == tqt_max_chars()
 
 
 # --- llama.cpp judges: a real llama-server with the grammar ------------------------------------------------
@@ -127,7 +140,6 @@ def judge(tmp_path_factory):
 
 
 @pytest.mark.integration
-@pytest.mark.unverified   # not yet seen passing: on a loaded machine one echo outlasted the 120 s call timeout
 def test_llama_cpp_accepts_every_hand_written_gold_answer(judge):
     golds = _hand_golds()
     refused = [g for g in golds if not judge.accepts(g)]
@@ -144,7 +156,6 @@ def test_llama_cpp_accepts_every_gold_answer(judge):
 
 
 @pytest.mark.integration
-@pytest.mark.unverified   # seen passing without its last case (second SLIP line); not yet in full
 def test_llama_cpp_refuses_an_invented_anchor_a_differing_second_anchor_and_a_missing_dst(judge):
     gold = _hand_golds()[0]
     assert gold.endswith("-> RequestTask\nSLIP: SLIP v1 coordinator haruto RequestTask rerun invoice_backfill "
@@ -168,7 +179,6 @@ def _hand_golds() -> list[str]:
 
 
 @pytest.mark.integration
-@pytest.mark.unverified   # not yet seen passing: did not finish in 140 s on a loaded machine (4 answers)
 def test_a_constrained_server_answers_only_in_the_format(tmp_path):
     """The untrained base model, served the way a constrained run serves it, on hand-written prompts: every
     answer is a complete TQT answer the task type's scorer parses (unconstrained, it rarely writes one)."""
@@ -184,8 +194,10 @@ def test_a_constrained_server_answers_only_in_the_format(tmp_path):
         client = OpenAI(base_url=server.base_url, api_key="unused")
         for row in rows:
             messages = [{"role": "system", "content": system}, {"role": "user", "content": row["prompt"]}]
-            reply = client.chat.completions.create(model=server.alias, messages=messages, max_tokens=256,
-                                                   temperature=0)
+            # The grammar bounds an answer at tqt_max_chars() characters, so it ends (finish 'stop') within as
+            # many tokens even when the untrained model fills every field to its limit.
+            reply = client.chat.completions.create(model=server.alias, messages=messages,
+                                                   max_tokens=tqt_max_chars(), temperature=0)
             answer = reply.choices[0].message.content
             assert reply.choices[0].finish_reason == "stop", answer
             scores = task_type("slipstream").score({"messages": messages, "expected": row["expected"]}, answer)
