@@ -27,7 +27,9 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 from prefect import task
@@ -97,20 +99,46 @@ class Party:
 
 @dataclass(frozen=True)
 class AnchorSpace:
-    """Everything one anchor can vary: parties x phrasings x each slot's values."""
+    """Everything one anchor can vary: parties x phrasings x each slot's values. A party is either no speaker
+    (the sender is `default_src`) or one of `senders`, with one of `recipients`, never the same agent twice; the
+    named parties are drawn, not listed (speaker forms x senders x recipients runs to millions)."""
 
     anchor: str
     weight: int
-    named: tuple[Party, ...]
-    unnamed: tuple[Party, ...]
+    senders: tuple[tuple[str, str], ...]      # (speaker line, src id): every speaker form of every sender
+    recipients: tuple[tuple[str, str], ...]   # (mention, dst id)
+    default_src: str
     prompts: tuple[str, ...]
     thoughts: tuple[str, ...]
     payload: str
     slots: tuple[tuple[str, tuple[Fill, ...]], ...]
 
+    @cached_property
+    def unnamed(self) -> tuple[Party, ...]:
+        return tuple(Party("", self.default_src, m, d) for m, d in self.recipients if d != self.default_src)
+
+    @cached_property
+    def named_count(self) -> int:
+        """Sender x recipient pairs whose agents differ."""
+        per_src, per_dst = Counter(s for _, s in self.senders), Counter(d for _, d in self.recipients)
+        return len(self.senders) * len(self.recipients) - sum(n * per_dst[a] for a, n in per_src.items())
+
+    def named(self) -> Iterator[Party]:
+        """Every party with a speaker, in file order."""
+        for speaker, src in self.senders:
+            for mention, dst in self.recipients:
+                if src != dst:
+                    yield Party(speaker, src, mention, dst)
+
+    def draw_named(self, rng: random.Random) -> Party:
+        while True:   # rejection: a sender who is also the recipient is rare (one id among hundreds)
+            (speaker, src), (mention, dst) = rng.choice(self.senders), rng.choice(self.recipients)
+            if src != dst:
+                return Party(speaker, src, mention, dst)
+
     @property
     def capacity(self) -> int:
-        return (len(self.named) + len(self.unnamed)) * len(self.prompts) * math.prod(len(v) for _, v in self.slots)
+        return (self.named_count + len(self.unnamed)) * len(self.prompts) * math.prod(len(v) for _, v in self.slots)
 
 
 def _fields(template: str) -> set[str]:
@@ -213,8 +241,7 @@ def load_spaces(path: Path = TEMPLATES_PATH) -> dict[str, AnchorSpace]:
         spaces[anchor] = AnchorSpace(
             anchor=anchor, weight=a.weight, prompts=tuple(a.prompts), thoughts=tuple(a.thoughts),
             payload=a.payload, slots=tuple((s, tuple(pools[p])) for s, p in a.slots.items()),
-            named=tuple(Party(sp, s, m, d) for sp, s in srcs for m, d in dsts if s != d),
-            unnamed=tuple(Party("", spec.default_src, m, d) for m, d in dsts if d != spec.default_src))
+            senders=tuple(srcs), recipients=tuple(dsts), default_src=spec.default_src)
     return spaces
 
 
@@ -225,7 +252,10 @@ def _sentence(text: str) -> str:
 def render(space: AnchorSpace, party: Party, prompt: str, fills: dict[str, Fill], rng: random.Random) -> SynthRecord:
     """One record from fixed prompt-side choices; the thought and the QUANTIZE line are drawn from rng."""
     values = {"dst": party.dst_mention, **fills}
-    instruction = " ".join(p for p in (party.speaker, _sentence(prompt.format(**values))) if p)
+    text = prompt.format(**values)
+    # A phrasing that opens with the recipient keeps the name as written ("dave, please ..."): people do not
+    # capitalise a name they type in lower case, and the id the answer carries is the lower-cased name anyway.
+    instruction = " ".join(p for p in (party.speaker, text if prompt.startswith("{dst}") else _sentence(text)) if p)
     return SynthRecord(
         instruction=instruction, thought=_sentence(rng.choice(space.thoughts).format(**values)),
         src=party.src, dst=party.dst, anchor=space.anchor,
@@ -233,14 +263,14 @@ def render(space: AnchorSpace, party: Party, prompt: str, fills: dict[str, Fill]
 
 
 def _draw(space: AnchorSpace, rng: random.Random):
-    parties = space.unnamed if rng.random() < NO_SPEAKER_RATE else space.named
-    return (rng.choice(parties), rng.choice(space.prompts),
+    party = rng.choice(space.unnamed) if rng.random() < NO_SPEAKER_RATE else space.draw_named(rng)
+    return (party, rng.choice(space.prompts),
             {name: rng.choice(values) for name, values in space.slots})
 
 
 def _enumerate(space: AnchorSpace, rng: random.Random):
     """Every combination once, in random order (used when an anchor is asked for most of its capacity)."""
-    combos = list(itertools.product(space.unnamed + space.named, space.prompts,
+    combos = list(itertools.product([*space.unnamed, *space.named()], space.prompts,
                                     *(values for _, values in space.slots)))
     rng.shuffle(combos)
     for party, prompt, *values in combos:

@@ -21,7 +21,7 @@ PEOPLE = yaml.safe_load(TEMPLATES_PATH.read_text())["people"]
 
 def test_every_template_row_is_strictly_valid_and_addressed_to_the_recipient_its_prompt_names():
     spaces = load_spaces()
-    mentions = {m: agent for s in spaces.values() for p in s.named + s.unnamed for m, agent in [(p.dst_mention, p.dst)]}
+    mentions = {m: agent for s in spaces.values() for m, agent in s.recipients}
     records = synthesize(600, 11)
     for r in records:
         answer = parse_tqt(r.answer())                      # the strict parser, as training rows are checked
@@ -37,7 +37,7 @@ def test_every_template_row_is_strictly_valid_and_addressed_to_the_recipient_its
 
 def test_people_ids_are_their_normalised_names_and_a_clash_is_refused(tmp_path):
     spaces = load_spaces()
-    dsts = {p.dst: p.dst_mention for s in spaces.values() for p in s.named}
+    dsts = {dst: mention for s in spaces.values() for mention, dst in s.recipients}
     for name in PEOPLE:
         assert dsts[normalise_agent(name)] == name
     bad = tmp_path / "bad.yaml"

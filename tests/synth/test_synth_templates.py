@@ -1,6 +1,7 @@
 """Template synthesis: 2,000 distinct valid examples fast, seeded, honest about capacity."""
 
 import json
+import random
 import time
 
 import pytest
@@ -11,7 +12,7 @@ from tasks.data.prepare import load_examples
 from tasks.data.rows import Example, normalise
 from tasks.protocol import DATASET_ANCHORS, parse_tqt, quantize_hint
 from tasks.synth.records import SYSTEM_PROMPT_BASIC
-from tasks.synth.templates import (TEMPLATES_PATH, TemplateError, generator_fingerprint, load_spaces, main,
+from tasks.synth.templates import (TEMPLATES_PATH, TemplateError, generator_fingerprint, load_spaces, main, render,
                                    synth_cache_key, synthesize, synthesize_from_templates)
 from conftest import REPO
 
@@ -116,3 +117,17 @@ def test_task_returns_rows_and_cache_key_follows_the_generator(tmp_path):
     assert generator_fingerprint(changed) != generator_fingerprint(TEMPLATES_PATH)
     keys = {synth_cache_key(None, {"n": n, "seed": s}) for n, s in ((25, 3), (25, 4), (26, 3))}
     assert len(keys) == 3 and all(generator_fingerprint() in k for k in keys)
+
+
+def test_a_phrasing_that_opens_with_the_recipient_keeps_the_name_as_written():
+    spaces = load_spaces()
+    space = spaces["RequestTask"]
+    party = next(p for p in space.unnamed if p.dst_mention == "dave")   # a lower-case name in the file
+    fills = {name: values[0] for name, values in space.slots}
+    opening = render(space, party, "{dst}, please {task}{when}.", fills, random.Random(0))
+    assert opening.instruction.startswith("dave, please ") and opening.dst == "dave"
+    inside = render(space, party, "ask {dst} to {task}{when}.", fills, random.Random(0))
+    assert inside.instruction.startswith("Ask dave to ")   # other phrasings still start a sentence
+    speaker = next(p for p in space.named() if p.dst_mention == "dave" and p.speaker.endswith(" here:"))
+    assert render(space, speaker, "{dst}, please {task}{when}.", fills, random.Random(0)).instruction.split(
+        " here: ")[1].startswith("dave, please ")
