@@ -64,7 +64,7 @@ def finetune(recipe: str = "slipstream", overrides: dict | None = None, output_r
     # Base, merged and the served quantization are measured by llama.cpp (several times faster than
     # transformers generate on CPU); the parity table keeps the one transformers-vs-GGUF comparison.
     base = serve_and_measure_gguf(run_dir, "base", base_model_gguf(base_dir), cfg.eval, cfg.deploy,
-                                  tokenizer_dir=base_dir, wait_for=[splits])
+                                  tokenizer_dir=base_dir, max_rows=cfg.eval.base_rows, wait_for=[splits])
     llm = (measure_llm_baseline(run_dir, cfg, base_dir, wait_for=[splits])
            if cfg.baseline.source != "none" else None)
     # Where training happens is the recipe's choice; what follows reads the same lora/ and metrics/ either way.

@@ -211,6 +211,9 @@ class EvalConfig(StrictModel):
     metrics: list[Literal["parse", "anchor", "src_dst"]] = Field(
         default_factory=lambda: ["parse", "anchor", "src_dst"])
     max_new_tokens: int = Field(96, gt=0)
+    base_rows: int = Field(0, ge=0, description="Evaluate the untrained base on only the first this many test "
+                           "rows (0 = as many as the fine-tuned models): its score is the floor the "
+                           "model-performance gate measures the gain from, and the baseline gate names the rows.")
     batch_size: int = Field(16, gt=0, description="HF generation batch size.")
     min_improvement: float = Field(0.2, ge=0, le=1, description="model-performance gate: fine-tuned anchor "
                                    "accuracy must beat the base by at least this (absolute).")

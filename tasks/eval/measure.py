@@ -170,14 +170,17 @@ def measure_hf(run_dir: Path, label: str, model_dir: Path, cfg: EvalConfig, adap
 
 
 def measure_gguf(run_dir: Path, label: str, gguf_path: Path, cfg: EvalConfig, deploy: DeployConfig,
-                 tokenizer_dir: Path | None = None, lora_path: Path | None = None, split: str = "test") -> dict:
+                 tokenizer_dir: Path | None = None, lora_path: Path | None = None, split: str = "test",
+                 max_rows: int = 0) -> dict:
     """llama.cpp's server on the GGUF (plus a GGUF LoRA), measured through the `openai` client, then stopped.
 
     Greedy like every runner here (temperature 0, top_k 1, repeat_penalty 1.0: runners.LLAMA_CPP_GREEDY).
-    `split` names the run's row file: the test split, or an eval file's rows (write_eval_file_split).
+    `split` names the run's row file: the test split, or an eval file's rows (write_eval_file_split);
+    `max_rows` > 0 measures only its first rows (the summary's `rows` says how many).
     """
     run = RunFolder(run_dir)
     rows = read_jsonl(run.split(split))
+    rows = rows[:max_rows] if max_rows else rows
     grammar = answer_grammar(run, deploy, task_of(rows[0]).name) if rows else None
     with stage_timer(run, f"eval-{label}"), _deadline(label, cfg), llama_cpp_runner(
             gguf_path, run.server_log(label), label, cfg.max_new_tokens, parallel=deploy.parallel,
@@ -215,12 +218,13 @@ def _retry_unless_refused(task, task_run, state) -> bool:
       retry_condition_fn=_retry_unless_refused)
 @resumable_stage(lambda args: f"eval-{args['label']}")
 def serve_and_measure_gguf(run_dir: Path, label: str, gguf_path: Path, cfg: EvalConfig,
-                           deploy: DeployConfig, tokenizer_dir: Path | None = None, split: str = "test") -> dict:
+                           deploy: DeployConfig, tokenizer_dir: Path | None = None, split: str = "test",
+                           max_rows: int = 0) -> dict:
     """Start llama.cpp's OpenAI-compatible server on the GGUF, measure through the `openai` client, stop it.
 
     The finetune flow measures base (its cached f16 GGUF), merged (the run's f16 GGUF) and the served
     quantization this way; the parity table keeps the one transformers-vs-llama.cpp comparison."""
-    return measure_gguf(run_dir, label, gguf_path, cfg, deploy, tokenizer_dir, split=split)
+    return measure_gguf(run_dir, label, gguf_path, cfg, deploy, tokenizer_dir, split=split, max_rows=max_rows)
 
 
 def load_endpoint_block(ref: str):

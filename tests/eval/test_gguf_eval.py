@@ -40,6 +40,10 @@ def test_base_and_merged_are_measured_by_llama_server_on_test_and_eval_file_rows
 
     base_gguf = base_model_gguf.fn(base_model_dir)
     assert base_gguf.read_bytes()[:4] == b"GGUF" and base_model_gguf.fn(base_model_dir) == base_gguf   # cached
-    base = serve_and_measure_gguf.fn(run_dir, "base", base_gguf, ev, DeployConfig(), tokenizer_dir=base_model_dir)
-    assert base["rows"] == len(read_jsonl(run.split("test"))) and base["runner"] == "llama.cpp server"
+    # eval.base_rows: the base on the first rows of the test split only.
+    base = serve_and_measure_gguf.fn(run_dir, "base", base_gguf, ev, DeployConfig(), tokenizer_dir=base_model_dir,
+                                     max_rows=1)
+    test_rows = read_jsonl(run.split("test"))
+    assert len(test_rows) > 1 and base["rows"] == 1 and base["runner"] == "llama.cpp server"
+    assert [p["prompt"] for p in read_jsonl(run.predictions("base"))] == [test_rows[0]["messages"][-2]["content"]]
     assert run.server_log("base").exists()
