@@ -45,6 +45,7 @@ GENERATOR_VERSION = 1
 TEMPLATES_PATH = DATA_DIR / "slipstream-templates.yaml"
 NO_QUANTIZE_RATE = 499 / 2283   # share of THOUGHT+SLIP-only answers in the published dataset
 NO_SPEAKER_RATE = 0.4           # share of prompts that do not name their sender
+ADDRESSED_RATE = 0.15           # share of prompts written as a message from src to dst ("ana to bo: ...")
 
 
 class TemplateError(ValueError):
@@ -57,6 +58,9 @@ class AnchorTemplates(StrictModel):
     dst: list[str] = Field(min_length=1, description="agent ids or groups that may receive the message")
     slots: dict[str, str] = Field(description="slot name -> pool name")
     prompts: list[str] = Field(min_length=1)
+    direct: list[str] = Field(default_factory=list, description="phrasings said to the recipient (second "
+                              "person: 'could you review {artifact}?'), with the anchor's slots and no {dst}; each "
+                              "follows every `addressed` header, which names both ends")
     thoughts: list[str] = Field(min_length=1)
     payload: str
 
@@ -65,6 +69,8 @@ class TemplateSpec(StrictModel):
     version: int
     default_src: str
     speakers: list[str] = Field(min_length=1)
+    addressed: list[str] = Field(default_factory=list, description="headers naming sender and recipient "
+                                 "({src} and {dst}: '{src} to {dst}:') before an anchor's `direct` phrasings")
     agents: dict[str, list[str]]
     people: list[str] = Field(default_factory=list, description="recipients named as themselves (people, "
                               "bots): each is an agent whose id is normalise_agent(name), group 'people'")
@@ -91,10 +97,11 @@ class Fill:
 
 @dataclass(frozen=True)
 class Party:
-    speaker: str          # "" when the prompt does not name its sender
+    speaker: str          # "" when the prompt does not name its sender (or an addressed prompt names it)
     src: str
     dst_mention: str
     dst: str
+    src_mention: str = ""   # how an addressed prompt names the sender
 
 
 @dataclass(frozen=True)
@@ -105,10 +112,11 @@ class AnchorSpace:
 
     anchor: str
     weight: int
-    senders: tuple[tuple[str, str], ...]      # (speaker line, src id): every speaker form of every sender
-    recipients: tuple[tuple[str, str], ...]   # (mention, dst id)
+    senders: tuple[tuple[str, str, str], ...]   # (speaker line, src id, mention): every speaker form of every sender
+    recipients: tuple[tuple[str, str], ...]     # (mention, dst id)
     default_src: str
     prompts: tuple[str, ...]
+    addressed: tuple[str, ...]   # header x direct phrasing, with {src} and {dst}: no speaker line before them
     thoughts: tuple[str, ...]
     payload: str
     slots: tuple[tuple[str, tuple[Fill, ...]], ...]
@@ -118,27 +126,45 @@ class AnchorSpace:
         return tuple(Party("", self.default_src, m, d) for m, d in self.recipients if d != self.default_src)
 
     @cached_property
-    def named_count(self) -> int:
+    def sender_mentions(self) -> tuple[tuple[str, str], ...]:
+        """(mention, src id) once each, whatever the speaker forms (addressed prompts name the sender themselves)."""
+        return tuple(dict.fromkeys((m, s) for _, s, m in self.senders))
+
+    @staticmethod
+    def _pairs(senders, recipients) -> int:
         """Sender x recipient pairs whose agents differ."""
-        per_src, per_dst = Counter(s for _, s in self.senders), Counter(d for _, d in self.recipients)
-        return len(self.senders) * len(self.recipients) - sum(n * per_dst[a] for a, n in per_src.items())
+        per_src, per_dst = Counter(s for *_, s in senders), Counter(d for _, d in recipients)
+        return len(senders) * len(recipients) - sum(n * per_dst[a] for a, n in per_src.items())
+
+    @cached_property
+    def named_count(self) -> int:
+        return self._pairs([(sp, s) for sp, s, _ in self.senders], self.recipients)
 
     def named(self) -> Iterator[Party]:
         """Every party with a speaker, in file order."""
-        for speaker, src in self.senders:
+        for speaker, src, src_mention in self.senders:
             for mention, dst in self.recipients:
                 if src != dst:
-                    yield Party(speaker, src, mention, dst)
+                    yield Party(speaker, src, mention, dst, src_mention)
+
+    def addressed_parties(self) -> Iterator[Party]:
+        """Every (sender mention, recipient) of an addressed prompt, in file order."""
+        for src_mention, src in self.sender_mentions:
+            for mention, dst in self.recipients:
+                if src != dst:
+                    yield Party("", src, mention, dst, src_mention)
 
     def draw_named(self, rng: random.Random) -> Party:
         while True:   # rejection: a sender who is also the recipient is rare (one id among hundreds)
-            (speaker, src), (mention, dst) = rng.choice(self.senders), rng.choice(self.recipients)
+            (speaker, src, src_mention), (mention, dst) = rng.choice(self.senders), rng.choice(self.recipients)
             if src != dst:
-                return Party(speaker, src, mention, dst)
+                return Party(speaker, src, mention, dst, src_mention)
 
     @property
     def capacity(self) -> int:
-        return (self.named_count + len(self.unnamed)) * len(self.prompts) * math.prod(len(v) for _, v in self.slots)
+        per_prompt = math.prod(len(v) for _, v in self.slots)
+        return per_prompt * ((self.named_count + len(self.unnamed)) * len(self.prompts)
+                             + self._pairs(self.sender_mentions, self.recipients) * len(self.addressed))
 
 
 def _fields(template: str) -> set[str]:
@@ -193,6 +219,9 @@ def load_spaces(path: Path = TEMPLATES_PATH) -> dict[str, AnchorSpace]:
         spec.agents[ident] = [person]
     if spec.people:
         spec.groups.setdefault("people", [normalise_agent(p) for p in spec.people])
+    for i, header in enumerate(spec.addressed):
+        if _fields(header) != {"src", "dst"}:
+            _fail(path, node, ("addressed", i), "must use exactly {src} and {dst}")
     missing = set(DATASET_ANCHORS) - set(spec.anchors)
     if missing:
         _fail(path, node, ("anchors",), f"missing dataset anchors {sorted(missing)}")
@@ -231,17 +260,21 @@ def load_spaces(path: Path = TEMPLATES_PATH) -> dict[str, AnchorSpace]:
         for i, prompt in enumerate(a.prompts):
             if _fields(prompt) != {"dst", *a.slots}:
                 _fail(path, node, loc + ("prompts", i), f"must use exactly {{dst}} and the slots {sorted(a.slots)}")
+        for i, phrasing in enumerate(a.direct):
+            if _fields(phrasing) != set(a.slots):
+                _fail(path, node, loc + ("direct", i), f"must use exactly the slots {sorted(a.slots)} (no {{dst}})")
         for key, templates in (("thoughts", a.thoughts), ("payload", [a.payload])):
             for i, t in enumerate(templates):
                 if not _fields(t) <= {"dst", *a.slots}:
                     _fail(path, node, loc + (key, i), f"uses a name that is not dst or a slot: {sorted(_fields(t))}")
         dsts = [(m, d) for d in agents(loc + ("dst",), a.dst) for m in spec.agents[d]]
-        srcs = [(s.format(src=m), i) for i in agents(loc + ("src",), a.src) for m in spec.agents[i]
+        srcs = [(s.format(src=m), i, m) for i in agents(loc + ("src",), a.src) for m in spec.agents[i]
                 for s in spec.speakers]
         spaces[anchor] = AnchorSpace(
             anchor=anchor, weight=a.weight, prompts=tuple(a.prompts), thoughts=tuple(a.thoughts),
             payload=a.payload, slots=tuple((s, tuple(pools[p])) for s, p in a.slots.items()),
-            senders=tuple(srcs), recipients=tuple(dsts), default_src=spec.default_src)
+            senders=tuple(srcs), recipients=tuple(dsts), default_src=spec.default_src,
+            addressed=tuple(f"{h} {d}" for h in spec.addressed for d in a.direct))
     return spaces
 
 
@@ -252,10 +285,13 @@ def _sentence(text: str) -> str:
 def render(space: AnchorSpace, party: Party, prompt: str, fills: dict[str, Fill], rng: random.Random) -> SynthRecord:
     """One record from fixed prompt-side choices; the thought and the QUANTIZE line are drawn from rng."""
     values = {"dst": party.dst_mention, **fills}
-    text = prompt.format(**values)
-    # A phrasing that opens with the recipient keeps the name as written ("dave, please ..."): people do not
-    # capitalise a name they type in lower case, and the id the answer carries is the lower-cased name anyway.
-    instruction = " ".join(p for p in (party.speaker, text if prompt.startswith("{dst}") else _sentence(text)) if p)
+    if "{src" in prompt:   # addressed: the header names the sender, no speaker line before it
+        text, speaker = prompt.format(src=party.src_mention, **values), ""
+    else:
+        text, speaker = prompt.format(**values), party.speaker
+    # A phrasing that opens with a name keeps it as written ("dave, please ..."): people do not capitalise a
+    # name they type in lower case, and the id the answer carries is the lower-cased name anyway.
+    instruction = " ".join(p for p in (speaker, text if prompt.startswith(("{dst}", "{src}")) else _sentence(text)) if p)
     return SynthRecord(
         instruction=instruction, thought=_sentence(rng.choice(space.thoughts).format(**values)),
         src=party.src, dst=party.dst, anchor=space.anchor,
@@ -263,15 +299,19 @@ def render(space: AnchorSpace, party: Party, prompt: str, fills: dict[str, Fill]
 
 
 def _draw(space: AnchorSpace, rng: random.Random):
+    fills = {name: rng.choice(values) for name, values in space.slots}
+    if space.addressed and rng.random() < ADDRESSED_RATE:
+        named = space.draw_named(rng)
+        return Party("", named.src, named.dst_mention, named.dst, named.src_mention), rng.choice(space.addressed), fills
     party = rng.choice(space.unnamed) if rng.random() < NO_SPEAKER_RATE else space.draw_named(rng)
-    return (party, rng.choice(space.prompts),
-            {name: rng.choice(values) for name, values in space.slots})
+    return party, rng.choice(space.prompts), fills
 
 
 def _enumerate(space: AnchorSpace, rng: random.Random):
     """Every combination once, in random order (used when an anchor is asked for most of its capacity)."""
-    combos = list(itertools.product([*space.unnamed, *space.named()], space.prompts,
-                                    *(values for _, values in space.slots)))
+    slot_values = [values for _, values in space.slots]
+    combos = (list(itertools.product([*space.unnamed, *space.named()], space.prompts, *slot_values))
+              + list(itertools.product(space.addressed_parties(), space.addressed, *slot_values)))
     rng.shuffle(combos)
     for party, prompt, *values in combos:
         yield party, prompt, dict(zip((n for n, _ in space.slots), values))

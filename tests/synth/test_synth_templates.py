@@ -64,9 +64,10 @@ def _tiny_spec(tmp_path):
     """The real template file cut down to one phrasing, one value per slot, one agent (one mention) each way."""
     spec = yaml.safe_load(TEMPLATES_PATH.read_text())
     spec["speakers"] = spec["speakers"][:1]
+    spec["addressed"] = spec["addressed"][:1]
     spec["agents"] = {agent: mentions[:1] for agent, mentions in spec["agents"].items()}
     for anchor in spec["anchors"].values():
-        anchor["prompts"] = anchor["prompts"][:1]
+        anchor["prompts"], anchor["direct"] = anchor["prompts"][:1], anchor["direct"][:1]
         anchor["src"], anchor["dst"] = ["architect"], ["backend"]
     spec["groups"] = {}
     for name, entries in spec["pools"].items():
@@ -79,9 +80,9 @@ def _tiny_spec(tmp_path):
 def test_capacity_is_exact_all_of_it_can_be_made_and_no_more(tmp_path):
     path = _tiny_spec(tmp_path)
     capacity = sum(s.capacity for s in load_spaces(path).values())
-    # speakerless + one named speaker, x1 phrasing x1 value per slot; RequestTask/RequestReview/RequestPlan/
-    # Fallback also vary the deadline (2 values): 19*2 + 4*2 = 46
-    assert capacity == 46
+    # (speakerless + one named speaker) x1 phrasing, + one addressed header x1 direct phrasing, x1 value per
+    # slot; RequestTask/RequestReview/RequestPlan/Fallback also vary the deadline (2 values): 3 * (19 + 4) = 69
+    assert capacity == 69
     records = synthesize(capacity, 3, path)
     assert len({normalise(r.instruction) for r in records}) == capacity
     with pytest.raises(TemplateError, match=f"at most {capacity} distinct prompts"):
@@ -131,3 +132,27 @@ def test_a_phrasing_that_opens_with_the_recipient_keeps_the_name_as_written():
     speaker = next(p for p in space.named() if p.dst_mention == "dave" and p.speaker.endswith(" here:"))
     assert render(space, speaker, "{dst}, please {task}{when}.", fills, random.Random(0)).instruction.split(
         " here: ")[1].startswith("dave, please ")
+
+
+def test_an_addressed_prompt_names_both_ends_in_its_header_and_no_speaker_before_it(tmp_path):
+    space = load_spaces()["RequestReview"]
+    prompt = "{src} to {dst}: could you review {artifact}{when}?"
+    assert prompt in space.addressed
+    party = next(space.addressed_parties())
+    fills = {name: values[0] for name, values in space.slots}
+    record = render(space, party, prompt, fills, random.Random(0))
+    assert record.instruction.startswith(f"{party.src_mention} to {party.dst_mention}: could you review ")
+    assert (record.src, record.dst) == (party.src, party.dst) and record.src != space.default_src
+    # Drawn at about ADDRESSED_RATE, each with a sender that is its SLIP src.
+    headers = [h.split("{src}")[1].split("{dst}")[0] for h in yaml.safe_load(TEMPLATES_PATH.read_text())["addressed"]]
+    records = synthesize(2000, 5)
+    addressed = [r for r in records if any(r.instruction.lower().startswith(f"{r.src.replace('_', ' ')}{h}")
+                                           for h in headers)]
+    assert 0.08 * len(records) < len(addressed) < 0.25 * len(records)
+    # A direct phrasing is said to the recipient: naming {dst} in it is refused with file, line and field.
+    text = TEMPLATES_PATH.read_text().replace('"could you review {artifact}{when}?"', '"{dst}, review {artifact}{when}"')
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    line = text.splitlines().index('      - "{dst}, review {artifact}{when}"') + 1
+    with pytest.raises(TemplateError, match=rf"^{bad}:{line}: anchors.RequestReview.direct.0: must use exactly"):
+        load_spaces(bad)
