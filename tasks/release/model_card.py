@@ -23,6 +23,7 @@ from tasks.data.prepare import mix_lines
 from tasks.llamacpp.serve import answer_grammar
 from tasks.markdown import pct
 from tasks.ollama.modelfile import Modelfile
+from tasks.release.report import test_rows
 from tasks.recipe import REPO_ROOT, Recipe
 from tasks.redact import redact
 from tasks.run import SPLITS, RunFolder, atomic_write_json, atomic_write_text, read_json, read_jsonl, stage_timer
@@ -131,7 +132,7 @@ def model_card(recipe: Recipe, run_dir: RunFolder | Path, results: dict[str, dic
               "`PARAMETER stop` " + ", ".join(f"`{s}`" for s in modelfile.stop) + "):", "", "```bash",
               f"ollama create {repo_name} -f Modelfile",
               f'ollama run {repo_name} "Tell bob to review my authentication code"', "```", ""]
-    lines += ["## Evaluation", "", f"Greedy decoding on {next(iter(results.values()))['rows']} held-out test rows, "
+    lines += ["## Evaluation", "", f"Greedy decoding on {test_rows(results)} held-out test rows, "
               "scored with the strict Slipstream parser"
               + ("; llama.cpp outputs grammar-constrained (deploy.constrain_output)" if recipe.deploy.constrain_output
                  else "") + ".", "",

@@ -77,12 +77,21 @@ def _data_lines(run_dir: RunFolder | Path) -> list[str]:
     return lines + mix_lines(stats)
 
 
+def test_rows(results: dict[str, dict]) -> int:
+    """Rows of the test split the fine-tuned models were scored on (the base may have fewer: eval.base_rows;
+    an eval file's label has '@')."""
+    return max((res.get("rows") or 0 for label, res in results.items() if "@" not in label), default=0)
+
+
 def results_section(task: str, results: dict[str, dict]) -> list[str]:
     """Metrics, per-group accuracy, latency/tokens/cost and (Slipstream) token-reduction tables."""
     cols = task_type(task).metrics
     lines = ["| model | runner | " + " | ".join(n for _, n in cols) + " |", "|---|---|" + "---|" * len(cols)]
     for label, res in results.items():
         lines.append(f"| {label} | {res.get('runner')} | " + " | ".join(pct(res.get(k)) for k, _ in cols) + " |")
+    # Not every model sees the same rows: eval.base_rows cuts the base's, an eval file (label@file) has its own.
+    lines += ["", "Rows scored: " + ", ".join(f"{label} {res.get('rows')}" for label, res in results.items())
+              + " (a smaller count on the test split is its first rows)."]
     constrained = [label for label, res in results.items() if res.get("grammar_constrained")]
     if constrained:
         free = [label for label in results if label not in constrained]
@@ -138,7 +147,7 @@ def render_report(recipe: Recipe, run_dir: RunFolder | Path, results: dict[str, 
     lines = [f"# Slipway run `{run_dir.name}` — gates {verdict}", "",
              f"Recipe **{recipe.name}** ({recipe.task}) · base model **{recipe.model.name}** · "
              f"{training.get('train_rows')} training rows · test rows: "
-             f"{next(iter(results.values()))['rows']} · primary metric `{primary_metric(recipe)}` · finished "
+             f"{test_rows(results)} · primary metric `{primary_metric(recipe)}` · finished "
              f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}", "",
              "## Results on the test split", ""]
     lines += results_section(recipe.task, results)

@@ -61,6 +61,16 @@ def test_report_shows_every_model_gate_and_stage(tmp_path):
         assert label in text
 
 
+def test_a_base_scored_on_fewer_rows_does_not_change_the_test_rows_the_report_names(tmp_path):
+    recipe = Recipe(name="x")
+    scored = results(0.0, 0.6, 0.6, **{"merged@hand": 0.5})
+    scored["base"]["rows"], scored["merged@hand"]["rows"] = 3, 7   # eval.base_rows; an eval file's own rows
+    gates = [g.as_dict() for g in evaluate_gates(recipe, scored, "gguf-q8_0", training(2, 1))]
+    text = render_report(recipe, tmp_path, scored, gates, {"mask": {}}, {}, {})
+    assert "test rows: 10 ·" in text and "base: 0.000 on 3 rows" in text
+    assert "Rows scored: base 3, merged 10, gguf-q8_0 10, merged@hand 7" in text
+
+
 def test_eval_report_shows_the_decision_trail(tmp_path):
     recipe = load_recipe("slipstream", {"baseline.source": "local-gguf"})
     res = {k: v for k, v in results(0.1, 0.5, 0.5, llm=0.7).items() if k in ("base", "llm")}
