@@ -153,7 +153,8 @@ def run_slipway(variant: str, args, rows: list[dict]) -> dict:
     end_wall = time.time()
     return {"seconds": stats["seconds"], "start": end_wall - stats["seconds"], "end": end_wall,
             "steps": stats["steps"], "final_loss": stats["final_loss"], "peak_gib": stats.get("peak_gpu_memory_gib"),
-            "packing": stats.get("packing")}
+            "packing": stats.get("packing"), "first_step_s": stats.get("first_step_seconds"),
+            "steady_s": stats.get("steady_seconds")}
 
 
 def run_multi(variant: str, args, rows: list[dict]) -> dict:
@@ -172,7 +173,8 @@ def run_multi(variant: str, args, rows: list[dict]) -> dict:
     stats = json.loads((run_dir / "metrics" / "training-stats.json").read_text())
     return {"seconds": stats["seconds"], "start": end_wall - stats["seconds"], "end": end_wall, "gpus": gpus,
             "steps": stats["steps"], "final_loss": stats["final_loss"], "peak_gib": stats.get("peak_gpu_memory_gib"),
-            "world_size": stats["world_size"]}
+            "world_size": stats["world_size"], "first_step_s": stats.get("first_step_seconds"),
+            "steady_s": stats.get("steady_seconds")}
 
 
 def run_hf(args, rows: list[dict]) -> dict:
@@ -373,6 +375,10 @@ def main() -> None:
         r["gpus"] = need
         r["tokens_per_s"] = tokens / r["seconds"]
         r["tokens_per_s_per_gpu"] = r["tokens_per_s"] / need
+        # Steady state: steps 2..N (every packed step holds the same token budget), without the first
+        # step's warm-up and the engine's set-up; what a longer run converges to.
+        if r.get("steady_s") and r["steps"] > 1:
+            r["steady_tokens_per_s"] = tokens * (r["steps"] - 1) / r["steps"] / r["steady_s"]
         r["mfu"] = 4 * n_params * r["tokens_per_s_per_gpu"] / PEAK_BF16_FLOPS
         r["busy"] = sampler.busy(r["start"], r["end"], need)
         r["process_s"] = round(time.time() - t, 1)
@@ -392,24 +398,36 @@ def print_table(results: dict, n_params: int, tokens: int, args) -> None:
     ref = results.get("hf", {}).get("tokens_per_s")
     print(f"\n{len(results)} variants, {tokens} real tokens, {n_params / 1e9:.2f} B parameters, "
           f"packed: {args.tokens_per_step} tokens/step in {args.pack_length}-token sequences")
-    print("| variant | GPUs | real tokens/s | tokens/s per GPU | MFU | peak GiB | GPU busy | vs hf | steps | final loss |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| variant | GPUs | real tokens/s | tokens/s per GPU | MFU | steady tokens/s (steps 2..N) | steady per GPU "
+          "| first step s | peak GiB | GPU busy | vs hf | steps | final loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         if "skipped" in r:
-            print(f"| {name} | | {r['skipped']} | | | | | | | |")
+            print(f"| {name} | | {r['skipped']} | | | | | | | | | | |")
             continue
         ratio = f"{r['tokens_per_s'] / ref:.2f}" if ref else ""
         busy = f"{r['busy']:.0%}" if r.get("busy") is not None else ""
         loss = f"{r['final_loss']:.3f}" if r.get("final_loss") is not None else ""
+        steady = r.get("steady_tokens_per_s")
+        steady_cols = (f"{steady:,.0f} | {steady / r['gpus']:,.0f}" if steady else " | ")
         print(f"| {name} | {r['gpus']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_gpu']:,.0f} | {r['mfu']:.1%} | "
-              f"{r.get('peak_gib') or ''} | {busy} | {ratio} | {r['steps']} | {loss} |")
+              f"{steady_cols} | {r.get('first_step_s') or ''} | {r.get('peak_gib') or ''} | {busy} | {ratio} | "
+              f"{r['steps']} | {loss} |")
     single = results.get("slipway-trl", {}).get("tokens_per_s_per_gpu")
     for name in ("ddp-2", "zero2-2"):
         r = results.get(name, {})
         if single and "tokens_per_s_per_gpu" in r:
             print(f"{name}: per-GPU efficiency vs slipway-trl on 1 GPU: {r['tokens_per_s_per_gpu'] / single:.0%}")
-    if "tokens_per_s" in results.get("ddp-2", {}) and "tokens_per_s" in results.get("zero2-2", {}):
-        print(f"zero2-2 vs ddp-2: {results['zero2-2']['tokens_per_s'] / results['ddp-2']['tokens_per_s']:.0%}")
+    steady_single = results.get("slipway-trl", {}).get("steady_tokens_per_s")
+    for name in ("ddp-2", "zero2-2"):
+        steady = results.get(name, {}).get("steady_tokens_per_s")
+        if steady_single and steady:
+            print(f"{name}: steady per-GPU efficiency vs slipway-trl on 1 GPU: {steady / 2 / steady_single:.0%}")
+    ddp, zero2 = results.get("ddp-2", {}), results.get("zero2-2", {})
+    if "tokens_per_s" in ddp and "tokens_per_s" in zero2:
+        print(f"zero2-2 vs ddp-2: {zero2['tokens_per_s'] / ddp['tokens_per_s']:.0%}"
+              + (f" (steady: {zero2['steady_tokens_per_s'] / ddp['steady_tokens_per_s']:.0%})"
+                 if zero2.get("steady_tokens_per_s") and ddp.get("steady_tokens_per_s") else ""))
 
 
 if __name__ == "__main__":

@@ -160,6 +160,16 @@ def _tail(path: Path, n: int = 15) -> str:
         return "(no log)"
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (a `taskset` or cgroup cpuset narrows them; os.cpu_count() does not see
+    that): several runs sharing a host each give their servers only their own cores, as llama.cpp threads
+    spin-wait and slow to a crawl when more of them than cores share a machine."""
+    try:
+        return len(os.sched_getaffinity(0)) or 2
+    except AttributeError:   # no sched_getaffinity (macOS)
+        return os.cpu_count() or 2
+
+
 class ManagedLlamaServer:
     """One llama-server process for one model (plus an optional LoRA GGUF).
 
@@ -222,7 +232,7 @@ class ManagedLlamaServer:
     def command(self) -> list[str]:
         cmd = [str(llamacpp.tool("llama-server")), "-m", str(self.model_path), "--host", self.host,
                "--port", str(self.port), "-a", self.alias, "-c", str(self.ctx_size * self.parallel),
-               "-np", str(self.parallel), "-t", str(self.threads or os.cpu_count() or 2), "--jinja", "--no-webui"]
+               "-np", str(self.parallel), "-t", str(self.threads or usable_cpus()), "--jinja", "--no-webui"]
         if self.lora_path is not None:
             cmd += ["--lora", str(self.lora_path)]
         if self.grammar_file is not None:

@@ -132,6 +132,10 @@ def load_model(recipe: Recipe, base_dir: Path):
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     kwargs: dict = {"dtype": dtype, "attn_implementation": recipe.training.attention}
+    if torch.cuda.is_available():
+        # Straight onto this process's GPU: an 8B base loaded to host memory first and moved later costs
+        # ~15 GB of copies, inside train() under DeepSpeed (which places the model itself).
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     if recipe.model.load_in_4bit:
         from transformers import BitsAndBytesConfig
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -171,14 +175,42 @@ def plot_loss(history: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _progress_callback():
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
         """One line per logging step with ETA, so long CPU runs show where they are."""
 
+        # Throughput without the warm-up: the first step pays kernel selection and allocator growth.
+        first_step_seconds: float | None = None   # from train begin to the end of the first step
+        first_step_end = last_step_end = None
+
         def on_train_begin(self, args, state, control, **kw):
             self.start = time.time()
+            self.start_step = state.global_step   # a resumed run starts past 0
+
+        def on_step_end(self, args, state, control, **kw):
+            first = self.first_step_end is None and state.global_step > self.start_step
+            if first or state.global_step == state.max_steps:
+                # The host runs ahead of the GPU: wait for the step's kernels (twice a run, not every step).
+                _synchronize()
+                now = time.time()
+                if first:
+                    self.first_step_end, self.first_step_seconds = now, now - self.start
+                self.last_step_end = now
+
+        def steady_seconds(self) -> float | None:
+            """Seconds from the end of the first step to the end of the last (None for a one-step run)."""
+            if self.first_step_end is None or self.last_step_end == self.first_step_end:
+                return None
+            return round(self.last_step_end - self.first_step_end, 2)
 
         def on_log(self, args, state, control, logs=None, **kw):
             if not state.is_world_process_zero or not logs:
@@ -292,10 +324,11 @@ def train(recipe: Recipe, run_dir: Path | RunFolder, base_dir: Path) -> dict:
     # No KV cache while training: with one, transformers ignores packed position_ids when it builds the
     # attention mask (rows would attend across a packed sequence). TRL turns it off too, in compute_loss.
     model.config.use_cache = False
+    progress = _progress_callback()
     trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer, data_collator=collator,
                          train_dataset=Dataset.from_list(train_data),
                          eval_dataset=Dataset.from_list(val_data) if val_data else None,
-                         callbacks=[_progress_callback()])
+                         callbacks=[progress])
     lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     start = time.time()
     # A resumed run (flow parameter resume_from) picks up its optimizer, scheduler and data order here.
@@ -310,7 +343,8 @@ def train(recipe: Recipe, run_dir: Path | RunFolder, base_dir: Path) -> dict:
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
     stats = {"train_rows": len(rows), "steps": trainer.state.global_step, "epochs": cfg.epochs,
-             "seconds": round(seconds, 1), "train_loss": result.training_loss,
+             "seconds": round(seconds, 1), "first_step_seconds": progress.first_step_seconds and round(
+                 progress.first_step_seconds, 2), "steady_seconds": progress.steady_seconds(), "train_loss": result.training_loss,
              "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
              "eval_loss": next((h["eval_loss"] for h in reversed(history) if "eval_loss" in h), None),
              "tokens_seen": mask_report["tokens"] * cfg.epochs if cfg.max_steps < 0 else None,

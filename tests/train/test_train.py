@@ -23,6 +23,9 @@ def test_training_changes_every_lora_tensor_and_lowers_the_loss(trained_run):
     assert (run_dir / "metrics" / "loss-curve.png").stat().st_size > 10_000
     saved = json.loads((run_dir / "metrics" / "training-stats.json").read_text())
     assert saved["final_loss"] == losses[-1]
+    # Warm-up and steady state are timed apart (bench/train_throughput.py reads both): step 1, then steps 2-8.
+    assert 0 < saved["first_step_seconds"] < saved["seconds"]
+    assert 0 < saved["steady_seconds"] < saved["seconds"] - saved["first_step_seconds"] + 0.5
     assert any(p.name.startswith("checkpoint-") for p in (run_dir / "checkpoints").iterdir())
 
 
