@@ -85,14 +85,15 @@ flows)
   say "Prefect server up"
   # recipe : GPUs : CPU cores for its llama.cpp servers (a fifth of the host's each) : extra overrides
   per=$(( $(nproc) / 5 )); cpus() { echo "$(( $1 * per ))-$(( $1 * per + per - 1 ))"; }
-  rows=data.eval_rows=${ENGINE_EVAL_ROWS:-120}
-  RUNS=${RUNS:-"slipstream-gpu:0:$(cpus 0): slipstream-gpu-unsloth:1:$(cpus 1):$rows slipstream-gpu-qlora:1:$(cpus 2):$rows \
-slipstream-gpu-ddp:0,1:$(cpus 3):$rows slipstream-gpu-zero2:0,1:$(cpus 4):$rows"}
+  # Each flow's evaluations run on its own cores: 80 test rows and 5 parity rows keep all five within ~8 min.
+  x=${FLOW_SETS:-data.eval_rows=80,export.parity_rows=5}
+  RUNS=${RUNS:-"slipstream-gpu:0:$(cpus 0):$x slipstream-gpu-unsloth:1:$(cpus 1):$x slipstream-gpu-qlora:1:$(cpus 2):$x \
+slipstream-gpu-ddp:0,1:$(cpus 3):$x slipstream-gpu-zero2:0,1:$(cpus 4):$x"}
   pids=()
   for spec in $RUNS; do
     IFS=: read -r recipe gpus cpus extra <<< "$spec"
     sets=(); for kv in ${extra//,/ }; do sets+=(--set "$kv"); done
-    CUDA_VISIBLE_DEVICES=$gpus timeout "${FLOW_TIMEOUT:-500}" taskset -c "$cpus" python3 -m flows.cli run "$recipe" \
+    CUDA_VISIBLE_DEVICES=$gpus timeout "${FLOW_TIMEOUT:-520}" taskset -c "$cpus" python3 -m flows.cli run "$recipe" \
       --run-name "$recipe" --output-root "$WORK/runs" "${sets[@]}" > "$WORK/$recipe.log" 2>&1 &
     pids+=($!)
     say "started $recipe on GPU(s) $gpus, CPUs $cpus ${extra}"
