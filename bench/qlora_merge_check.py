@@ -12,14 +12,15 @@ print("dequantized_base_weights", stats.get("dequantized_base_weights"), "steps"
 from unsloth import FastLanguageModel
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
-from tasks.export.convert import merge_adapter
 model, tok = FastLanguageModel.from_pretrained(model_name=str(base), load_in_4bit=True, dtype=torch.bfloat16)
 model = PeftModel.from_pretrained(model, run / "lora").eval()
 ids = torch.tensor([[1, 422, 2530, 314, 2863, 30, 216, 5248, 418]], device="cuda")
 with torch.no_grad():
     trained = model(input_ids=ids).logits.float()
 for name, b in (("dequantized", run / "lora-base"), ("16-bit", base)):
-    m = AutoModelForCausalLM.from_pretrained(merge_adapter(b, run / "lora", Path(f"/tmp/qm-{name}")), dtype=torch.bfloat16).cuda()
+    # What tasks.export.convert.merge_adapter does (that module imports Prefect, which GPU hosts may lack).
+    m = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(b, dtype=torch.float32), run / "lora")
+    m = m.merge_and_unload().to(torch.bfloat16).cuda()
     with torch.no_grad():
         out = m(input_ids=ids).logits.float()
     print(name, "max |logit diff| vs trained 4-bit model:", (out - trained).abs().max().item(),
