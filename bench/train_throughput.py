@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 PEAK_BF16_FLOPS = 989e12     # H100/H200 SXM dense bf16, the MFU denominator
 SYSTEM_PROMPT = "You are a Slipstream agent. Answer with THOUGHT, QUANTIZE and SLIP lines."
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SINGLE = ["hf", "slipway-padded", "slipway-trl", "slipway-trl-flex", "slipway-trl-liger", "slipway-trl-fast",
+SINGLE = ["hf", "slipway-padded", "slipway-trl", "slipway-trl-flex", "slipway-trl-liger", "slipway-trl-fast", "slipway-qlora",
           "slipway-unsloth", "unsloth-direct"]
 MULTI = ["ddp-2", "zero2-2", "zero2-1"]
 
@@ -101,8 +101,10 @@ def recipe_for(variant: str, args):
     t.mixed_precision = "bf16" if not args.tiny else "no"
     if variant != "slipway-padded":
         t.packing, t.tokens_per_step, t.pack_length = True, args.tokens_per_step, args.pack_length
-    if variant == "slipway-unsloth":
+    if variant in ("slipway-unsloth", "slipway-qlora"):
         t.engine = "unsloth"
+    if variant == "slipway-qlora":   # Unsloth's 4-bit path (bitsandbytes NF4 base)
+        recipe.model.load_in_4bit = True
     # slipway-trl-flex / -liger / -fast (both): the packed trl path with FlexAttention's document mask and/or
     # Liger's fused kernels.
     if variant in ("slipway-trl-flex", "slipway-trl-fast"):

@@ -106,6 +106,16 @@ class RunFolder(Folder):
         return self.root / "lora"
 
     @property
+    def quantized_base_dir(self) -> Path:
+        """QLoRA only: the base as the adapter was trained on it (its 4-bit weights dequantized), which merge
+        and the adapter's GGUF use instead of the 16-bit base (tasks/train/worker.py writes it)."""
+        return self.root / "lora-base"
+
+    def adapter_base(self, base_dir: Path) -> Path:
+        """The base the adapter applies to: the dequantized 4-bit base after QLoRA, else `base_dir`."""
+        return self.quantized_base_dir if self.quantized_base_dir.is_dir() else Path(base_dir)
+
+    @property
     def training_stats(self) -> Path:
         return self.metrics_dir / "training-stats.json"
 

@@ -150,6 +150,42 @@ def load_model(recipe: Recipe, base_dir: Path):
     return model, prepare_tokenizer(tokenizer, recipe.model)
 
 
+def save_dequantized_base(model, base_dir: Path, out_dir: Path) -> int:
+    """QLoRA: write the base as the adapter saw it, every 4-bit (bitsandbytes) weight dequantized and the
+    rest copied from `base_dir`; returns how many weights were replaced. The adapter learned against these
+    weights, so merge and the adapter's GGUF use them (RunFolder.adapter_base), not the 16-bit originals.
+
+    Raises:
+        KeyError: a quantized module whose weight is not in the base folder (the names would not line up).
+    """
+    import shutil
+
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+    from safetensors.torch import load_file, save_file
+
+    weights: dict = {}
+    for shard in sorted(Path(base_dir).glob("*.safetensors")):
+        weights.update(load_file(shard))
+    replaced = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        # PEFT names the wrapped layer base_model.model.<module>.base_layer
+        key = name.removeprefix("base_model.model.").replace(".base_layer", "") + ".weight"
+        if key not in weights:
+            raise KeyError(f"quantized weight {key} is not in {base_dir}")
+        dense = dequantize_4bit(module.weight.data, module.weight.quant_state)
+        weights[key] = dense.to(device="cpu", dtype=weights[key].dtype).reshape(weights[key].shape).contiguous()
+        replaced += 1
+    with atomic_dir(out_dir) as tmp:
+        for f in Path(base_dir).iterdir():
+            if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+                shutil.copy2(f, tmp / f.name)
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    return replaced
+
+
 def plot_loss(history: list[dict], path: Path) -> None:
     """Loss (and learning rate) against step: a person reads this faster than the JSON."""
     import matplotlib
@@ -359,6 +395,8 @@ def train(recipe: Recipe, run_dir: Path | RunFolder, base_dir: Path) -> dict:
         with atomic_dir(run.lora_dir) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+        if recipe.model.load_in_4bit:
+            stats["dequantized_base_weights"] = save_dequantized_base(model, base_dir, run.quantized_base_dir)
         atomic_write_json(run.training_stats, stats)
         atomic_write_json(run.mask_check, mask_report)
         plot_loss(history, run.loss_curve)

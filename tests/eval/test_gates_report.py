@@ -33,6 +33,15 @@ def test_gates_pass_and_fail_with_numbers():
     enforce_gates.fn([g.as_dict() for g in passing])   # nothing raised
 
 
+def test_a_drop_of_exactly_the_limit_passes():
+    # 55 vs 51 right answers of 80 is a drop of exactly 0.05, which floats compute as 0.050000000000000044
+    recipe = Recipe(name="x")
+    recipe.eval.max_quant_drop, recipe.eval.min_improvement = 0.05, 0.6875
+    gates = evaluate_gates(recipe, results(0.0, 55 / 80, 51 / 80), "gguf-q8_0")
+    assert [(g.name, g.passed) for g in gates] == [("baseline-established", True), ("model-performance", True),
+                                                   ("quantization-verified", True)]
+
+
 def test_loss_gate_catches_nan_and_a_loss_that_did_not_drop():
     recipe = Recipe(name="x")
     nan = evaluate_gates(recipe, results(0, 1, 1), "gguf-q8_0", training(3.0, float("nan"), 1.0))[2]
