@@ -117,7 +117,7 @@ def test_a_run_whose_training_was_killed_resumes_from_its_last_checkpoint(tmp_pa
     assert lrs == pytest.approx({s: h["learning_rate"] for s, h in reference.items()})   # the scheduler's state
     # The same batches in the same order: each step's loss is the uninterrupted run's. Not bit for bit: with
     # bf16 autocast (mixed_precision auto, on CPUs with AVX512-BF16) a step after the reload differs in the
-    # third digit (measured: 0.4% at the first resumed step), far below the spread between batches
-    # (losses here range 2.4-4.8).
+    # third digit (measured: 0.4% at the first resumed step, 1.3% at the fourth in a fresh-clone `make test`),
+    # below the spread between batches (losses here range 2.4-4.8; neighbouring steps differ by 5% or more).
     for step, h in reference.items():
-        assert history[step] == pytest.approx(h["loss"], rel=1e-2), (step, history, reference)
+        assert history[step] == pytest.approx(h["loss"], rel=3e-2), (step, history, reference)
