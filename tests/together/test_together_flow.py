@@ -60,13 +60,15 @@ def test_gerbil_remote_run_survives_faults_and_a_kill_and_shows_no_key(tmp_path,
                                   "--run-name", "gerbil", "--output-root", str(out)], cwd=REPO, env=child_env,
                                  stdout=open(tmp_path / "child.log", "w"), stderr=subprocess.STDOUT,
                                  start_new_session=True)
+        run = RunFolder(out / "gerbil")
         deadline = time.time() + 600
-        while not svc.service.jobs and child.poll() is None and time.time() < deadline:
-            time.sleep(0.5)
-        assert svc.service.jobs, (tmp_path / "child.log").read_text()[-3000:]
+        # Kill once the job exists on the service AND the run has recorded it: killed between the two (the
+        # response in flight), the run folder would hold no job id yet (a fresh-clone `make test` hit that).
+        while not (svc.service.jobs and run.remote_job.exists()) and child.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert svc.service.jobs and run.remote_job.exists(), (tmp_path / "child.log").read_text()[-3000:]
         os.killpg(child.pid, signal.SIGKILL)          # a crash after the job was created: no cleanup ran
         child.wait()
-        run = RunFolder(out / "gerbil")
         assert json.loads(run.remote_job.read_text())["id"] == next(iter(svc.service.jobs))
 
         state = finetune(recipe="gerbil-local", overrides=SMALL, output_root=str(out), resume_from=str(run),
