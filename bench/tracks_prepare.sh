@@ -13,28 +13,8 @@ WHEEL_DIRS=${WHEEL_DIRS:-"/tmp/pfw .whl"}
 mkdir -p .whl-tracks .carry-tracks/smollm2
 for d in /.whl-tracks/ /.carry-tracks/; do grep -qxF "$d" .git/info/exclude 2>/dev/null || echo "$d" >> "$(git rev-parse --git-path info/exclude)"; done
 
-norm() { echo "$1" | tr 'A-Z-.' 'a-z__'; }
-missing=()
-while read -r pin; do
-  case "$pin" in ''|'#'*) continue;; esac
-  name=${pin%%==*}; version=${pin##*==}; stem="$(norm "$name")-${version}-"
-  found=""
-  for d in $WHEEL_DIRS; do
-    for f in "$d"/*.whl; do
-      [ -e "$f" ] || continue
-      base=$(basename "$f"); lower=$(echo "$base" | tr 'A-Z' 'a-z')
-      if [[ "$lower" == "$stem"* ]]; then found="$f"; break 2; fi
-    done
-  done
-  if [ -n "$found" ]; then cp -n "$found" .whl-tracks/; else missing+=("$pin"); fi
-done < bench/tracks-wheels.txt
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "downloading ${#missing[@]}: ${missing[*]}"
-  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
-    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
-    -d .whl-tracks "${missing[@]}"
-fi
+source bench/gather_wheels.sh   # gather LIST DEST: copied from WHEEL_DIRS, or downloaded
+gather bench/tracks-wheels.txt .whl-tracks
 # One version of each package: two stop the whole install there.
 extra=$(ls .whl-tracks | awk -F- '{print tolower($1)}' | sort | uniq -d)
 [ -z "$extra" ] || { echo "two versions of: $extra (empty .whl-tracks/ and run again)" >&2; exit 1; }
