@@ -39,7 +39,8 @@ stash() {    # folder N of this call: wheels installed, GGUF part kept
   [ -e "$C/$1/gguf.part" ] && cp "$C/$1/gguf.part" "$STASH/gguf.part$1"
   for f in gguf.name gguf.sha256 llama.tar.xz; do [ -e "$C/$1/$f" ] && cp "$C/$1/$f" "$STASH/"; done
   if [ -d "$C/$1/base-meta" ]; then rm -rf "$STASH/base-meta"; cp -r "$C/$1/base-meta" "$STASH/"; fi
-  [ -d "$C/$1/wheels" ] && install "$C/$1"
+  # Once per warm machine: a second `bench` in the same call (another --tokens-per-step) installs nothing.
+  if [ -d "$C/$1/wheels" ] && [ ! -e "$SITE/.installed-$1" ]; then install "$C/$1" && touch "$SITE/.installed-$1"; fi
   return 0
 }
 need() { [ -e "$1" ] || { say "missing $1: the machine was not warm (run the earlier calls again)"; exit 1; }; }
@@ -83,8 +84,8 @@ flows)
   timeout 120 python3 -m prefect server status --wait --timeout 110 > /dev/null 2>&1 \
     || { say "Prefect server did not start"; tail -30 "$WORK/server.log"; exit 1; }
   say "Prefect server up"
-  # recipe : GPUs : CPU cores for its llama.cpp servers (a fifth of the host's each) : extra overrides
-  per=$(( $(nproc) / 5 )); cpus() { echo "$(( $1 * per ))-$(( $1 * per + per - 1 ))"; }
+  # recipe : GPUs : CPU cores for its llama.cpp servers (an equal share of the host's each) : extra overrides
+  per=$(( $(nproc) / ${FLOW_SHARES:-5} )); cpus() { echo "$(( $1 * per ))-$(( $1 * per + per - 1 ))"; }
   # Each flow's evaluations run on its own cores: 80 test rows and 5 parity rows keep all five within ~8 min.
   x=${FLOW_SETS:-data.eval_rows=80,export.parity_rows=5}
   RUNS=${RUNS:-"slipstream-gpu:0:$(cpus 0):$x slipstream-gpu-unsloth:1:$(cpus 1):$x slipstream-gpu-qlora:1:$(cpus 2):$x \

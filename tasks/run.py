@@ -25,6 +25,8 @@ from tasks.names import check_slug
 
 RUN_SUBDIRS = ("data", "checkpoints", "lora", "merged", "gguf", "metrics")
 COMPLETE_MARKER = "COMPLETE"
+# Inside a dequantized QLoRA base (RunFolder.quantized_base_dir): {"base": the 16-bit folder it came from}.
+DEQUANTIZED_FROM = "dequantized-from.json"
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
@@ -110,6 +112,13 @@ class RunFolder(Folder):
         """QLoRA only: the base as the adapter was trained on it (its 4-bit weights dequantized), which merge
         and the adapter's GGUF use instead of the 16-bit base (tasks/train/worker.py writes it)."""
         return self.root / "lora-base"
+
+    @staticmethod
+    def dequantized_from(base_dir: Path) -> Path | None:
+        """The 16-bit base a dequantized QLoRA base (`quantized_base_dir`) was made from, or None for any
+        other folder: the adapter's config names that original, and the adapter applies to both."""
+        marker = Path(base_dir) / DEQUANTIZED_FROM
+        return Path(json.loads(marker.read_text())["base"]) if marker.is_file() else None
 
     def adapter_base(self, base_dir: Path) -> Path:
         """The base the adapter applies to: the dequantized 4-bit base after QLoRA, else `base_dir`."""

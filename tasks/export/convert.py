@@ -164,7 +164,11 @@ def convert_lora_to_gguf(lora_dir: Path, base_dir: Path, out_file: Path) -> Path
         ExportError: the adapter was trained on another base than `base_dir`, or conversion failed.
     """
     trained_on = json.loads((lora_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if trained_on and Path(trained_on).exists() and Path(trained_on).resolve() != Path(base_dir).resolve():
+    # A QLoRA adapter names the 16-bit base; it applies to that base's dequantized 4-bit weights (lora-base/).
+    accepted = {Path(base_dir).resolve()}
+    if (source := RunFolder.dequantized_from(base_dir)) is not None:
+        accepted.add(source.resolve())
+    if trained_on and Path(trained_on).exists() and Path(trained_on).resolve() not in accepted:
         raise ExportError(f"{lora_dir} was trained on {trained_on}, not on {base_dir}: converting it against "
                           "another base would produce an adapter for the wrong model")
     preflight(base_dir, need_quantizer=False)

@@ -15,6 +15,7 @@ Reads RUN_DIR/recipe.json and RUN_DIR/data/{train,val}.jsonl. Writes:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -26,7 +27,7 @@ from tasks.models.chat_templates import NAMED_TEMPLATES, apply_template
 from tasks.train.engines import import_engine
 from tasks.train.packing import PackedCollator, pack_rows, sequences_per_step
 from tasks.recipe import ModelConfig, Recipe
-from tasks.run import RunFolder, atomic_dir, atomic_write_json, read_jsonl
+from tasks.run import DEQUANTIZED_FROM, RunFolder, atomic_dir, atomic_write_json, read_jsonl
 
 log = logging.getLogger("slipway.train")
 
@@ -183,6 +184,9 @@ def save_dequantized_base(model, base_dir: Path, out_dir: Path) -> int:
             if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
                 shutil.copy2(f, tmp / f.name)
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        # The adapter's config names base_dir; export accepts this folder for it because of this record.
+        (tmp / DEQUANTIZED_FROM).write_text(json.dumps({"base": str(Path(base_dir).resolve()),
+                                                        "dequantized_weights": replaced}))
     return replaced
 
 
