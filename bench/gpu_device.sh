@@ -8,6 +8,8 @@
 #   call 3, carry [".gpu-carry/3"]:  bash bench/gpu_device.sh flows     # the finetune flow, in parallel:
 #       slipstream-gpu (trl, one GPU, the whole test split), -unsloth (16-bit), -qlora (Unsloth 4-bit),
 #       -ddp and -zero2 (both GPUs); through a real Prefect server; each with its own CPU cores for llama.cpp
+#       On a one-GPU host: RUNS="recipe:0:cores:overrides ..." FLOW_SHARES=<how many flows> (bench/README.md,
+#       attempt C). `bench` may run twice in one call (another BENCH_ARGS): the wheels install once.
 #
 # The repo copy (carried folders included) is replaced at every call: each call moves what it carried to
 # /tmp/gpu-stash, which stays while the machine is warm; a cold machine has lost it, and the script says so.
