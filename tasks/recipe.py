@@ -118,6 +118,14 @@ class TrainingConfig(StrictModel):
     liger_kernel: bool = Field(
         False, description="Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE, and a fused linear + "
         "cross-entropy that never materializes the logits): less memory and time per step. GPU only (gpu extra).")
+    loss_type: Literal["chunked_nll", "nll"] = Field(
+        "chunked_nll", description="TRL's SFT loss. 'chunked_nll' (TRL's default) projects only the answer "
+        "tokens onto the vocabulary, in 256-token chunks recomputed in the backward pass: the least memory. "
+        "'nll': one projection of every position, no recompute: 7% less time a step on a 2-core CPU for "
+        "SmolLM2 (its 49k-token vocabulary), where memory is plentiful.")
+    loraplus_lr_ratio: float | None = Field(
+        None, ge=1, description="LoRA+ (PEFT's create_loraplus_optimizer): the LoRA B matrices learn this many "
+        "times faster than A (learning_rate). None: one learning rate for every adapter weight.")
     epochs: float = Field(2.0, gt=0)
     max_steps: int = Field(-1, ge=-1, description="-1: run `epochs`; otherwise stop after this many steps.")
     learning_rate: float = Field(1e-3, gt=0, lt=1)

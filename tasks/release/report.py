@@ -160,8 +160,11 @@ def render_report(recipe: Recipe, run_dir: RunFolder | Path, results: dict[str, 
               f"| LoRA | r={recipe.lora.r}, alpha={recipe.lora.alpha}, dropout={recipe.lora.dropout}, "
               f"{len(recipe.lora.target_modules)} target modules |",
               f"| schedule | {training.get('steps')} steps, {recipe.training.epochs} epochs, "
-              f"lr {recipe.training.learning_rate} {recipe.training.lr_scheduler}, "
-              f"batch {recipe.training.batch_size}×{recipe.training.grad_accum} |",
+              f"lr {recipe.training.learning_rate} {recipe.training.lr_scheduler}"
+              + (f" (LoRA+: B matrices ×{recipe.training.loraplus_lr_ratio:g})"
+                 if recipe.training.loraplus_lr_ratio else "")
+              + f", batch {recipe.training.batch_size}×{recipe.training.grad_accum}, "
+              f"loss {recipe.training.loss_type} |",
               f"| loss | {training.get('first_loss')} → {training.get('final_loss')} "
               f"(val {training.get('eval_loss')}) |",
               f"| mask | {mask.get('label_tokens')} of {mask.get('tokens')} tokens trained on "

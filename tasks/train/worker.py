@@ -303,6 +303,18 @@ def packing_report(bins: list[dict], per_device: int) -> dict:
             "sequences_per_device_batch": per_device, "real_token_share": round(real / max(total, 1), 4)}
 
 
+def loraplus_optimizer(model, args, lr_ratio: float | None):
+    """LoRA+ (arXiv 2402.12354): AdamW with the B matrices at `lr_ratio` x the learning rate, built by PEFT.
+    None (no ratio): the Trainer builds its own optimizer from `args`. The Trainer still makes the schedule."""
+    if lr_ratio is None:
+        return None
+    import torch
+    from peft.optimizers import create_loraplus_optimizer
+    return create_loraplus_optimizer(model, torch.optim.AdamW, lr=args.learning_rate, loraplus_lr_ratio=lr_ratio,
+                                     weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2),
+                                     eps=args.adam_epsilon)
+
+
 def resolve_mixed_precision(choice: str) -> str:
     """'auto' -> 'bf16' where the hardware computes it natively, else 'no'."""
     import torch
@@ -350,7 +362,7 @@ def train(recipe: Recipe, run_dir: Path | RunFolder, base_dir: Path) -> dict:
         max_length=batch_extras.pop("max_length"), seed=cfg.seed, data_seed=cfg.seed, logging_steps=cfg.logging_steps,
         save_steps=cfg.save_steps, save_total_limit=2, eval_strategy="epoch" if val_data else "no",
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not on_gpu,
-        completion_only_loss=True, report_to=[], dataloader_num_workers=0, use_liger_kernel=cfg.liger_kernel,
+        completion_only_loss=True, loss_type=cfg.loss_type, report_to=[], dataloader_num_workers=0, use_liger_kernel=cfg.liger_kernel,
         **batch_extras,
         ddp_find_unused_parameters=False if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         disable_tqdm=True)
@@ -366,6 +378,7 @@ def train(recipe: Recipe, run_dir: Path | RunFolder, base_dir: Path) -> dict:
     model.config.use_cache = False
     progress = _progress_callback()
     trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer, data_collator=collator,
+                         optimizers=(loraplus_optimizer(model, args, cfg.loraplus_lr_ratio), None),
                          train_dataset=Dataset.from_list(train_data),
                          eval_dataset=Dataset.from_list(val_data) if val_data else None,
                          callbacks=[progress])

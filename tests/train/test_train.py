@@ -96,3 +96,48 @@ def test_packed_training_learns_on_the_answers_only(tmp_path, base_model_dir, ti
     losses = [h["loss"] for h in stats["history"] if "loss" in h]
     assert losses[-1] < 0.8 * losses[0], losses
     assert stats["eval_loss"] is not None                                      # packed val rows evaluate
+
+
+def test_loraplus_and_the_plain_nll_loss_train_the_adapter(tmp_path, base_model_dir, tiny_rows):
+    """training.loraplus_lr_ratio builds PEFT's LoRA+ optimizer (B matrices at ratio x lr) and
+    training.loss_type 'nll' is the same loss as TRL's default 'chunked_nll': equal first-step loss."""
+    first_losses = {}
+    for loss_type, ratio in (("chunked_nll", None), ("nll", 16.0)):
+        recipe = Recipe(name=f"loss-{loss_type}")
+        recipe.training.batch_size = 4
+        recipe.training.logging_steps = 1
+        recipe.training.save_steps = 100
+        recipe.training.max_steps = 4
+        recipe.training.loss_type = loss_type
+        recipe.training.loraplus_lr_ratio = ratio
+        run_dir = new_run_dir(tmp_path, loss_type)
+        atomic_write_jsonl(run_dir / "data" / "train.jsonl", tiny_rows[:8])
+        atomic_write_jsonl(run_dir / "data" / "val.jsonl", [])
+        stats = train(recipe, run_dir, base_model_dir)
+        losses = [h["loss"] for h in stats["history"] if "loss" in h]
+        first_losses[loss_type] = losses[0]
+        assert stats["trainable_tensors_changed"] == stats["trainable_tensors"]
+        assert losses[-1] < losses[0], losses
+    # bf16 autocast on some CPUs: the two losses round the same logits differently, not by more.
+    assert first_losses["nll"] == pytest.approx(first_losses["chunked_nll"], rel=2e-2)
+
+
+def test_the_loraplus_optimizer_puts_b_matrices_at_the_ratio(base_model_dir):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from transformers import TrainingArguments
+
+    from tasks.train.worker import loraplus_optimizer
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_model_dir),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    args = TrainingArguments(output_dir="unused", learning_rate=2e-4, use_cpu=True, report_to=[])
+    assert loraplus_optimizer(model, args, None) is None   # the Trainer builds its own
+    opt = loraplus_optimizer(model, args, 8.0)
+    assert isinstance(opt, torch.optim.AdamW)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert lr_of[id(p)] == pytest.approx(2e-4 * (8.0 if "lora_B" in name else 1.0)), name
+    assert len(lr_of) == sum(p.requires_grad for p in model.parameters())
