@@ -91,6 +91,10 @@ class LoraConfig(StrictModel):
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         min_length=1)
+    last_layers: int = Field(
+        0, ge=0, description="Adapt only the last N decoder layers (0 = all of them). The backward pass then "
+        "stops at the lowest adapted layer: on a CPU, where compute is the limit, more steps fit in the "
+        "same time.")
 
 
 class TrainingConfig(StrictModel):

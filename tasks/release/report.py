@@ -158,7 +158,8 @@ def render_report(recipe: Recipe, run_dir: RunFolder | Path, results: dict[str, 
     lines += ["", "## Training", "",
               "| setting | value |", "|---|---|",
               f"| LoRA | r={recipe.lora.r}, alpha={recipe.lora.alpha}, dropout={recipe.lora.dropout}, "
-              f"{len(recipe.lora.target_modules)} target modules |",
+              f"{len(recipe.lora.target_modules)} target modules"
+              + (f" in the last {recipe.lora.last_layers} layers" if recipe.lora.last_layers else "") + " |",
               f"| schedule | {training.get('steps')} steps, {recipe.training.epochs} epochs, "
               f"lr {recipe.training.learning_rate} {recipe.training.lr_scheduler}"
               + (f" (LoRA+: B matrices ×{recipe.training.loraplus_lr_ratio:g})"

@@ -125,7 +125,8 @@ def load_model(recipe: Recipe, base_dir: Path):
             load_in_4bit=recipe.model.load_in_4bit)
         model = FastLanguageModel.get_peft_model(
             model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-            target_modules=lora.target_modules, bias="none", random_state=recipe.training.seed,
+            target_modules=lora.target_modules, layers_to_transform=adapted_layers(model.config, lora),
+            bias="none", random_state=recipe.training.seed,
             use_gradient_checkpointing="unsloth" if recipe.training.gradient_checkpointing else False)
         return model, prepare_tokenizer(tokenizer, recipe.model)
     from peft import LoraConfig, get_peft_model
@@ -147,8 +148,19 @@ def load_model(recipe: Recipe, base_dir: Path):
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=recipe.training.gradient_checkpointing)
     model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                             target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+                                             target_modules=lora.target_modules, task_type="CAUSAL_LM",
+                                             layers_to_transform=adapted_layers(model.config, lora)))
     return model, prepare_tokenizer(tokenizer, recipe.model)
+
+
+def adapted_layers(config, lora) -> list[int] | None:
+    """The decoder layers that get adapters: the last `lora.last_layers` of them, or None (all)."""
+    if not lora.last_layers:
+        return None
+    total = config.get_text_config().num_hidden_layers
+    if lora.last_layers > total:
+        raise ValueError(f"lora.last_layers is {lora.last_layers}, but the model has {total} decoder layers")
+    return list(range(total - lora.last_layers, total))
 
 
 def save_dequantized_base(model, base_dir: Path, out_dir: Path) -> int:

@@ -91,3 +91,19 @@ def test_mask_view_prints_a_recipe_row_with_the_mask(capsys):
     assert capsys.readouterr().out.startswith("# recipe slipstream, train row 3, template chatml")
     assert main(["--recipe", "slipstream", "--row", "100000"]) == 2
     assert re.search(r"--row 100000: the train split has rows 0\.\.\d+", capsys.readouterr().err)
+
+
+def test_last_layers_puts_adapters_on_the_top_layers_only(base_model_dir):
+    """lora.last_layers: adapters (the only trainable weights) in the last N decoder layers, so the
+    backward pass stops there; more layers than the model has is refused with both numbers."""
+    from tasks.train.worker import load_model
+
+    recipe = Recipe(name="x")
+    recipe.lora.last_layers = 4
+    model, _ = load_model(recipe, base_model_dir)
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert {int(re.search(r"layers\.(\d+)\.", n).group(1)) for n in trained} == {26, 27, 28, 29}
+    assert len(trained) == 4 * 7 * 2   # 7 target modules, A and B each
+    recipe.lora.last_layers = 31
+    with pytest.raises(ValueError, match="lora.last_layers is 31, but the model has 30 decoder layers"):
+        load_model(recipe, base_model_dir)
