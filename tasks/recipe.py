@@ -122,8 +122,9 @@ class TrainingConfig(StrictModel):
     liger_kernel: bool = Field(
         False, description="Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE, and a fused linear + "
         "cross-entropy that never materializes the logits): less memory and time per step. GPU only (gpu extra).")
-    loss_type: Literal["chunked_nll", "nll"] = Field(
-        "chunked_nll", description="TRL's SFT loss. 'chunked_nll' (TRL's default) projects only the answer "
+    loss_type: Literal["chunked_nll", "nll"] | None = Field(
+        None, description="TRL's SFT loss; None: TRL's default ('chunked_nll', or 'nll' with liger_kernel, whose "
+        "fused loss replaces it). 'chunked_nll' projects only the answer "
         "tokens onto the vocabulary, in 256-token chunks recomputed in the backward pass: the least memory. "
         "'nll': one projection of every position, no recompute: 7% less time a step on a 2-core CPU for "
         "SmolLM2 (its 49k-token vocabulary), where memory is plentiful.")

@@ -165,7 +165,7 @@ def render_report(recipe: Recipe, run_dir: RunFolder | Path, results: dict[str, 
               + (f" (LoRA+: B matrices ×{recipe.training.loraplus_lr_ratio:g})"
                  if recipe.training.loraplus_lr_ratio else "")
               + f", batch {recipe.training.batch_size}×{recipe.training.grad_accum}, "
-              f"loss {recipe.training.loss_type} |",
+              f"loss {recipe.training.loss_type or 'TRL default'} |",
               f"| loss | {training.get('first_loss')} → {training.get('final_loss')} "
               f"(val {training.get('eval_loss')}) |",
               f"| mask | {mask.get('label_tokens')} of {mask.get('tokens')} tokens trained on "
