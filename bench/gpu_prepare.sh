@@ -20,7 +20,7 @@ rm -rf "$C/1" "$C/2" "$C/3"
 mkdir -p "$C/1/wheels" "$C/2/wheels" "$C/3"
 
 source bench/gather_wheels.sh   # gather LIST DEST
-gather bench/gpu-train-wheels.txt "$C/1/wheels"
+gather "${TRAIN_WHEELS:-bench/gpu-train-wheels.txt}" "$C/1/wheels"   # TRAIN_WHEELS: another list (the sweep needs no gpu extra)
 gather bench/gpu-flow-wheels.txt "$C/2/wheels"
 for f in "$C/1/wheels"/*; do rm -f "$C/2/wheels/$(basename "$f")"; done   # installed once, by the first call
 
@@ -31,7 +31,9 @@ for f in config.json generation_config.json tokenizer.json tokenizer_config.json
 done
 
 # llama.cpp, portable: the binaries `make setup` built here use this CPU's instructions (-march=native).
+# SKIP_LLAMA=1: not built (`gpu_device.sh sweep` needs no llama.cpp; `flows` does).
 LLAMA_SRC=$("$PY" -m tasks.llamacpp.build where)/src
+if [ -z "${SKIP_LLAMA:-}" ]; then
 BUILD=${LLAMA_PORTABLE_BUILD:-/tmp/slipway-llama-portable}
 if [ ! -x "$BUILD/bin/llama-server" ] || [ ! -x "$BUILD/bin/llama-quantize" ]; then
   cmake -S "$LLAMA_SRC" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF \
@@ -46,6 +48,7 @@ cp -r "$LLAMA_SRC/convert_hf_to_gguf.py" "$LLAMA_SRC/convert_lora_to_gguf.py" "$
   "$LLAMA_SRC/gguf-py" "$stage/src/"
 tar -C "$stage" -cJf "$C/3/llama.tar.xz" bin src
 rm -rf "$stage"
+fi
 
 # SmolLM2's GGUF in three parts, sized to what each folder has left.
 gguf=$("$PY" -c "from tasks.models.bootstrap import embedded_gguf_path; print(embedded_gguf_path())")

@@ -131,6 +131,15 @@ class TrainingConfig(StrictModel):
     loraplus_lr_ratio: float | None = Field(
         None, ge=1, description="LoRA+ (PEFT's create_loraplus_optimizer): the LoRA B matrices learn this many "
         "times faster than A (learning_rate). None: one learning rate for every adapter weight.")
+    neftune_noise_alpha: float | None = Field(
+        None, gt=0, description="NEFTune (transformers' neftune_noise_alpha): uniform noise of this scale on the "
+        "input embeddings while training, a regulariser for instruction tuning. None: off.")
+    time_budget_s: float | None = Field(
+        None, gt=0, description="Train only as many of the training rows as fit in this many seconds on this "
+        "machine: the worker first times a few forward/backward passes on real batches (that time counts), then "
+        "keeps the first rows that fit (data.train_rows stays the cap) and the schedule spans them. For a demo that "
+        "must end in a fixed time on CPUs of different speed (with and without AVX512-BF16: ~2x a step). "
+        "None: every training row.")
     epochs: float = Field(2.0, gt=0)
     max_steps: int = Field(-1, ge=-1, description="-1: run `epochs`; otherwise stop after this many steps.")
     learning_rate: float = Field(1e-3, gt=0, lt=1)
@@ -403,6 +412,14 @@ class Recipe(StrictModel):
                 raise ValueError("training.engine 'together' offers lr_scheduler 'linear' or 'cosine'")
             if self.training.accelerate_config:
                 raise ValueError("training.accelerate_config is for local engines; Together picks its own GPUs")
+        if self.training.time_budget_s is not None:
+            if self.training.engine == "together":
+                raise ValueError("training.time_budget_s times local steps; Together trains every row it is sent")
+            if self.training.accelerate_config:
+                # every process would time its own steps and could keep a different number of rows
+                raise ValueError("training.time_budget_s is for one training process: drop training.accelerate_config")
+            if self.training.max_steps != -1:
+                raise ValueError("training.time_budget_s decides the steps: leave training.max_steps at -1")
         return self
 
 

@@ -129,6 +129,11 @@ class RunFolder(Folder):
         return self.metrics_dir / "training-stats.json"
 
     @property
+    def training_budget(self) -> Path:
+        """What training.time_budget_s decided (kept so a resumed run trains the same rows)."""
+        return self.metrics_dir / "training-budget.json"
+
+    @property
     def mask_check(self) -> Path:
         return self.metrics_dir / "mask-check.json"
 

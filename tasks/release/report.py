@@ -140,6 +140,15 @@ def remote_training_lines(training: dict) -> list[str]:
             "its `train` stage below) |"]
 
 
+def time_budget_lines(budget: dict | None, seconds: float | None) -> list[str]:
+    """training.time_budget_s: how many rows this machine had time for, and how close the prediction was."""
+    if not budget:
+        return []
+    return [f"| time budget | {budget['budget_s']:g} s: {budget['probe_step_s']} s a probed step here, so "
+            f"{budget['rows_kept']} of {budget['rows_available']} training rows (predicted "
+            f"{budget['predicted_train_s']:g} s, took {seconds} s) |"]
+
+
 def render_report(recipe: Recipe, run_dir: RunFolder | Path, results: dict[str, dict], gates: list[dict],
                   training: dict, timings: dict, manifest: dict) -> str:
     """The finetune run's Markdown report; every number comes from the run folder's metrics."""
@@ -174,7 +183,8 @@ def render_report(recipe: Recipe, run_dir: RunFolder | Path, results: dict[str, 
               f"| device | {training.get('device')} ({training.get('mixed_precision')}), "
               f"world size {training.get('world_size')} |",
               f"| adapter tensors changed | {training.get('trainable_tensors_changed')} / "
-              f"{training.get('trainable_tensors')} |", "",
+              f"{training.get('trainable_tensors')} |",
+              *time_budget_lines(training.get("time_budget"), training.get("seconds")), "",
               *remote_training_lines(training), "",
               "![loss curve](metrics/loss-curve.png)", "", "## Stage timings", "",
               "| stage | seconds | status |", "|---|---|---|"]

@@ -219,7 +219,8 @@ def plot_loss(history: list[dict], path: Path) -> None:
     ax.set_ylabel("loss (assistant tokens)")
     ax.set_title("Training loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if points or evals:     # a one-step run may log no loss at all
+        ax.legend()
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp)
@@ -327,6 +328,82 @@ def loraplus_optimizer(model, args, lr_ratio: float | None):
                                      eps=args.adam_epsilon)
 
 
+PROBE_STEPS = 3            # timed forward/backward passes (after one untimed warm-up pass)
+STEP_OVERHEAD = 1.10       # optimizer step, logging metrics and the collator on top of a probed pass (measured ~1.05)
+
+
+def probe_step_seconds(model, tokenized: list[dict], batch_size: int, precision: str, pad_id: int,
+                       seed: int = 0) -> float:
+    """Median seconds of one forward + backward pass on `batch_size` random training rows, padded like the
+    Trainer's batches; the gradients are dropped (nothing is learned)."""
+    import random
+    import statistics
+
+    import torch
+
+    device = next(p for p in model.parameters()).device
+    rng = random.Random(seed)
+    times = []
+    model.train()
+    for i in range(PROBE_STEPS + 1):
+        rows = rng.sample(tokenized, min(batch_size, len(tokenized)))
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        labels = torch.full_like(ids, -100)
+        for j, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[j, :n] = torch.tensor(r["input_ids"])
+            attention[j, :n] = 1
+            labels[j, :n] = torch.where(torch.tensor(r["completion_mask"]) == 1, ids[j, :n], -100)
+        ids, attention, labels = ids.to(device), attention.to(device), labels.to(device)
+        _synchronize()
+        began = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
+        loss.backward()
+        _synchronize()
+        if i:   # the first pass pays for kernel selection and allocator growth
+            times.append(time.perf_counter() - began)
+        model.zero_grad(set_to_none=True)
+    return statistics.median(times)
+
+
+def rows_within_budget(budget_s: float, step_s: float, probe_s: float, rows: int, val_rows: int,
+                       batch_size: int, grad_accum: int, epochs: float) -> dict:
+    """How many training rows fit in `budget_s` seconds: full optimizer steps at `step_s` (times the
+    overhead), after the probe's own time and the validation pass (forward only, ~1/3 of a step a batch).
+    At least one step's rows; never more than there are."""
+    per_step = step_s * STEP_OVERHEAD
+    val_s = math.ceil(val_rows / batch_size) * per_step / 3 * math.ceil(epochs)
+    steps = max(1, int((budget_s - probe_s - val_s) / per_step / grad_accum))
+    keep = min(rows, max(batch_size * grad_accum, int(steps * batch_size * grad_accum / epochs)))
+    return {"budget_s": budget_s, "probe_step_s": round(step_s, 3), "probe_s": round(probe_s, 1),
+            "predicted_train_s": round(probe_s + val_s + math.ceil(keep * epochs / (batch_size * grad_accum))
+                                       * grad_accum * per_step, 1),
+            "rows_available": rows, "rows_kept": keep}
+
+
+def apply_time_budget(run: RunFolder, cfg, model, tokenized: list[dict], val_rows: int, precision: str,
+                      pad_id: int) -> tuple[list[dict], dict | None]:
+    """training.time_budget_s: the first training rows that fit, decided once per run (a resumed run reads
+    the decision back, so its checkpoints match the rows and the schedule)."""
+    if cfg.time_budget_s is None:
+        return tokenized, None
+    if run.training_budget.exists():
+        decision = json.loads(run.training_budget.read_text())
+    else:
+        began = time.perf_counter()
+        step_s = probe_step_seconds(model, tokenized, cfg.batch_size, precision, pad_id, cfg.seed)
+        decision = rows_within_budget(cfg.time_budget_s, step_s, time.perf_counter() - began, len(tokenized),
+                                      val_rows, cfg.batch_size, cfg.grad_accum, cfg.epochs)
+        atomic_write_json(run.training_budget, decision)
+    print(f"[train] time budget {decision['budget_s']:.0f}s: {decision['probe_step_s']}s a step here, "
+          f"training {decision['rows_kept']} of {decision['rows_available']} rows "
+          f"(~{decision['predicted_train_s']:.0f}s)", flush=True)
+    return tokenized[:decision["rows_kept"]], decision
+
+
 def resolve_mixed_precision(choice: str) -> str:
     """'auto' -> 'bf16' where the hardware computes it natively, else 'no'."""
     import torch
@@ -364,6 +441,7 @@ def train(recipe: Recipe, run_dir: Path | RunFolder, base_dir: Path) -> dict:
     log.info("mask check: %s", mask_report)
     print(f"[train] mask check: {mask_report}", flush=True)
     val_tok = [tokenize_row(r, tokenizer, cfg.max_length) for r in val_rows]
+    tokenized, budget = apply_time_budget(run, cfg, model, tokenized, len(val_tok), precision, tokenizer.pad_token_id)
     train_data, val_data, batch_extras = batching(recipe, tokenized, val_tok, tokenizer)
     per_device = batch_extras.pop("per_device_batch")
     args = SFTConfig(
@@ -375,6 +453,7 @@ def train(recipe: Recipe, run_dir: Path | RunFolder, base_dir: Path) -> dict:
         save_steps=cfg.save_steps, save_total_limit=2, eval_strategy="epoch" if val_data else "no",
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not on_gpu,
         completion_only_loss=True, loss_type=cfg.loss_type, report_to=[], dataloader_num_workers=0, use_liger_kernel=cfg.liger_kernel,
+        neftune_noise_alpha=cfg.neftune_noise_alpha,
         **batch_extras,
         ddp_find_unused_parameters=False if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         disable_tqdm=True)
@@ -407,12 +486,12 @@ def train(recipe: Recipe, run_dir: Path | RunFolder, base_dir: Path) -> dict:
                   for n, p in model.named_parameters() if n in lora_before)
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
-    stats = {"train_rows": len(rows), "steps": trainer.state.global_step, "epochs": cfg.epochs,
+    stats = {"train_rows": len(tokenized), "time_budget": budget, "steps": trainer.state.global_step, "epochs": cfg.epochs,
              "seconds": round(seconds, 1), "first_step_seconds": progress.first_step_seconds and round(
                  progress.first_step_seconds, 2), "steady_seconds": progress.steady_seconds(), "train_loss": result.training_loss,
              "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
              "eval_loss": next((h["eval_loss"] for h in reversed(history) if "eval_loss" in h), None),
-             "tokens_seen": mask_report["tokens"] * cfg.epochs if cfg.max_steps < 0 else None,
+             "tokens_seen": sum(len(t["input_ids"]) for t in tokenized) * cfg.epochs if cfg.max_steps < 0 else None,
              "trainable_tensors_changed": changed, "trainable_tensors": len(lora_before),
              "trainable_params": sum(p.numel() for p in lora_before.values()),
              "mask": mask_report, "device": "cuda" if on_gpu else "cpu", "mixed_precision": precision,

@@ -141,3 +141,34 @@ def test_the_loraplus_optimizer_puts_b_matrices_at_the_ratio(base_model_dir):
         if p.requires_grad:
             assert lr_of[id(p)] == pytest.approx(2e-4 * (8.0 if "lora_B" in name else 1.0)), name
     assert len(lr_of) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_a_time_budget_trains_the_rows_that_fit_and_a_resumed_run_keeps_them(tmp_path, base_model_dir, tiny_rows):
+    """training.time_budget_s probes the step time on real rows, trains the first rows that fit, writes the
+    decision to the run folder; a second attempt (a resumed run) reads it back instead of probing again."""
+    recipe = Recipe(name="budget")
+    recipe.training.batch_size = 2
+    recipe.training.epochs = 1
+    recipe.training.save_steps = 100
+    recipe.training.time_budget_s = 1.0   # below the probe's own time: one optimizer step is the floor
+    run_dir = new_run_dir(tmp_path, "budget")
+    atomic_write_jsonl(run_dir / "data" / "train.jsonl", tiny_rows[:10])
+    atomic_write_jsonl(run_dir / "data" / "val.jsonl", [])
+    stats = train(recipe, run_dir, base_model_dir)
+    decision = json.loads((run_dir / "metrics" / "training-budget.json").read_text())
+    assert decision["rows_available"] == 10 and decision["rows_kept"] == 2
+    assert decision["probe_step_s"] > 0 and decision["probe_s"] > 0
+    assert stats["time_budget"] == decision and stats["train_rows"] == 2 and stats["steps"] == 1
+
+    # The decision stands for the run: a later attempt trains the rows it names (here, edited to 6).
+    decision["rows_kept"] = 6
+    (run_dir / "metrics" / "training-budget.json").write_text(json.dumps(decision))
+    recipe.training.time_budget_s = 10_000.0
+    run2 = new_run_dir(tmp_path, "budget")
+    atomic_write_jsonl(run2 / "data" / "train.jsonl", tiny_rows[:10])
+    atomic_write_jsonl(run2 / "data" / "val.jsonl", [])
+    (run2 / "metrics").mkdir(parents=True, exist_ok=True)
+    (run2 / "metrics" / "training-budget.json").write_text(json.dumps(decision))
+    stats = train(recipe, run2, base_model_dir)
+    assert stats["train_rows"] == 6 and stats["steps"] == 3
+    assert 0 < stats["tokens_seen"] < stats["mask"]["tokens"]   # the kept rows' tokens, of all 10 rows'
