@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 from tasks.run import RunFolder, atomic_write_json, atomic_write_jsonl, read_json, read_jsonl  # noqa: E402
 
 PUBLISHED = "slipstream-tqt"   # prefix of the published rows' `source`; template rows are "templates"
-ALLOWED = ("training.", "lora.", "data.train_rows")
+ALLOWED = ("training.", "lora.", "data.train_rows", "model.dtype")
 
 
 def variant_recipe(recipe_path: Path, overrides: dict, seed: int):

@@ -139,6 +139,7 @@ class TrainingConfig(StrictModel):
         "machine: the worker first times a few forward/backward passes on real batches (that time counts), then "
         "keeps the first rows that fit (data.train_rows stays the cap) and the schedule spans them. For a demo that "
         "must end in a fixed time on CPUs of different speed (with and without AVX512-BF16: ~2x a step). "
+        "training.max_steps >= 0 wins over it (a short try of a budgeted recipe needs no second override). "
         "None: every training row.")
     epochs: float = Field(2.0, gt=0)
     max_steps: int = Field(-1, ge=-1, description="-1: run `epochs`; otherwise stop after this many steps.")
@@ -418,8 +419,6 @@ class Recipe(StrictModel):
             if self.training.accelerate_config:
                 # every process would time its own steps and could keep a different number of rows
                 raise ValueError("training.time_budget_s is for one training process: drop training.accelerate_config")
-            if self.training.max_steps != -1:
-                raise ValueError("training.time_budget_s decides the steps: leave training.max_steps at -1")
         return self
 
 

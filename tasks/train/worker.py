@@ -328,14 +328,16 @@ def loraplus_optimizer(model, args, lr_ratio: float | None):
                                      eps=args.adam_epsilon)
 
 
-PROBE_STEPS = 3            # timed forward/backward passes (after one untimed warm-up pass)
+PROBE_STEPS = 3            # timed forward/backward passes (each after an untimed pass on the same batch)
 STEP_OVERHEAD = 1.10       # optimizer step, logging metrics and the collator on top of a probed pass (measured ~1.05)
 
 
 def probe_step_seconds(model, tokenized: list[dict], batch_size: int, precision: str, pad_id: int,
                        seed: int = 0) -> float:
     """Median seconds of one forward + backward pass on `batch_size` random training rows, padded like the
-    Trainer's batches; the gradients are dropped (nothing is learned)."""
+    Trainer's batches; the gradients are dropped (nothing is learned). Each batch runs twice and only the
+    second pass is timed: a CPU's first pass at a new sequence length builds its kernels (oneDNN primitives)
+    and took ~1.4x the steady step, which a run of hundreds of steps amortises."""
     import random
     import statistics
 
@@ -345,7 +347,7 @@ def probe_step_seconds(model, tokenized: list[dict], batch_size: int, precision:
     rng = random.Random(seed)
     times = []
     model.train()
-    for i in range(PROBE_STEPS + 1):
+    for _ in range(PROBE_STEPS):
         rows = rng.sample(tokenized, min(batch_size, len(tokenized)))
         width = max(len(r["input_ids"]) for r in rows)
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -357,15 +359,16 @@ def probe_step_seconds(model, tokenized: list[dict], batch_size: int, precision:
             attention[j, :n] = 1
             labels[j, :n] = torch.where(torch.tensor(r["completion_mask"]) == 1, ids[j, :n], -100)
         ids, attention, labels = ids.to(device), attention.to(device), labels.to(device)
-        _synchronize()
-        began = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
-        loss.backward()
-        _synchronize()
-        if i:   # the first pass pays for kernel selection and allocator growth
-            times.append(time.perf_counter() - began)
-        model.zero_grad(set_to_none=True)
+        for timed in (False, True):
+            _synchronize()
+            began = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
+            loss.backward()
+            _synchronize()
+            if timed:
+                times.append(time.perf_counter() - began)
+            model.zero_grad(set_to_none=True)
     return statistics.median(times)
 
 
@@ -389,6 +392,9 @@ def apply_time_budget(run: RunFolder, cfg, model, tokenized: list[dict], val_row
     """training.time_budget_s: the first training rows that fit, decided once per run (a resumed run reads
     the decision back, so its checkpoints match the rows and the schedule)."""
     if cfg.time_budget_s is None:
+        return tokenized, None
+    if cfg.max_steps != -1:
+        print(f"[train] time budget not applied: training.max_steps={cfg.max_steps} decides", flush=True)
         return tokenized, None
     if run.training_budget.exists():
         decision = json.loads(run.training_budget.read_text())

@@ -70,6 +70,19 @@ def test_report_shows_every_model_gate_and_stage(tmp_path):
         assert label in text
 
 
+def test_the_report_says_how_many_rows_the_time_budget_trained(tmp_path):
+    recipe = Recipe(name="x")
+    gates = [g.as_dict() for g in evaluate_gates(recipe, results(0.0, 0.6, 0.6), "gguf-q8_0", training(2, 1))]
+    budget = {"budget_s": 540.0, "probe_step_s": 0.622, "probe_s": 6.1, "predicted_train_s": 539.7,
+              "rows_available": 2800, "rows_kept": 1542}
+    text = render_report(recipe, tmp_path, results(0.0, 0.6, 0.6), gates,
+                         {"mask": {}, "time_budget": budget, "seconds": 541.9}, {}, {})
+    assert ("| time budget | 540 s: 0.622 s a probed step here, so 1542 of 2800 training rows (predicted 539.7 s, "
+            "took 541.9 s) |") in text
+    without = render_report(recipe, tmp_path, results(0.0, 0.6, 0.6), gates, {"mask": {}}, {}, {})
+    assert "time budget" not in without
+
+
 def test_a_base_scored_on_fewer_rows_does_not_change_the_test_rows_the_report_names(tmp_path):
     recipe = Recipe(name="x")
     scored = results(0.0, 0.6, 0.6, **{"merged@hand": 0.5})

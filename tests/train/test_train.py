@@ -172,3 +172,12 @@ def test_a_time_budget_trains_the_rows_that_fit_and_a_resumed_run_keeps_them(tmp
     stats = train(recipe, run2, base_model_dir)
     assert stats["train_rows"] == 6 and stats["steps"] == 3
     assert 0 < stats["tokens_seen"] < stats["mask"]["tokens"]   # the kept rows' tokens, of all 10 rows'
+
+    # training.max_steps wins over the budget: no probe, no decision, the steps asked for.
+    recipe.training.max_steps = 2
+    run3 = new_run_dir(tmp_path, "budget")
+    atomic_write_jsonl(run3 / "data" / "train.jsonl", tiny_rows[:10])
+    atomic_write_jsonl(run3 / "data" / "val.jsonl", [])
+    stats = train(recipe, run3, base_model_dir)
+    assert stats["time_budget"] is None and stats["steps"] == 2 and stats["train_rows"] == 10
+    assert not (run3 / "metrics" / "training-budget.json").exists()
