@@ -260,8 +260,10 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(501, {"error": "this test double has no model runner (start it with upstream=)"})
         options = {**m["parameters"], **(body.get("options") or {})}
         try:
+            # `"tools": []` (what the ollama client may send for no tools) renders as no tools: Go's
+            # text/template takes an empty slice as false in `{{ if .Tools }}`, so it keys like None.
             prompt = reference_prompt(m["template"] or "{{ .Prompt }}", body.get("messages") or [], m["system"],
-                                      body.get("tools"), body.get("think"))
+                                      body.get("tools") or None, body.get("think"))
         except (LookupError, ValueError) as exc:
             return self._send(500, {"error": f"template: {exc}"})
         stop = options.get("stop", [])
