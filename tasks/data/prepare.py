@@ -185,11 +185,13 @@ def split_examples(examples: list[Example], cfg: DataConfig) -> dict[str, list[E
 
 def mix_lines(stats: dict | None) -> list[str]:
     """Markdown table of the mix (data/stats.json 'mix'): rows per anchor and source in the train and test
-    splits, with the provenance of each source. Empty for stats without a mix."""
+    splits (and in the rows trained, where the report adds them), with the provenance of each source. Empty
+    for stats without a mix."""
     mix = (stats or {}).get("mix")
     if not mix:
         return []
-    cols = [(split, source) for split in ("train", "test") for source in sorted(mix.get(split, {}))]
+    # "trained": the rows a time budget kept (the report adds it), beside the whole train split
+    cols = [(split, source) for split in ("trained", "train", "test") for source in sorted(mix.get(split, {}))]
     anchors = sorted({a for split, source in cols for a in mix[split][source]},
                      key=lambda a: -sum(mix[s][src].get(a, 0) for s, src in cols))
     provenance = {SYNTH_SOURCE: f"template synthesis (tasks/synth/templates.py over data/slipstream-templates.yaml, "

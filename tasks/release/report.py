@@ -17,13 +17,13 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tasks.data.prepare import mix_lines
+from tasks.data.prepare import mix_counts, mix_lines
 from tasks.release.deploy import report_sections as export_report_sections
 from tasks.tasktypes import primary_metric, task_type
 from tasks.markdown import pct
 from tasks.names import artifact_key
 from tasks.recipe import Recipe
-from tasks.run import RunFolder, atomic_write_json, atomic_write_text, mark_complete, read_json
+from tasks.run import RunFolder, atomic_write_json, atomic_write_text, mark_complete, read_json, read_jsonl
 
 
 def _num(x, fmt: str = "{}") -> str:
@@ -59,11 +59,17 @@ def plot_comparison(results: dict[str, dict], path: Path, task: str = "slipstrea
     os.replace(tmp, path)
 
 
-def _data_lines(run_dir: RunFolder | Path) -> list[str]:
-    """What data preparation removed and kept (data/stats.json), when the run folder has it."""
-    stats = read_json(RunFolder(run_dir).data_stats, missing_ok=True)
+def _data_lines(run_dir: RunFolder | Path, time_budget: dict | None = None) -> list[str]:
+    """What data preparation removed and kept (data/stats.json), when the run folder has it; with a
+    training.time_budget_s that kept fewer rows, the rows trained and their mix beside the split's."""
+    run = RunFolder(run_dir)
+    stats = read_json(run.data_stats, missing_ok=True)
     if stats is None:
         return []
+    kept = (time_budget or {}).get("rows_kept")
+    trained = kept is not None and kept < stats.get("train_rows", 0) and run.split("train").exists()
+    if trained and stats.get("mix"):
+        stats["mix"]["trained"] = mix_counts({"trained": read_jsonl(run.split("train"))[:kept]})["trained"]
     sources = (stats.get("contamination") or {}).get("by_source") or {}
     lines = ["", "## Data", "", "| step | rows |", "|---|---|",
              f"| source rows | {stats.get('source_rows')} |",
@@ -74,6 +80,8 @@ def _data_lines(run_dir: RunFolder | Path) -> list[str]:
              + (" (" + ", ".join(f"{k}: {v}" for k, v in sources.items()) + ")" if sources else "") + " |"]
     lines += [f"| {name} rows | {stats[f'{name}_rows']} |" for name in ("train", "val", "test")
               if f"{name}_rows" in stats]
+    if trained:
+        lines.append(f"| trained: the first train rows that fit training.time_budget_s | {kept} |")
     return lines + mix_lines(stats)
 
 
@@ -161,7 +169,7 @@ def render_report(recipe: Recipe, run_dir: RunFolder | Path, results: dict[str, 
              "## Results on the test split", ""]
     lines += results_section(recipe.task, results)
     lines += ["", "## Gates", ""] + gates_section(gates)
-    lines += _data_lines(run_dir)
+    lines += _data_lines(run_dir, training.get("time_budget"))
     lines += [""] + export_report_sections(run_dir)  # parity, template check, deployment (tasks/release/deploy.py)
     mask = training.get("mask", {})
     lines += ["", "## Training", "",

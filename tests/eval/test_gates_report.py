@@ -83,6 +83,28 @@ def test_the_report_says_how_many_rows_the_time_budget_trained(tmp_path):
     assert "time budget" not in without
 
 
+def test_the_data_section_counts_the_rows_a_time_budget_trained(tmp_path):
+    """The split holds 6 train rows, the budget kept the first 4: the mix gets a `trained` column of those 4."""
+    from tasks.data.prepare import mix_counts
+    from tasks.run import RunFolder, atomic_write_json, atomic_write_jsonl
+
+    run = RunFolder(tmp_path)
+    train = [{"anchor": a, "source": "templates"} for a in ("Accept", "Accept", "Reject", "Accept", "Reject", "Reject")]
+    atomic_write_jsonl(run.split("train"), train)
+    atomic_write_json(run.data_stats, {"source_rows": 8, "train_rows": 6, "test_rows": 2,
+                                       "mix": mix_counts({"train": train, "test": train[:2]})})
+    recipe = Recipe(name="x")
+    gates = [g.as_dict() for g in evaluate_gates(recipe, results(0.0, 0.6, 0.6), "gguf-q8_0", training(2, 1))]
+    budget = {"budget_s": 60.0, "probe_step_s": 1.0, "probe_s": 2.0, "predicted_train_s": 59.0,
+              "rows_available": 6, "rows_kept": 4}
+    text = render_report(recipe, tmp_path, results(0.0, 0.6, 0.6), gates,
+                         {"mask": {}, "time_budget": budget, "seconds": 58.0}, {}, {})
+    assert "| trained: the first train rows that fit training.time_budget_s | 4 |" in text
+    assert "| anchor | trained: templates | train: templates | test: templates |" in text
+    assert "| Accept | 3 | 3 | 2 |" in text and "| Reject | 1 | 3 | 0 |" in text
+    assert "| **total** | 4 | 6 | 2 |" in text
+
+
 def test_a_base_scored_on_fewer_rows_does_not_change_the_test_rows_the_report_names(tmp_path):
     recipe = Recipe(name="x")
     scored = results(0.0, 0.6, 0.6, **{"merged@hand": 0.5})
