@@ -27,7 +27,7 @@ from tasks.models.chat_templates import NAMED_TEMPLATES, apply_template
 from tasks.train.engines import import_engine
 from tasks.train.packing import PackedCollator, pack_rows, sequences_per_step
 from tasks.recipe import ModelConfig, Recipe
-from tasks.run import DEQUANTIZED_FROM, RunFolder, atomic_dir, atomic_write_json, read_jsonl
+from tasks.run import DEQUANTIZED_FROM, RunFolder, atomic_dir, atomic_write_json, read_json, read_jsonl
 
 log = logging.getLogger("slipway.train")
 
@@ -396,9 +396,8 @@ def apply_time_budget(run: RunFolder, cfg, model, tokenized: list[dict], val_row
     if cfg.max_steps != -1:
         print(f"[train] time budget not applied: training.max_steps={cfg.max_steps} decides", flush=True)
         return tokenized, None
-    if run.training_budget.exists():
-        decision = json.loads(run.training_budget.read_text())
-    else:
+    decision = read_json(run.training_budget, missing_ok=True)
+    if decision is None:
         began = time.perf_counter()
         step_s = probe_step_seconds(model, tokenized, cfg.batch_size, precision, pad_id, cfg.seed)
         decision = rows_within_budget(cfg.time_budget_s, step_s, time.perf_counter() - began, len(tokenized),

@@ -70,17 +70,21 @@ def test_report_shows_every_model_gate_and_stage(tmp_path):
         assert label in text
 
 
-def test_the_report_says_how_many_rows_the_time_budget_trained(tmp_path):
+def budgeted_report(run_dir, budget: dict | None, seconds: float | None = None) -> str:
+    """The report of a run whose training stats carry this time-budget decision (None: no budget)."""
     recipe = Recipe(name="x")
     gates = [g.as_dict() for g in evaluate_gates(recipe, results(0.0, 0.6, 0.6), "gguf-q8_0", training(2, 1))]
+    stats = {"mask": {}} | ({"time_budget": budget, "seconds": seconds} if budget else {})
+    return render_report(recipe, run_dir, results(0.0, 0.6, 0.6), gates, stats, {}, {})
+
+
+def test_the_report_says_how_many_rows_the_time_budget_trained(tmp_path):
     budget = {"budget_s": 540.0, "probe_step_s": 0.622, "probe_s": 6.1, "predicted_train_s": 539.7,
               "rows_available": 2800, "rows_kept": 1542}
-    text = render_report(recipe, tmp_path, results(0.0, 0.6, 0.6), gates,
-                         {"mask": {}, "time_budget": budget, "seconds": 541.9}, {}, {})
+    text = budgeted_report(tmp_path, budget, 541.9)
     assert ("| time budget | 540 s: 0.622 s a probed step here, so 1542 of 2800 training rows (predicted 539.7 s, "
             "took 541.9 s) |") in text
-    without = render_report(recipe, tmp_path, results(0.0, 0.6, 0.6), gates, {"mask": {}}, {}, {})
-    assert "time budget" not in without
+    assert "time budget" not in budgeted_report(tmp_path, None)
 
 
 def test_the_data_section_counts_the_rows_a_time_budget_trained(tmp_path):
@@ -93,12 +97,9 @@ def test_the_data_section_counts_the_rows_a_time_budget_trained(tmp_path):
     atomic_write_jsonl(run.split("train"), train)
     atomic_write_json(run.data_stats, {"source_rows": 8, "train_rows": 6, "test_rows": 2,
                                        "mix": mix_counts({"train": train, "test": train[:2]})})
-    recipe = Recipe(name="x")
-    gates = [g.as_dict() for g in evaluate_gates(recipe, results(0.0, 0.6, 0.6), "gguf-q8_0", training(2, 1))]
     budget = {"budget_s": 60.0, "probe_step_s": 1.0, "probe_s": 2.0, "predicted_train_s": 59.0,
               "rows_available": 6, "rows_kept": 4}
-    text = render_report(recipe, tmp_path, results(0.0, 0.6, 0.6), gates,
-                         {"mask": {}, "time_budget": budget, "seconds": 58.0}, {}, {})
+    text = budgeted_report(tmp_path, budget, 58.0)
     assert "| trained: the first train rows that fit training.time_budget_s | 4 |" in text
     assert "| anchor | trained: templates | train: templates | test: templates |" in text
     assert "| Accept | 3 | 3 | 2 |" in text and "| Reject | 1 | 3 | 0 |" in text

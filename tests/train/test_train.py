@@ -162,7 +162,6 @@ def test_a_time_budget_trains_the_rows_that_fit_and_a_resumed_run_keeps_them(tmp
 
     # The decision stands for the run: a later attempt trains the rows it names (here, edited to 6).
     decision["rows_kept"] = 6
-    (run_dir / "metrics" / "training-budget.json").write_text(json.dumps(decision))
     recipe.training.time_budget_s = 10_000.0
     run2 = new_run_dir(tmp_path, "budget")
     atomic_write_jsonl(run2 / "data" / "train.jsonl", tiny_rows[:10])
