@@ -334,36 +334,30 @@ STEP_OVERHEAD = 1.10       # optimizer step, logging metrics and the collator on
 
 def probe_step_seconds(model, tokenized: list[dict], batch_size: int, precision: str, pad_id: int,
                        seed: int = 0) -> float:
-    """Median seconds of one forward + backward pass on `batch_size` random training rows, padded like the
-    Trainer's batches; the gradients are dropped (nothing is learned). Each batch runs twice and only the
-    second pass is timed: a CPU's first pass at a new sequence length builds its kernels (oneDNN primitives)
-    and took ~1.4x the steady step, which a run of hundreds of steps amortises."""
+    """Median seconds of one forward + backward pass on `batch_size` random training rows, padded by TRL's own
+    collator as the Trainer pads them; the gradients are dropped (nothing is learned), so the labels may cover
+    the prompt too: the cost of a pass is the same. Each batch runs twice and only the second pass is timed: a
+    CPU's first pass at a new sequence length builds its kernels (oneDNN primitives) and took ~1.4x the steady
+    step, which a run of hundreds of steps amortises."""
     import random
     import statistics
 
     import torch
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+    collate = DataCollatorForLanguageModeling(pad_token_id=pad_id)
     device = next(p for p in model.parameters()).device
     rng = random.Random(seed)
     times = []
     model.train()
     for _ in range(PROBE_STEPS):
         rows = rng.sample(tokenized, min(batch_size, len(tokenized)))
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention = torch.zeros_like(ids)
-        labels = torch.full_like(ids, -100)
-        for j, r in enumerate(rows):
-            n = len(r["input_ids"])
-            ids[j, :n] = torch.tensor(r["input_ids"])
-            attention[j, :n] = 1
-            labels[j, :n] = torch.where(torch.tensor(r["completion_mask"]) == 1, ids[j, :n], -100)
-        ids, attention, labels = ids.to(device), attention.to(device), labels.to(device)
+        batch = {k: v.to(device) for k, v in collate([{"input_ids": r["input_ids"]} for r in rows]).items()}
         for timed in (False, True):
             _synchronize()
             began = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
+                loss = model(**batch).loss
             loss.backward()
             _synchronize()
             if timed:
