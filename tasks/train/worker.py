@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from tasks.models.chat_templates import NAMED_TEMPLATES, apply_template
+from tasks.train.completion_loss import completion_nll, completion_nll_trainer
 from tasks.train.engines import import_engine
 from tasks.train.packing import PackedCollator, pack_rows, sequences_per_step
 from tasks.recipe import ModelConfig, Recipe
@@ -332,38 +333,61 @@ PROBE_STEPS = 3            # timed forward/backward passes (each after an untime
 STEP_OVERHEAD = 1.10       # optimizer step, logging metrics and the collator on top of a probed pass (measured ~1.05)
 
 
+def probe_batches(tokenized: list[dict], batch_size: int, pad_id: int) -> list[dict]:
+    """PROBE_STEPS batches of `batch_size` rows of similar length (as the Trainer's length-grouped batches
+    are), taken at evenly spaced quantiles of the row lengths: short, median and long rows, always the same
+    ones. Random rows made the probe swing with the lengths it happened to draw (0.47-0.67 s a step on one
+    machine for a 0.6-0.7 s step)."""
+    import torch
+
+    by_length = sorted(tokenized, key=lambda r: len(r["input_ids"]))
+    size = min(batch_size, len(by_length))
+    batches = []
+    for k in range(PROBE_STEPS):
+        first = min(int((k + 0.5) / PROBE_STEPS * len(by_length)), len(by_length) - size)
+        rows = by_length[first:first + size]
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        labels = torch.full_like(ids, -100)
+        for j, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[j, :n] = torch.tensor(r["input_ids"])
+            attention[j, :n] = 1
+            labels[j, :n] = torch.where(torch.tensor(r["completion_mask"]) == 1, ids[j, :n], -100)
+        batches.append({"input_ids": ids, "attention_mask": attention, "labels": labels})
+    return batches
+
+
 def probe_step_seconds(model, tokenized: list[dict], batch_size: int, precision: str, pad_id: int,
-                       seed: int = 0) -> float:
-    """Median seconds of one forward + backward pass on `batch_size` random training rows, padded by TRL's own
-    collator as the Trainer pads them; the gradients are dropped (nothing is learned), so the labels may cover
-    the prompt too: the cost of a pass is the same. Each batch runs twice and only the second pass is timed: a
+                       loss_type: str | None = None) -> float:
+    """Seconds of one forward + backward pass of an average training batch: each probe batch's time per
+    row token (median of the three), times the mean row length and the batch size (length-grouped batches
+    carry little padding). The loss is the one training uses (`completion_nll` or the model's own); the
+    gradients are dropped, nothing is learned. Each batch runs twice and only the second pass is timed: a
     CPU's first pass at a new sequence length builds its kernels (oneDNN primitives) and took ~1.4x the steady
     step, which a run of hundreds of steps amortises."""
-    import random
     import statistics
 
     import torch
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    collate = DataCollatorForLanguageModeling(pad_token_id=pad_id)
     device = next(p for p in model.parameters()).device
-    rng = random.Random(seed)
-    times = []
+    per_token = []
     model.train()
-    for _ in range(PROBE_STEPS):
-        rows = rng.sample(tokenized, min(batch_size, len(tokenized)))
-        batch = {k: v.to(device) for k, v in collate([{"input_ids": r["input_ids"]} for r in rows]).items()}
+    for batch in probe_batches(tokenized, batch_size, pad_id):
+        batch = {k: v.to(device) for k, v in batch.items()}
         for timed in (False, True):
             _synchronize()
             began = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                loss = model(**batch).loss
+                loss = completion_nll(model, batch)[0] if loss_type == "completion_nll" else model(**batch).loss
             loss.backward()
             _synchronize()
             if timed:
-                times.append(time.perf_counter() - began)
+                per_token.append((time.perf_counter() - began) / int(batch["attention_mask"].sum()))
             model.zero_grad(set_to_none=True)
-    return statistics.median(times)
+    mean_row = sum(len(r["input_ids"]) for r in tokenized) / len(tokenized)
+    return statistics.median(per_token) * mean_row * min(batch_size, len(tokenized))
 
 
 def rows_within_budget(budget_s: float, step_s: float, probe_s: float, rows: int, val_rows: int,
@@ -393,7 +417,7 @@ def apply_time_budget(run: RunFolder, cfg, model, tokenized: list[dict], val_row
     decision = read_json(run.training_budget, missing_ok=True)
     if decision is None:
         began = time.perf_counter()
-        step_s = probe_step_seconds(model, tokenized, cfg.batch_size, precision, pad_id, cfg.seed)
+        step_s = probe_step_seconds(model, tokenized, cfg.batch_size, precision, pad_id, cfg.loss_type)
         decision = rows_within_budget(cfg.time_budget_s, step_s, time.perf_counter() - began, len(tokenized),
                                       val_rows, cfg.batch_size, cfg.grad_accum, cfg.epochs)
         atomic_write_json(run.training_budget, decision)
@@ -451,7 +475,9 @@ def train(recipe: Recipe, run_dir: Path | RunFolder, base_dir: Path) -> dict:
         max_length=batch_extras.pop("max_length"), seed=cfg.seed, data_seed=cfg.seed, logging_steps=cfg.logging_steps,
         save_steps=cfg.save_steps, save_total_limit=2, eval_strategy="epoch" if val_data else "no",
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not on_gpu,
-        completion_only_loss=True, loss_type=cfg.loss_type, report_to=[], dataloader_num_workers=0, use_liger_kernel=cfg.liger_kernel,
+        completion_only_loss=True, report_to=[], dataloader_num_workers=0, use_liger_kernel=cfg.liger_kernel,
+        # completion_nll is TRL's nll with the projection done by CompletionNLLTrainer (evaluation: TRL's nll)
+        loss_type="nll" if cfg.loss_type == "completion_nll" else cfg.loss_type,
         neftune_noise_alpha=cfg.neftune_noise_alpha,
         **batch_extras,
         ddp_find_unused_parameters=False if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
@@ -467,11 +493,12 @@ def train(recipe: Recipe, run_dir: Path | RunFolder, base_dir: Path) -> dict:
     # attention mask (rows would attend across a packed sequence). TRL turns it off too, in compute_loss.
     model.config.use_cache = False
     progress = _progress_callback()
-    trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer, data_collator=collator,
-                         optimizers=(loraplus_optimizer(model, args, cfg.loraplus_lr_ratio), None),
-                         train_dataset=Dataset.from_list(train_data),
-                         eval_dataset=Dataset.from_list(val_data) if val_data else None,
-                         callbacks=[progress])
+    trainer_class = completion_nll_trainer(SFTTrainer) if cfg.loss_type == "completion_nll" else SFTTrainer
+    trainer = trainer_class(model=model, args=args, processing_class=tokenizer, data_collator=collator,
+                            optimizers=(loraplus_optimizer(model, args, cfg.loraplus_lr_ratio), None),
+                            train_dataset=Dataset.from_list(train_data),
+                            eval_dataset=Dataset.from_list(val_data) if val_data else None,
+                            callbacks=[progress])
     lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     start = time.time()
     # A resumed run (flow parameter resume_from) picks up its optimizer, scheduler and data order here.

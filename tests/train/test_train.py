@@ -100,9 +100,10 @@ def test_packed_training_learns_on_the_answers_only(tmp_path, base_model_dir, ti
 
 def test_loraplus_and_the_plain_nll_loss_train_the_adapter(tmp_path, base_model_dir, tiny_rows):
     """training.loraplus_lr_ratio builds PEFT's LoRA+ optimizer (B matrices at ratio x lr) and
-    training.loss_type 'nll' is the same loss as TRL's default 'chunked_nll': equal first-step loss."""
+    training.loss_type 'nll' and 'completion_nll' are the same loss as TRL's default 'chunked_nll': equal
+    first-step loss."""
     first_losses = {}
-    for loss_type, ratio in (("chunked_nll", None), ("nll", 16.0)):
+    for loss_type, ratio in (("chunked_nll", None), ("nll", 16.0), ("completion_nll", None)):
         recipe = Recipe(name=f"loss-{loss_type}")
         recipe.training.batch_size = 4
         recipe.training.logging_steps = 1
@@ -118,8 +119,11 @@ def test_loraplus_and_the_plain_nll_loss_train_the_adapter(tmp_path, base_model_
         first_losses[loss_type] = losses[0]
         assert stats["trainable_tensors_changed"] == stats["trainable_tensors"]
         assert losses[-1] < losses[0], losses
-    # bf16 autocast on some CPUs: the two losses round the same logits differently, not by more.
+        # TRL's per-step metrics are logged on every path (completion_nll computes them on the answer tokens)
+        assert all(0 <= h["mean_token_accuracy"] <= 1 and h["entropy"] > 0 for h in stats["history"] if "loss" in h)
+    # bf16 autocast on some CPUs: the losses round the same logits differently, not by more.
     assert first_losses["nll"] == pytest.approx(first_losses["chunked_nll"], rel=2e-2)
+    assert first_losses["completion_nll"] == pytest.approx(first_losses["chunked_nll"], rel=2e-2)
 
 
 def test_the_loraplus_optimizer_puts_b_matrices_at_the_ratio(base_model_dir):
@@ -151,6 +155,7 @@ def test_a_time_budget_trains_the_rows_that_fit_and_a_resumed_run_keeps_them(tmp
     recipe.training.epochs = 1
     recipe.training.save_steps = 100
     recipe.training.time_budget_s = 1.0   # below the probe's own time: one optimizer step is the floor
+    recipe.training.loss_type = "completion_nll"   # the probe times the loss training uses
     run_dir = new_run_dir(tmp_path, "budget")
     atomic_write_jsonl(run_dir / "data" / "train.jsonl", tiny_rows[:10])
     atomic_write_jsonl(run_dir / "data" / "val.jsonl", [])

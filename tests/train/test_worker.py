@@ -132,7 +132,8 @@ def test_the_time_budget_keeps_the_rows_whose_steps_fit():
 
 @pytest.mark.parametrize("override, message", [
     ({"training.engine": "together"}, "Together trains every row it is sent"),
-    ({"training.accelerate_config": "ddp"}, "for one training process"),
+    ({"training.accelerate_config": "ddp", "training.loss_type": "nll"}, "for one training process"),
+    ({"training.packing": True}, "times unpacked batches"),
 ])
 def test_a_time_budget_with_what_it_cannot_time_is_refused(override, message):
     from tasks.recipe import RecipeError, load_recipe

@@ -1,0 +1,125 @@
+"""training.loss_type 'completion_nll' (tasks/train/completion_loss.py): the vocabulary projection on the
+answer tokens only must be the model's own loss, with the model's own gradients, on padded and packed batches
+and on a model that soft-caps its logits; the probe that sizes a time budget times the loss training uses."""
+
+import pytest
+
+from tasks.train.completion_loss import completion_nll
+from tasks.train.packing import IGNORE_INDEX, PackedCollator, pack_rows
+from tasks.train.worker import PROBE_STEPS, probe_batches, tokenize_row
+
+
+@pytest.fixture(scope="module")
+def tokenizer(base_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base_model_dir)
+
+
+@pytest.fixture(scope="module")
+def tokenized(tokenizer, tiny_rows):
+    return [tokenize_row(r, tokenizer, 256) for r in tiny_rows]
+
+
+def _tiny(family: str):
+    """A random-init two-layer model of the family's real architecture, with LoRA on q/v (PEFT-wrapped, as the
+    worker trains it), in fp32 so the two losses can be compared to rounding."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**shape))
+    else:   # Gemma 2 soft-caps its final logits at 30: the gathered projection must too
+        model = Gemma2ForCausalLM(Gemma2Config(**shape, head_dim=16, final_logit_softcapping=3.0))
+    model.config.use_cache = False
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                                             task_type="CAUSAL_LM"))
+    return model.train()
+
+
+def _padded_batch(tokenized, tokenizer, n=4):
+    import torch
+
+    rows = tokenized[:n]
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((n, width), tokenizer.pad_token_id)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    for j, r in enumerate(rows):
+        k = len(r["input_ids"])
+        ids[j, :k], mask[j, :k] = torch.tensor(r["input_ids"]), 1
+        labels[j, :k] = torch.tensor([t if m else IGNORE_INDEX for t, m in zip(r["input_ids"], r["completion_mask"])])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _loss_and_grads(model, loss_fn):
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.item(), grads
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_completion_nll_is_the_models_own_loss_with_its_gradients(family, packed, tokenized, tokenizer):
+    import torch
+
+    model = _tiny(family)
+    if packed:
+        batch = PackedCollator()(pack_rows(tokenized, 640, tokenizer.pad_token_id))
+    else:
+        batch = _padded_batch(tokenized, tokenizer)
+    reference, ref_grads = _loss_and_grads(model, lambda: model(**batch).loss)
+    ours, grads = _loss_and_grads(model, lambda: completion_nll(model, batch)[0])
+    assert ours == pytest.approx(reference, rel=1e-5)
+    assert grads.keys() == ref_grads.keys() and len(grads) == 8
+    for name in grads:
+        assert torch.allclose(grads[name], ref_grads[name], rtol=1e-4, atol=1e-7), name
+    # Only the label tokens were projected: one logit row per target, the targets are the answers' tokens.
+    _, logits, targets = completion_nll(model, batch)
+    labels = batch["labels"][:, 1:]
+    assert logits.shape == (int((labels != IGNORE_INDEX).sum()), 49152)
+    assert targets.tolist() == labels[labels != IGNORE_INDEX].tolist()
+    # Summed and divided by the Trainer's token count (gradient accumulation), as transformers' loss divides.
+    count = torch.tensor(3 * len(targets))
+    divided = completion_nll(model, batch, num_items_in_batch=count)[0].item()
+    assert divided == pytest.approx(model(**batch, num_items_in_batch=count).loss.item(), rel=1e-5)
+    assert divided == pytest.approx(ours / 3, rel=1e-5)
+
+
+def test_the_probe_batches_are_short_median_and_long_rows_with_the_answers_as_labels(tokenized, tokenizer):
+    import statistics
+
+    batches = probe_batches(tokenized, 2, tokenizer.pad_token_id)
+    assert len(batches) == PROBE_STEPS
+    lengths = sorted(len(r["input_ids"]) for r in tokenized)
+    widths = [b["input_ids"].shape[1] for b in batches]
+    assert widths == sorted(widths) and widths[0] < widths[-1]
+    assert min(lengths) <= widths[0] and widths[-1] <= max(lengths)
+    assert abs(widths[1] - statistics.median(lengths)) <= (max(lengths) - min(lengths)) / 2
+    by_ids = {tuple(r["input_ids"]): r for r in tokenized}
+    for b in batches:
+        assert b["input_ids"].shape[0] == 2
+        for ids, mask, labels in zip(b["input_ids"], b["attention_mask"], b["labels"]):
+            row = by_ids[tuple(ids[mask == 1].tolist())]
+            expected = [t if m else IGNORE_INDEX for t, m in zip(row["input_ids"], row["completion_mask"])]
+            assert labels[mask == 1].tolist() == expected and (labels[mask == 0] == IGNORE_INDEX).all()
+    assert [b["input_ids"].tolist() for b in probe_batches(tokenized, 2, tokenizer.pad_token_id)] == \
+        [b["input_ids"].tolist() for b in batches]   # the same rows every time: a resumed run agrees
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"training.engine": "unsloth"}, "training.engine is 'unsloth'"),
+    ({"training.liger_kernel": True}, "training.liger_kernel is True"),
+    ({"training.accelerate_config": "ddp", "training.time_budget_s": None}, "training.accelerate_config is 'ddp'"),
+])
+def test_completion_nll_is_refused_where_its_own_forward_would_be_bypassed(override, message):
+    from tasks.recipe import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match=message):
+        load_recipe("slipstream", {"training.loss_type": "completion_nll", **override})
