@@ -418,7 +418,8 @@ class Recipe(StrictModel):
         if self.training.loss_type == "completion_nll":
             # It calls the decoder and the output projection itself: Unsloth and Liger patch those calls, and
             # DDP / DeepSpeed synchronise gradients only through the wrapped model's own forward.
-            for field, value, bad in (("engine", self.training.engine, self.training.engine != "trl"),
+            # (Together trains remotely with its own loss: nothing to refuse there.)
+            for field, value, bad in (("engine", self.training.engine, self.training.engine == "unsloth"),
                                       ("liger_kernel", True, self.training.liger_kernel),
                                       ("accelerate_config", self.training.accelerate_config,
                                        bool(self.training.accelerate_config))):

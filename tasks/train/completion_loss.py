@@ -62,7 +62,10 @@ def completion_nll_trainer(sft_trainer_class):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if return_outputs or not model.training:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            loss, logits, targets = completion_nll(model, inputs, num_items_in_batch)
+            # Accelerate applies mixed precision by wrapping the model's forward, which this bypasses:
+            # without its autocast the fp32 LoRA weights ran in fp32 and the step was no faster than nll.
+            with self.accelerator.autocast():
+                loss, logits, targets = completion_nll(model, inputs, num_items_in_batch)
             with torch.no_grad():
                 log_p = torch.log_softmax(logits, dim=-1)
                 entropy = -(log_p.exp() * log_p).sum(-1).mean() if len(targets) else logits.new_zeros(())

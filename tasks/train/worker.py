@@ -329,73 +329,54 @@ def loraplus_optimizer(model, args, lr_ratio: float | None):
                                      eps=args.adam_epsilon)
 
 
-PROBE_STEPS = 3            # timed forward/backward passes (each after an untimed pass on the same batch)
-STEP_OVERHEAD = 1.10       # optimizer step, logging metrics and the collator on top of a probed pass (measured ~1.05)
+PROBE_STEPS = 8            # optimizer steps of the probe; the first (kernel and optimizer set-up) is not counted
 
 
-def probe_batches(tokenized: list[dict], batch_size: int, pad_id: int) -> list[dict]:
-    """PROBE_STEPS batches of `batch_size` rows of similar length (as the Trainer's length-grouped batches
-    are), taken at evenly spaced quantiles of the row lengths: short, median and long rows, always the same
-    ones. Random rows made the probe swing with the lengths it happened to draw (0.47-0.67 s a step on one
-    machine for a 0.6-0.7 s step)."""
-    import torch
-
+def probe_rows(tokenized: list[dict], count: int) -> list[dict]:
+    """`count` training rows spread evenly over the row lengths (shortest to longest), always the same ones:
+    random rows made the probe swing with the lengths it happened to draw (0.47-0.67 s a step on one machine
+    for a 0.6-0.7 s step)."""
     by_length = sorted(tokenized, key=lambda r: len(r["input_ids"]))
-    size = min(batch_size, len(by_length))
-    batches = []
-    for k in range(PROBE_STEPS):
-        first = min(int((k + 0.5) / PROBE_STEPS * len(by_length)), len(by_length) - size)
-        rows = by_length[first:first + size]
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention = torch.zeros_like(ids)
-        labels = torch.full_like(ids, -100)
-        for j, r in enumerate(rows):
-            n = len(r["input_ids"])
-            ids[j, :n] = torch.tensor(r["input_ids"])
-            attention[j, :n] = 1
-            labels[j, :n] = torch.where(torch.tensor(r["completion_mask"]) == 1, ids[j, :n], -100)
-        batches.append({"input_ids": ids, "attention_mask": attention, "labels": labels})
-    return batches
+    count = min(count, len(by_length))
+    return [by_length[int((k + 0.5) * len(by_length) / count)] for k in range(count)]
 
 
-def probe_step_seconds(model, tokenized: list[dict], batch_size: int, precision: str, pad_id: int,
-                       loss_type: str | None = None) -> float:
-    """Seconds of one forward + backward pass of an average training batch: each probe batch's time per
-    row token (median of the three), times the mean row length and the batch size (length-grouped batches
-    carry little padding). The loss is the one training uses (`completion_nll` or the model's own); the
-    gradients are dropped, nothing is learned. Each batch runs twice and only the second pass is timed: a
-    CPU's first pass at a new sequence length builds its kernels (oneDNN primitives) and took ~1.4x the steady
-    step, which a run of hundreds of steps amortises."""
-    import statistics
+def probe_step_seconds(build, model, tokenized: list[dict], batch_size: int) -> float:
+    """Seconds of one optimizer step on an average training batch, timed on the real Trainer: `build(rows,
+    max_steps, progress, scratch_dir)` makes the same trainer training will use (collator, loss, mixed precision, optimizer, gradient
+    clipping, metrics) over PROBE_STEPS batches of rows spread over the lengths; steps 2.. are timed and scaled by
+    the mean row length. Timing a bare forward/backward missed ~1/4 of a real CPU step (0.48 s probed vs 0.63 s
+    trained). The adapter's weights are put back afterwards: the probe trains nothing."""
+    import tempfile
 
     import torch
 
-    device = next(p for p in model.parameters()).device
-    per_token = []
-    model.train()
-    for batch in probe_batches(tokenized, batch_size, pad_id):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        for timed in (False, True):
-            _synchronize()
-            began = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                loss = completion_nll(model, batch)[0] if loss_type == "completion_nll" else model(**batch).loss
-            loss.backward()
-            _synchronize()
-            if timed:
-                per_token.append((time.perf_counter() - began) / int(batch["attention_mask"].sum()))
-            model.zero_grad(set_to_none=True)
-    mean_row = sum(len(r["input_ids"]) for r in tokenized) / len(tokenized)
-    return statistics.median(per_token) * mean_row * min(batch_size, len(tokenized))
+    rows = probe_rows(tokenized, batch_size * PROBE_STEPS)
+    steps = max(1, len(rows) // batch_size)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    progress = _progress_callback()
+    with tempfile.TemporaryDirectory() as scratch:   # the probe saves nothing, but a Trainer wants a folder
+        trainer = build(rows, steps, progress, scratch)
+        trainer.train()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in before:
+                p.copy_(before[n])
+    # Accelerate wrapped model.forward for mixed precision; the training trainer wraps it again otherwise.
+    trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    steady = progress.steady_seconds()
+    step_s = steady / (steps - 1) if steady else progress.first_step_seconds
+    mean_all = sum(len(r["input_ids"]) for r in tokenized) / len(tokenized)
+    mean_probe = sum(len(r["input_ids"]) for r in rows) / len(rows)
+    return step_s * mean_all / mean_probe
 
 
 def rows_within_budget(budget_s: float, step_s: float, probe_s: float, rows: int, val_rows: int,
                        batch_size: int, grad_accum: int, epochs: float) -> dict:
-    """How many training rows fit in `budget_s` seconds: full optimizer steps at `step_s` (times the
-    overhead), after the probe's own time and the validation pass (forward only, ~1/3 of a step a batch).
-    At least one step's rows; never more than there are."""
-    per_step = step_s * STEP_OVERHEAD
+    """How many training rows fit in `budget_s` seconds: batches at `step_s` each (grad_accum of them an
+    optimizer step), after the probe's own time and the validation pass (forward only, ~1/3 of a step a batch).
+    At least one optimizer step's rows; never more than there are."""
+    per_step = step_s
     val_s = math.ceil(val_rows / batch_size) * per_step / 3 * math.ceil(epochs)
     steps = max(1, int((budget_s - probe_s - val_s) / per_step / grad_accum))
     keep = min(rows, max(batch_size * grad_accum, int(steps * batch_size * grad_accum / epochs)))
@@ -405,8 +386,8 @@ def rows_within_budget(budget_s: float, step_s: float, probe_s: float, rows: int
             "rows_available": rows, "rows_kept": keep}
 
 
-def apply_time_budget(run: RunFolder, cfg, model, tokenized: list[dict], val_rows: int, precision: str,
-                      pad_id: int) -> tuple[list[dict], dict | None]:
+def apply_time_budget(run: RunFolder, cfg, model, tokenized: list[dict], val_rows: int,
+                      build) -> tuple[list[dict], dict | None]:
     """training.time_budget_s: the first training rows that fit, decided once per run (a resumed run reads
     the decision back, so its checkpoints match the rows and the schedule)."""
     if cfg.time_budget_s is None:
@@ -417,7 +398,7 @@ def apply_time_budget(run: RunFolder, cfg, model, tokenized: list[dict], val_row
     decision = read_json(run.training_budget, missing_ok=True)
     if decision is None:
         began = time.perf_counter()
-        step_s = probe_step_seconds(model, tokenized, cfg.batch_size, precision, pad_id, cfg.loss_type)
+        step_s = probe_step_seconds(build, model, tokenized, cfg.batch_size)
         decision = rows_within_budget(cfg.time_budget_s, step_s, time.perf_counter() - began, len(tokenized),
                                       val_rows, cfg.batch_size, cfg.grad_accum, cfg.epochs)
         atomic_write_json(run.training_budget, decision)
@@ -439,12 +420,52 @@ def resolve_mixed_precision(choice: str) -> str:
     return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no"
 
 
+def build_trainer(recipe: Recipe, model, tokenizer, train_data: list[dict], val_data: list[dict], batch_extras: dict,
+                  precision: str, progress, **overrides):
+    """TRL's SFTTrainer (or CompletionNLLTrainer) as the recipe trains: the same for training and for the time
+    budget's probe, which overrides output_dir, max_steps and saving."""
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    cfg = recipe.training
+    extras = {k: v for k, v in batch_extras.items() if k not in ("per_device_batch", "max_length")}
+    per_device = batch_extras["per_device_batch"]
+    fields = dict(
+        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio
+        per_device_train_batch_size=per_device, per_device_eval_batch_size=per_device,
+        gradient_accumulation_steps=cfg.grad_accum, gradient_checkpointing=cfg.gradient_checkpointing,
+        max_length=batch_extras["max_length"], seed=cfg.seed, data_seed=cfg.seed, logging_steps=cfg.logging_steps,
+        save_steps=cfg.save_steps, save_total_limit=2, eval_strategy="epoch" if val_data else "no",
+        bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not torch.cuda.is_available(),
+        completion_only_loss=True, report_to=[], dataloader_num_workers=0, use_liger_kernel=cfg.liger_kernel,
+        # completion_nll is TRL's nll with the projection done by CompletionNLLTrainer (evaluation: TRL's nll)
+        loss_type="nll" if cfg.loss_type == "completion_nll" else cfg.loss_type,
+        neftune_noise_alpha=cfg.neftune_noise_alpha,
+        **extras,
+        ddp_find_unused_parameters=False if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        disable_tqdm=True)
+    args = SFTConfig(**{**fields, **overrides})
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and args.n_gpu > 1:
+        # One process seeing several GPUs would wrap the model in nn.DataParallel, which PEFT models do
+        # not survive; train on the first GPU and say how to use them all.
+        log.warning("%d GPUs visible to one process: training on the first only; set "
+                    "training.accelerate_config: ddp to use all of them", args.n_gpu)
+        args._n_gpu = 1
+    collator = PackedCollator(flatten=cfg.engine == "unsloth") if cfg.packing else None
+    trainer_class = completion_nll_trainer(SFTTrainer) if cfg.loss_type == "completion_nll" else SFTTrainer
+    return trainer_class(model=model, args=args, processing_class=tokenizer, data_collator=collator,
+                         optimizers=(loraplus_optimizer(model, args, cfg.loraplus_lr_ratio), None),
+                         train_dataset=Dataset.from_list(train_data),
+                         eval_dataset=Dataset.from_list(val_data) if val_data else None,
+                         callbacks=[progress])
+
+
 def train(recipe: Recipe, run_dir: Path | RunFolder, base_dir: Path) -> dict:
     """Fine-tune and save the adapter; returns the training stats written to metrics/."""
     import torch
-    from datasets import Dataset
     from transformers.trainer_utils import get_last_checkpoint
-    from trl import SFTConfig, SFTTrainer
 
     run = RunFolder(run_dir)
     cfg = recipe.training
@@ -464,41 +485,22 @@ def train(recipe: Recipe, run_dir: Path | RunFolder, base_dir: Path) -> dict:
     log.info("mask check: %s", mask_report)
     print(f"[train] mask check: {mask_report}", flush=True)
     val_tok = [tokenize_row(r, tokenizer, cfg.max_length) for r in val_rows]
-    tokenized, budget = apply_time_budget(run, cfg, model, tokenized, len(val_tok), precision, tokenizer.pad_token_id)
-    train_data, val_data, batch_extras = batching(recipe, tokenized, val_tok, tokenizer)
-    per_device = batch_extras.pop("per_device_batch")
-    args = SFTConfig(
-        output_dir=str(run.checkpoints_dir), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
-        learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio
-        per_device_train_batch_size=per_device, per_device_eval_batch_size=per_device,
-        gradient_accumulation_steps=cfg.grad_accum, gradient_checkpointing=cfg.gradient_checkpointing,
-        max_length=batch_extras.pop("max_length"), seed=cfg.seed, data_seed=cfg.seed, logging_steps=cfg.logging_steps,
-        save_steps=cfg.save_steps, save_total_limit=2, eval_strategy="epoch" if val_data else "no",
-        bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not on_gpu,
-        completion_only_loss=True, report_to=[], dataloader_num_workers=0, use_liger_kernel=cfg.liger_kernel,
-        # completion_nll is TRL's nll with the projection done by CompletionNLLTrainer (evaluation: TRL's nll)
-        loss_type="nll" if cfg.loss_type == "completion_nll" else cfg.loss_type,
-        neftune_noise_alpha=cfg.neftune_noise_alpha,
-        **batch_extras,
-        ddp_find_unused_parameters=False if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
-        disable_tqdm=True)
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and args.n_gpu > 1:
-        # One process seeing several GPUs would wrap the model in nn.DataParallel, which PEFT models do
-        # not survive; train on the first GPU and say how to use them all.
-        log.warning("%d GPUs visible to one process: training on the first only; set "
-                    "training.accelerate_config: ddp to use all of them", args.n_gpu)
-        args._n_gpu = 1
-    collator = PackedCollator(flatten=cfg.engine == "unsloth") if cfg.packing else None
     # No KV cache while training: with one, transformers ignores packed position_ids when it builds the
     # attention mask (rows would attend across a packed sequence). TRL turns it off too, in compute_loss.
     model.config.use_cache = False
+
+    def build_probe(rows: list[dict], steps: int, progress, scratch: str):
+        probe_data, _, extras = batching(recipe, rows, [], tokenizer)
+        return build_trainer(recipe, model, tokenizer, probe_data, [], extras, precision, progress,
+                             output_dir=scratch, max_steps=steps, save_strategy="no", logging_steps=steps,
+                             gradient_accumulation_steps=1)   # seconds a batch; optimizer steps counted as batches
+
+    tokenized, budget = apply_time_budget(run, cfg, model, tokenized, len(val_tok), build_probe)
+    train_data, val_data, batch_extras = batching(recipe, tokenized, val_tok, tokenizer)
+    per_device = batch_extras["per_device_batch"]
     progress = _progress_callback()
-    trainer_class = completion_nll_trainer(SFTTrainer) if cfg.loss_type == "completion_nll" else SFTTrainer
-    trainer = trainer_class(model=model, args=args, processing_class=tokenizer, data_collator=collator,
-                            optimizers=(loraplus_optimizer(model, args, cfg.loraplus_lr_ratio), None),
-                            train_dataset=Dataset.from_list(train_data),
-                            eval_dataset=Dataset.from_list(val_data) if val_data else None,
-                            callbacks=[progress])
+    trainer = build_trainer(recipe, model, tokenizer, train_data, val_data, batch_extras, precision, progress,
+                            output_dir=str(run.checkpoints_dir))
     lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     start = time.time()
     # A resumed run (flow parameter resume_from) picks up its optimizer, scheduler and data order here.

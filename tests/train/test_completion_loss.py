@@ -6,7 +6,7 @@ import pytest
 
 from tasks.train.completion_loss import completion_nll
 from tasks.train.packing import IGNORE_INDEX, PackedCollator, pack_rows
-from tasks.train.worker import PROBE_STEPS, probe_batches, tokenize_row
+from tasks.train.worker import PROBE_STEPS, probe_rows, tokenize_row
 
 
 @pytest.fixture(scope="module")
@@ -92,25 +92,77 @@ def test_completion_nll_is_the_models_own_loss_with_its_gradients(family, packed
     assert divided == pytest.approx(ours / 3, rel=1e-5)
 
 
-def test_the_probe_batches_are_short_median_and_long_rows_with_the_answers_as_labels(tokenized, tokenizer):
-    import statistics
-
-    batches = probe_batches(tokenized, 2, tokenizer.pad_token_id)
-    assert len(batches) == PROBE_STEPS
+def test_the_probe_rows_spread_over_the_lengths_and_are_always_the_same(tokenized):
+    rows = probe_rows(tokenized, 4)
     lengths = sorted(len(r["input_ids"]) for r in tokenized)
-    widths = [b["input_ids"].shape[1] for b in batches]
-    assert widths == sorted(widths) and widths[0] < widths[-1]
-    assert min(lengths) <= widths[0] and widths[-1] <= max(lengths)
-    assert abs(widths[1] - statistics.median(lengths)) <= (max(lengths) - min(lengths)) / 2
-    by_ids = {tuple(r["input_ids"]): r for r in tokenized}
-    for b in batches:
-        assert b["input_ids"].shape[0] == 2
-        for ids, mask, labels in zip(b["input_ids"], b["attention_mask"], b["labels"]):
-            row = by_ids[tuple(ids[mask == 1].tolist())]
-            expected = [t if m else IGNORE_INDEX for t, m in zip(row["input_ids"], row["completion_mask"])]
-            assert labels[mask == 1].tolist() == expected and (labels[mask == 0] == IGNORE_INDEX).all()
-    assert [b["input_ids"].tolist() for b in probe_batches(tokenized, 2, tokenizer.pad_token_id)] == \
-        [b["input_ids"].tolist() for b in batches]   # the same rows every time: a resumed run agrees
+    picked = [len(r["input_ids"]) for r in rows]
+    assert len(rows) == 4 and picked == sorted(picked)
+    assert picked[0] <= lengths[len(lengths) // 4] and picked[-1] >= lengths[len(lengths) * 3 // 4]
+    assert probe_rows(tokenized, 4) == rows and len(probe_rows(tokenized, 100)) == len(tokenized)
+
+
+def test_the_probe_times_the_real_trainer_and_trains_nothing(tmp_path, base_model_dir, tokenized, tokenizer):
+    """The time budget's probe runs the trainer training will use (here completion_nll, bf16 where the CPU has
+    it) for a few steps, then puts the adapter back as it was and undoes Accelerate's forward wrapper."""
+    import torch
+
+    from tasks.recipe import Recipe
+    from tasks.train.worker import batching, build_trainer, load_model, probe_step_seconds, resolve_mixed_precision
+
+    recipe = Recipe(name="probe")
+    recipe.training.loss_type = "completion_nll"
+    recipe.training.batch_size = 2
+    model, tok = load_model(recipe, base_model_dir)
+    model.config.use_cache = False
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    built = []
+
+    def build(rows, steps, progress, scratch):
+        data, _, extras = batching(recipe, rows, [], tok)
+        built.append((len(rows), steps))
+        return build_trainer(recipe, model, tok, data, [], extras, resolve_mixed_precision("auto"), progress,
+                             output_dir=scratch, max_steps=steps, save_strategy="no", gradient_accumulation_steps=1)
+
+    step_s = probe_step_seconds(build, model, tokenized, 2)
+    assert 0 < step_s < 60
+    assert built == [(min(len(tokenized), 2 * PROBE_STEPS), min(len(tokenized), 2 * PROBE_STEPS) // 2)]
+    for n, p in model.named_parameters():
+        if n in before:
+            assert torch.equal(p, before[n]), n
+    assert "_original_forward" not in model.__dict__
+
+
+def test_completion_nll_trains_under_the_trainers_mixed_precision(tmp_path, base_model_dir, tiny_rows, monkeypatch):
+    """Accelerate applies bf16 autocast by wrapping the model's forward, which completion_nll bypasses: the
+    trainer must open the autocast itself (without it the fp32 LoRA matmuls ran in fp32, no faster than nll)."""
+    import torch
+
+    from tasks.recipe import Recipe
+    from tasks.run import atomic_write_jsonl, new_run_dir
+    from tasks.train import worker
+
+    if worker.resolve_mixed_precision("auto") != "bf16":
+        pytest.skip("this CPU has no native bf16: the recipe trains in fp32, with no autocast to check")
+    seen = []
+    original = worker.load_model
+
+    def load_and_watch(recipe, base):
+        model, tok = original(recipe, base)
+        layer = model.get_base_model().get_decoder().layers[-1]
+        layer.register_forward_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+        return model, tok
+
+    recipe = Recipe(name="autocast")
+    recipe.training.loss_type = "completion_nll"
+    recipe.training.batch_size = 4
+    recipe.training.max_steps = 2
+    run_dir = new_run_dir(tmp_path, "autocast")
+    atomic_write_jsonl(run_dir / "data" / "train.jsonl", tiny_rows[:8])
+    atomic_write_jsonl(run_dir / "data" / "val.jsonl", [])
+    monkeypatch.setattr(worker, "load_model", load_and_watch)
+    stats = worker.train(recipe, run_dir, base_model_dir)
+    assert stats["mixed_precision"] == "bf16" and stats["steps"] == 2
+    assert seen and all(seen), seen
 
 
 @pytest.mark.parametrize("override, message", [

@@ -111,15 +111,15 @@ def test_last_layers_puts_adapters_on_the_top_layers_only(base_model_dir):
 
 def test_the_time_budget_keeps_the_rows_whose_steps_fit():
     """training.time_budget_s: after the probe's own seconds and the validation pass, as many whole optimizer
-    steps as fit at the probed step time (plus the optimizer's overhead); the rows of those steps are kept."""
-    from tasks.train.worker import STEP_OVERHEAD, rows_within_budget
+    steps as fit at the probed step time; the rows of those steps are kept."""
+    from tasks.train.worker import rows_within_budget
 
     plan = rows_within_budget(100.0, step_s=1.0, probe_s=4.0, rows=1000, val_rows=0, batch_size=4, grad_accum=1,
                               epochs=1)
     steps = plan["rows_kept"] // 4
     assert plan["rows_kept"] % 4 == 0 and plan["rows_available"] == 1000
-    assert 4.0 + steps * STEP_OVERHEAD <= 100.0 < 4.0 + (steps + 1) * STEP_OVERHEAD   # the last step that fits
-    assert plan["predicted_train_s"] == pytest.approx(4.0 + steps * STEP_OVERHEAD, abs=0.1)
+    assert 4.0 + steps * 1.0 <= 100.0 < 4.0 + (steps + 1) * 1.0   # the last step that fits
+    assert plan["predicted_train_s"] == pytest.approx(4.0 + steps * 1.0, abs=0.1)
     # Validation batches (forward only) and a second epoch are paid for out of the same budget.
     with_val = rows_within_budget(100.0, 1.0, 4.0, 1000, val_rows=60, batch_size=4, grad_accum=1, epochs=1)
     assert with_val["rows_kept"] < plan["rows_kept"]
