@@ -11,7 +11,7 @@ checkpointed chunks recomputed in the backward pass (slower than 'nll' here).
 """
 from __future__ import annotations
 
-IGNORE_INDEX = -100
+from tasks.train.packing import IGNORE_INDEX
 
 
 def completion_logits(model, inputs: dict):

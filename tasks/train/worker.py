@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from tasks.models.chat_templates import NAMED_TEMPLATES, apply_template
-from tasks.train.completion_loss import completion_nll, completion_nll_trainer
+from tasks.train.completion_loss import completion_nll_trainer
 from tasks.train.engines import import_engine
 from tasks.train.packing import PackedCollator, pack_rows, sequences_per_step
 from tasks.recipe import ModelConfig, Recipe
@@ -376,13 +376,12 @@ def rows_within_budget(budget_s: float, step_s: float, probe_s: float, rows: int
     """How many training rows fit in `budget_s` seconds: batches at `step_s` each (grad_accum of them an
     optimizer step), after the probe's own time and the validation pass (forward only, ~1/3 of a step a batch).
     At least one optimizer step's rows; never more than there are."""
-    per_step = step_s
-    val_s = math.ceil(val_rows / batch_size) * per_step / 3 * math.ceil(epochs)
-    steps = max(1, int((budget_s - probe_s - val_s) / per_step / grad_accum))
+    val_s = math.ceil(val_rows / batch_size) * step_s / 3 * math.ceil(epochs)
+    steps = max(1, int((budget_s - probe_s - val_s) / step_s / grad_accum))
     keep = min(rows, max(batch_size * grad_accum, int(steps * batch_size * grad_accum / epochs)))
     return {"budget_s": budget_s, "probe_step_s": round(step_s, 3), "probe_s": round(probe_s, 1),
             "predicted_train_s": round(probe_s + val_s + math.ceil(keep * epochs / (batch_size * grad_accum))
-                                       * grad_accum * per_step, 1),
+                                       * grad_accum * step_s, 1),
             "rows_available": rows, "rows_kept": keep}
 
 
