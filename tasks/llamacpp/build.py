@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,13 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # vendors ggml-org/llama.cpp@0c1e57098
 # llama-export-lora merges a GGUF LoRA into its base GGUF: the deployment fallback for an Ollama that
 # refuses ADAPTER (>= 0.34.1, ollama/ollama#14969), made without the HF weights.
 TOOLS = ("llama-server", "llama-quantize", "llama-export-lora")
+# Part of the build folder's name: a build made with other compiler flags is never reused. 2: no AMX.
+BUILD_REVISION = 2
+# ggml's AMX kernels (picked by -march=native on Sapphire Rapids and later) crash this llama.cpp: llama-server
+# died with SIGSEGV in ggml_backend_amx_mul_mat on its first q8_0/q4_K_M batch (Intel Xeon with amx_int8,
+# 2026-12-02; f16 and --no-repack ran). GCC keeps -mno-* flags given explicitly over what -march=native implies,
+# so the rest of the native instruction set (AVX-512, VNNI, BF16) stays.
+NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 
 
 class LlamaCppMissing(FileNotFoundError):
@@ -33,7 +41,8 @@ class LlamaCppMissing(FileNotFoundError):
 
 
 def home() -> Path:
-    return Path(os.environ.get("SLIPWAY_LLAMA_CPP", slipway_home() / f"llama.cpp-{LLAMA_CPP_PYTHON_VERSION}"))
+    return Path(os.environ.get("SLIPWAY_LLAMA_CPP",
+                               slipway_home() / f"llama.cpp-{LLAMA_CPP_PYTHON_VERSION}-b{BUILD_REVISION}"))
 
 
 def source_dir() -> Path:
@@ -108,6 +117,13 @@ def _extract_sources(target: Path) -> None:
         shutil.move(str(vendored), target / "src")
 
 
+def compiler_flags(machine: str | None = None) -> list[str]:
+    """CMake arguments for the C/C++ flags of this machine's build: no AMX on x86-64 (see NO_AMX_FLAGS)."""
+    if (machine or platform.machine()).lower() not in ("x86_64", "amd64"):
+        return []
+    return [f"-DCMAKE_C_FLAGS={NO_AMX_FLAGS}", f"-DCMAKE_CXX_FLAGS={NO_AMX_FLAGS}"]
+
+
 def _compile(target: Path, tools: list[str], jobs: int | None) -> None:
     """Configure once and build only `tools` (and what they link), then keep just the static binaries."""
     build_dir = target / "build"
@@ -115,7 +131,7 @@ def _compile(target: Path, tools: list[str], jobs: int | None) -> None:
           "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
           "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF",
           # The web UI would be fetched from the network; the OpenAI-compatible API does not need it.
-          "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_UI=OFF"], stdout=subprocess.DEVNULL)
+          "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_UI=OFF", *compiler_flags()], stdout=subprocess.DEVNULL)
     _run(["cmake", "--build", str(build_dir), "-j", str(jobs or os.cpu_count() or 2), "--target", *tools])
     (target / "bin").mkdir(exist_ok=True)
     for name in tools:   # copied under a unique temp name, then renamed: never a half-copied binary
