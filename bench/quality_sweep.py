@@ -9,8 +9,9 @@ answers in 13 minutes a variant; `recipes/calibration/` keeps the figures that d
     python bench/quality_sweep.py --recipe slipstream --variants bench/sweeps/slipstream-s8.yaml \
         --seeds 1,2 --jobs 4 --base <HF folder of the base model> --out /tmp/sweep.json
 
-The variants file maps a name to {set: {field: value}, published_share: 0..1, seeds: [..] (default --seeds)}. Only `training.*`, `lora.*`
-and `data.train_rows` may change: every variant is scored on the same test split, made once.
+The variants file maps a name to {set: {field: value}, published_share: 0..1, seeds: [..] (default --seeds)}. Only `training.*`, `lora.*`,
+`data.train_rows`, `model.dtype` and `model.system_prompt` may change: every variant is scored on the same test split,
+made once (a variant's system prompt replaces the recipe's in its copy of every row, as training and evaluation see it).
 Prints one line per finished job, then a table of the means over seeds (anchor and recipient accuracy on
 the test split, its template and published rows, and the eval files).
 """
@@ -35,7 +36,7 @@ sys.path.insert(0, str(REPO))
 from tasks.run import RunFolder, atomic_write_json, atomic_write_jsonl, read_json, read_jsonl  # noqa: E402
 
 PUBLISHED = "slipstream-tqt"   # prefix of the published rows' `source`; template rows are "templates"
-ALLOWED = ("training.", "lora.", "data.train_rows", "model.dtype")
+ALLOWED = ("training.", "lora.", "data.train_rows", "model.dtype", "model.system_prompt")
 
 
 def variant_recipe(recipe_path: Path, overrides: dict, seed: int):
@@ -45,6 +46,15 @@ def variant_recipe(recipe_path: Path, overrides: dict, seed: int):
     if bad:
         raise SystemExit(f"{', '.join(bad)}: a variant may only change {', '.join(ALLOWED)} (one shared test split)")
     return load_recipe(recipe_path, {**overrides, "training.seed": seed})
+
+
+def with_system_prompt(rows: list[dict], system_prompt: str) -> list[dict]:
+    """The rows with their system message saying `system_prompt` (one added where a row has none)."""
+    out = []
+    for row in rows:
+        turns = [m for m in row["messages"] if m["role"] != "system"]
+        out.append({**row, "messages": [{"role": "system", "content": system_prompt}, *turns]})
+    return out
 
 
 def pick_train_rows(rows: list[dict], n: int, published_share: float | None, seed: int) -> list[dict]:
@@ -160,10 +170,14 @@ def main(argv: list[str] | None = None) -> int:
             run.recipe_json.write_text(recipe.model_dump_json(indent=2))
             train = pick_train_rows(rows["train"], recipe.data.train_rows or len(rows["train"]),
                                     spec.get("published_share"), seed)
-            atomic_write_jsonl(run.split("train"), train)
+            system = spec.get("set", {}).get("model.system_prompt")
+
+            def as_trained(part: list[dict]) -> list[dict]:
+                return part if system is None else with_system_prompt(part, system)
+            atomic_write_jsonl(run.split("train"), as_trained(train))
             scored = [s for s in rows if s not in ("train",)]
             for split in scored:
-                atomic_write_jsonl(run.split(split), rows[split][:args.eval_rows or None])
+                atomic_write_jsonl(run.split(split), as_trained(rows[split][:args.eval_rows or None]))
             atomic_write_json(run_dir / "splits.json", [s for s in scored if s != "val"])
             runs.append((name, seed, run_dir, len(train)))
 
