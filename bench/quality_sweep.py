@@ -48,13 +48,13 @@ def variant_recipe(recipe_path: Path, overrides: dict, seed: int):
     return load_recipe(recipe_path, {**overrides, "training.seed": seed})
 
 
-def with_system_prompt(rows: list[dict], system_prompt: str) -> list[dict]:
-    """The rows with their system message saying `system_prompt` (one added where a row has none)."""
-    out = []
-    for row in rows:
-        turns = [m for m in row["messages"] if m["role"] != "system"]
-        out.append({**row, "messages": [{"role": "system", "content": system_prompt}, *turns]})
-    return out
+def with_system_prompt(rows: list[dict], system_prompt: str | None) -> list[dict]:
+    """The rows with their system message saying `system_prompt`, as tasks.data.evalfile.to_chat_row renders one
+    (none for an empty prompt); None: the rows as they are."""
+    if system_prompt is None:
+        return rows
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return [{**row, "messages": system + [m for m in row["messages"] if m["role"] != "system"]} for row in rows]
 
 
 def pick_train_rows(rows: list[dict], n: int, published_share: float | None, seed: int) -> list[dict]:
@@ -171,13 +171,10 @@ def main(argv: list[str] | None = None) -> int:
             train = pick_train_rows(rows["train"], recipe.data.train_rows or len(rows["train"]),
                                     spec.get("published_share"), seed)
             system = spec.get("set", {}).get("model.system_prompt")
-
-            def as_trained(part: list[dict]) -> list[dict]:
-                return part if system is None else with_system_prompt(part, system)
-            atomic_write_jsonl(run.split("train"), as_trained(train))
+            atomic_write_jsonl(run.split("train"), with_system_prompt(train, system))
             scored = [s for s in rows if s not in ("train",)]
             for split in scored:
-                atomic_write_jsonl(run.split(split), as_trained(rows[split][:args.eval_rows or None]))
+                atomic_write_jsonl(run.split(split), with_system_prompt(rows[split][:args.eval_rows or None], system))
             atomic_write_json(run_dir / "splits.json", [s for s in scored if s != "val"])
             runs.append((name, seed, run_dir, len(train)))
 

@@ -19,7 +19,8 @@ def test_x86_builds_turn_amx_off_for_c_and_cxx_and_other_machines_get_no_flags()
     assert llamacpp.compiler_flags("aarch64") == []
 
 
-def test_builds_with_other_flags_live_in_their_own_folder():
+def test_builds_with_other_flags_live_in_their_own_folder(monkeypatch):
+    monkeypatch.delenv("SLIPWAY_LLAMA_CPP", raising=False)   # the default folder, not one named by the caller
     assert llamacpp.home().name.endswith(f"-b{llamacpp.BUILD_REVISION}")
 
 
