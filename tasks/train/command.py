@@ -2,8 +2,9 @@
 (bench/) and the Prefect task (launch.py) start training the same way.
 
 `training_command` checks the recipe against the GPUs the process will see (engines.check_engine) and
-gives `accelerate launch` one process per visible GPU; `process_group` ends the launcher and every rank
-it started when the caller leaves its block (cancellation, timeout, error).
+gives `accelerate launch` one process per visible GPU; `training_env` is the environment it starts with
+(the allocator of a CPU process); `process_group` ends the launcher and every rank it started when the
+caller leaves its block (cancellation, timeout, error).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import yaml
 from tasks.recipe import REPO_ROOT, Recipe
 from tasks.run import RunFolder
 from tasks.train import worker
+from tasks.train.allocator import allocator_env
 from tasks.train.engines import check_engine
 
 ACCELERATE_DIR = REPO_ROOT / "accelerate_config"
@@ -82,6 +84,17 @@ def training_command(recipe: Recipe, run_dir: Path | RunFolder, base_dir: Path, 
     processes = 1 if kind == "NO" else gpus
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
             "--num_processes", str(processes), *args]
+
+
+def training_env(recipe: Recipe, gpus: int | None = None) -> dict[str, str]:
+    """The environment the training process starts with: this one, plus the recipe's allocator
+    (training.allocator: mimalloc preloaded into a CPU process, allocator.py).
+
+    Raises:
+        AllocatorError: the recipe asks for an allocator this machine does not have.
+    """
+    gpus = visible_gpus() if gpus is None else gpus
+    return allocator_env(recipe.training.allocator, on_cpu=gpus == 0)
 
 
 @contextmanager

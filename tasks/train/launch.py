@@ -23,7 +23,7 @@ from tasks.recipe import REPO_ROOT, Recipe
 from tasks.run import RunFolder, resumable_stage, rotate_log, stage_timer
 from tasks.timeouts import StageTimeout
 from tasks.train.command import (ACCELERATE_DIR, distributed_type, process_group,  # noqa: F401  (re-exported)
-                                 resolve_accelerate_config, training_command, visible_gpus)
+                                 resolve_accelerate_config, training_command, training_env, visible_gpus)
 from tasks.train.status import TrainingStatus
 
 
@@ -40,12 +40,13 @@ def train_adapter(recipe: Recipe, run_dir: Path, base_dir: Path) -> dict:
     logger = get_run_logger()
     run = RunFolder(run_dir)
     cmd = training_command(recipe, run, base_dir)
+    env = training_env(recipe)
     logger.info("training: %s", " ".join(cmd))
     if kept := rotate_log(run.train_log):   # an earlier (crashed) attempt's log stays, as train.<n>.log
         logger.info("earlier attempt's log kept as %s", kept)
     status = TrainingStatus(run, recipe.training.epochs)
     with stage_timer(run, "train"), open(run.train_log, "w") as log:
-        with process_group(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT) as proc, \
+        with process_group(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT, env=env) as proc, \
                 kill_at_deadline(proc, recipe.training.timeout_s) as timed_out:
             for line in proc.stdout:
                 log.write(line)

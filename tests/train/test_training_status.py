@@ -67,6 +67,8 @@ def test_training_reports_progress_as_an_artifact_and_a_status_file(tmp_path, ti
     run, recipe = _prepared_run(tmp_path, tiny_rows, max_steps=3, batch_size=4, logging_steps=1, save_steps=2)
     stats = train_only(recipe, str(run), str(base_model_dir))
     assert stats["steps"] == 3
+    # training.allocator auto: mimalloc in a CPU process, the system's malloc in a GPU one (tasks/train/allocator.py)
+    assert stats["allocator"] == ("mimalloc" if stats["device"] == "cpu" else "system")
     status = json.loads(run.training_status.read_text())
     assert status["running"] is False and status["error"] is None
     assert (status["step"], status["total_steps"]) == (3, 3) and status["checkpoint_step"] in (2, 3)
