@@ -152,9 +152,12 @@ def time_budget_lines(budget: dict | None, seconds: float | None) -> list[str]:
     """training.time_budget_s: how many rows this machine had time for, and how close the prediction was."""
     if not budget:
         return []
+    stopped = budget.get("stopped_at_step")
     return [f"| time budget | {budget['budget_s']:g} s: {budget['probe_step_s']} s a probed step here, so "
             f"{budget['rows_kept']} of {budget['rows_available']} training rows (predicted "
-            f"{budget['predicted_train_s']:g} s, took {seconds} s) |"]
+            f"{budget['predicted_train_s']:g} s, took {seconds} s"
+            + (f"; the budget stopped training at step {stopped}, the rest of the schedule's tail not trained"
+               if stopped else "") + ") |"]
 
 
 def render_report(recipe: Recipe, run_dir: RunFolder | Path, results: dict[str, dict], gates: list[dict],

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from tasks.models.chat_templates import NAMED_TEMPLATES, apply_template
+from tasks.train.allocator import loaded_allocator
 from tasks.train.completion_loss import completion_nll_trainer
 from tasks.train.engines import import_engine
 from tasks.train.packing import PackedCollator, pack_rows, sequences_per_step
@@ -236,7 +237,9 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def _progress_callback():
+def _progress_callback(mark_step: int | None = None):
+    """The Trainer callback that prints progress and times steps; `mark_step`: also note when that step ends
+    (`marked_step_end`), so a probe can time the steps after it."""
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
@@ -244,7 +247,7 @@ def _progress_callback():
 
         # Throughput without the warm-up: the first step pays kernel selection and allocator growth.
         first_step_seconds: float | None = None   # from train begin to the end of the first step
-        first_step_end = last_step_end = None
+        first_step_end = last_step_end = marked_step_end = None
 
         def on_train_begin(self, args, state, control, **kw):
             self.start = time.time()
@@ -252,12 +255,15 @@ def _progress_callback():
 
         def on_step_end(self, args, state, control, **kw):
             first = self.first_step_end is None and state.global_step > self.start_step
-            if first or state.global_step == state.max_steps:
-                # The host runs ahead of the GPU: wait for the step's kernels (twice a run, not every step).
+            marked = mark_step is not None and state.global_step == mark_step
+            if first or marked or state.global_step == state.max_steps:
+                # The host runs ahead of the GPU: wait for the step's kernels (a few times a run, not every step).
                 _synchronize()
                 now = time.time()
                 if first:
                     self.first_step_end, self.first_step_seconds = now, now - self.start
+                if marked:
+                    self.marked_step_end = now
                 self.last_step_end = now
 
         def steady_seconds(self) -> float | None:
@@ -280,6 +286,29 @@ def _progress_callback():
                 print(f"[train] checkpoint step {state.global_step}/{state.max_steps}", flush=True)
 
     return Progress()
+
+
+def _deadline_callback(seconds: float):
+    """Stops training `seconds` after it begins (training.time_budget_s, what the probe and the validation pass
+    left of it). The probe reads a step within ~10% (the first step at each new sequence length costs more; a
+    machine may slow down); stopping at the deadline keeps the budget whatever the probe read. The schedule spans
+    the planned steps, so a stop cuts only its tail, where the cosine learning rate is a few % of its peak."""
+    from transformers import TrainerCallback
+
+    class Deadline(TrainerCallback):
+        stopped_at_step: int | None = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.ends_at = time.time() + seconds
+
+        def on_step_end(self, args, state, control, **kw):
+            if time.time() >= self.ends_at and state.global_step < state.max_steps:
+                control.should_training_stop = True
+                self.stopped_at_step = state.global_step
+                print(f"[train] time budget reached: stopping at step {state.global_step}/{state.max_steps}",
+                      flush=True)
+
+    return Deadline()
 
 
 def batching(recipe: Recipe, tokenized: list[dict], val_tok: list[dict], tokenizer) -> tuple[list, list, dict]:
@@ -329,7 +358,11 @@ def loraplus_optimizer(model, args, lr_ratio: float | None):
                                      eps=args.adam_epsilon)
 
 
-PROBE_STEPS = 8            # optimizer steps of the probe; the first (kernel and optimizer set-up) is not counted
+PROBE_STEPS = 8            # distinct batches of the probe, each trained twice; only the second pass is timed
+# A run's step costs more than the probe's repeated one: checkpoints, progress lines, the first step at each new
+# sequence length. Measured on a 2-core Intel Xeon with mimalloc: 0.464 s trained / 0.406 s probed (make demo,
+# 1,172 steps) and 0.479 / 0.438 (513 steps, the validation pass included).
+RUN_OVER_PROBE = 1.12
 
 
 def probe_rows(tokenized: list[dict], count: int) -> list[dict]:
@@ -343,10 +376,13 @@ def probe_rows(tokenized: list[dict], count: int) -> list[dict]:
 
 def probe_step_seconds(build, model, tokenized: list[dict], batch_size: int) -> float:
     """Seconds of one optimizer step on an average training batch, timed on the real Trainer: `build(rows,
-    max_steps, progress, scratch_dir)` makes the same trainer training will use (collator, loss, mixed precision, optimizer, gradient
-    clipping, metrics) over PROBE_STEPS batches of rows spread over the lengths; steps 2.. are timed and scaled by
-    the mean row length. Timing a bare forward/backward missed ~1/4 of a real CPU step (0.48 s probed vs 0.63 s
-    trained). The adapter's weights are put back afterwards: the probe trains nothing."""
+    max_steps, progress, scratch_dir)` makes the same trainer training will use (collator, loss, mixed precision,
+    optimizer, gradient clipping, metrics), here reading its rows in order. PROBE_STEPS batches of rows spread over
+    the lengths are trained twice and the second pass is timed, scaled by the mean row length and RUN_OVER_PROBE: a
+    first step at a new sequence length pays for kernel set-up (oneDNN primitives, allocator growth) that a long run
+    pays once per length, and timing it read 0.551 s a step where the run then trained at 0.47 s. Timing a bare
+    forward/backward instead missed ~1/4 of a real CPU step (0.48 s probed vs 0.63 s trained). The adapter's
+    weights are put back afterwards: the probe trains nothing."""
     import tempfile
 
     import torch
@@ -354,9 +390,9 @@ def probe_step_seconds(build, model, tokenized: list[dict], batch_size: int) -> 
     rows = probe_rows(tokenized, batch_size * PROBE_STEPS)
     steps = max(1, len(rows) // batch_size)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    progress = _progress_callback()
+    progress = _progress_callback(mark_step=steps)
     with tempfile.TemporaryDirectory() as scratch:   # the probe saves nothing, but a Trainer wants a folder
-        trainer = build(rows, steps, progress, scratch)
+        trainer = build(rows[:steps * batch_size] * 2, 2 * steps, progress, scratch)
         trainer.train()
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -364,25 +400,26 @@ def probe_step_seconds(build, model, tokenized: list[dict], batch_size: int) -> 
                 p.copy_(before[n])
     # Accelerate wrapped model.forward for mixed precision; the training trainer wraps it again otherwise.
     trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-    steady = progress.steady_seconds()
-    step_s = steady / (steps - 1) if steady else progress.first_step_seconds
+    step_s = (progress.last_step_end - progress.marked_step_end) / steps
     mean_all = sum(len(r["input_ids"]) for r in tokenized) / len(tokenized)
     mean_probe = sum(len(r["input_ids"]) for r in rows) / len(rows)
-    return step_s * mean_all / mean_probe
+    return step_s * mean_all / mean_probe * RUN_OVER_PROBE
 
 
 def rows_within_budget(budget_s: float, step_s: float, probe_s: float, rows: int, val_rows: int,
                        batch_size: int, grad_accum: int, epochs: float) -> dict:
     """How many training rows fit in `budget_s` seconds: batches at `step_s` each (grad_accum of them an
-    optimizer step), after the probe's own time and the validation pass (forward only, ~1/3 of a step a batch).
-    At least one optimizer step's rows; never more than there are."""
-    val_s = math.ceil(val_rows / batch_size) * step_s / 3 * math.ceil(epochs)
+    optimizer step), after the probe's own time and the validation pass (`val_s`). At least one optimizer step's
+    rows; never more than there are."""
+    # Evaluation computes every position's logits (TRL's metrics): a validation batch cost 0.9x a training step
+    # on a 2-core CPU (60 rows, 12.6 s at 0.47 s a step), not the third of one a forward pass alone would.
+    val_s = math.ceil(val_rows / batch_size) * step_s * math.ceil(epochs)
     steps = max(1, int((budget_s - probe_s - val_s) / step_s / grad_accum))
     keep = min(rows, max(batch_size * grad_accum, int(steps * batch_size * grad_accum / epochs)))
     return {"budget_s": budget_s, "probe_step_s": round(step_s, 3), "probe_s": round(probe_s, 1),
             "predicted_train_s": round(probe_s + val_s + math.ceil(keep * epochs / (batch_size * grad_accum))
                                        * grad_accum * step_s, 1),
-            "rows_available": rows, "rows_kept": keep}
+            "val_s": round(val_s, 1), "rows_available": rows, "rows_kept": keep}
 
 
 def apply_time_budget(run: RunFolder, cfg, model, tokenized: list[dict], val_rows: int,
@@ -492,14 +529,20 @@ def train(recipe: Recipe, run_dir: Path | RunFolder, base_dir: Path) -> dict:
         probe_data, _, extras = batching(recipe, rows, [], tokenizer)
         return build_trainer(recipe, model, tokenizer, probe_data, [], extras, precision, progress,
                              output_dir=scratch, max_steps=steps, save_strategy="no", logging_steps=steps,
-                             gradient_accumulation_steps=1)   # seconds a batch; optimizer steps counted as batches
+                             gradient_accumulation_steps=1,   # seconds a batch; optimizer steps counted as batches
+                             train_sampling_strategy="sequential")   # the second pass repeats the first's batches
 
+    resumed_budget = run.training_budget.exists()   # an earlier attempt decided; this one trains what is left
     tokenized, budget = apply_time_budget(run, cfg, model, tokenized, len(val_tok), build_probe)
     train_data, val_data, batch_extras = batching(recipe, tokenized, val_tok, tokenizer)
     per_device = batch_extras["per_device_batch"]
     progress = _progress_callback()
     trainer = build_trainer(recipe, model, tokenizer, train_data, val_data, batch_extras, precision, progress,
                             output_dir=str(run.checkpoints_dir))
+    deadline = None
+    if budget and not resumed_budget:
+        deadline = _deadline_callback(budget["budget_s"] - budget["probe_s"] - budget.get("val_s", 0.0))
+        trainer.add_callback(deadline)
     lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     start = time.time()
     # A resumed run (flow parameter resume_from) picks up its optimizer, scheduler and data order here.
@@ -513,6 +556,8 @@ def train(recipe: Recipe, run_dir: Path | RunFolder, base_dir: Path) -> dict:
                   for n, p in model.named_parameters() if n in lora_before)
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
+    if deadline:
+        budget = {**budget, "stopped_at_step": deadline.stopped_at_step}
     stats = {"train_rows": len(tokenized), "time_budget": budget, "steps": trainer.state.global_step, "epochs": cfg.epochs,
              "seconds": round(seconds, 1), "first_step_seconds": progress.first_step_seconds and round(
                  progress.first_step_seconds, 2), "steady_seconds": progress.steady_seconds(), "train_loss": result.training_loss,
@@ -522,6 +567,7 @@ def train(recipe: Recipe, run_dir: Path | RunFolder, base_dir: Path) -> dict:
              "trainable_tensors_changed": changed, "trainable_tensors": len(lora_before),
              "trainable_params": sum(p.numel() for p in lora_before.values()),
              "mask": mask_report, "device": "cuda" if on_gpu else "cpu", "mixed_precision": precision,
+             "allocator": loaded_allocator(),
              "world_size": int(os.environ.get("WORLD_SIZE", "1")), "engine": cfg.engine,
              "packing": packing_report(train_data, per_device) if cfg.packing else None,
              "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None,

@@ -85,6 +85,9 @@ def test_the_report_says_how_many_rows_the_time_budget_trained(tmp_path):
     assert ("| time budget | 540 s: 0.622 s a probed step here, so 1542 of 2800 training rows (predicted 539.7 s, "
             "took 541.9 s) |") in text
     assert "time budget" not in budgeted_report(tmp_path, None)
+    stopped = budgeted_report(tmp_path, {**budget, "stopped_at_step": 700}, 540.2)
+    assert "took 540.2 s; the budget stopped training at step 700, the rest of the schedule's tail not trained) |" \
+        in stopped
 
 
 def test_the_data_section_counts_the_rows_a_time_budget_trained(tmp_path):

@@ -163,7 +163,8 @@ def test_a_time_budget_trains_the_rows_that_fit_and_a_resumed_run_keeps_them(tmp
     decision = json.loads((run_dir / "metrics" / "training-budget.json").read_text())
     assert decision["rows_available"] == 10 and decision["rows_kept"] == 2
     assert decision["probe_step_s"] > 0 and decision["probe_s"] > 0
-    assert stats["time_budget"] == decision and stats["train_rows"] == 2 and stats["steps"] == 1
+    assert stats["time_budget"] == {**decision, "stopped_at_step": None} and stats["train_rows"] == 2
+    assert stats["steps"] == 1
 
     # The decision stands for the run: a later attempt trains the rows it names (here, edited to 6).
     decision["rows_kept"] = 6
@@ -185,3 +186,24 @@ def test_a_time_budget_trains_the_rows_that_fit_and_a_resumed_run_keeps_them(tmp
     stats = train(recipe, run3, base_model_dir)
     assert stats["time_budget"] is None and stats["steps"] == 2 and stats["train_rows"] == 10
     assert not (run3 / "metrics" / "training-budget.json").exists()
+
+
+def test_a_budget_whose_probe_read_too_fast_stops_training_at_the_deadline(tmp_path, base_model_dir, tiny_rows,
+                                                                            monkeypatch):
+    """The probe decides the rows; the deadline (the budget less the probe and the validation pass) ends the run
+    whatever the probe read: a probe that says a step takes a microsecond plans every row (5 steps), and a
+    1 ms budget stops training after its first step."""
+    from tasks.train import worker
+
+    monkeypatch.setattr(worker, "probe_step_seconds", lambda *a, **k: 1e-6)
+    recipe = Recipe(name="deadline")
+    recipe.training.batch_size = 2
+    recipe.training.save_steps = 100
+    recipe.training.time_budget_s = 0.001
+    run_dir = new_run_dir(tmp_path, "deadline")
+    atomic_write_jsonl(run_dir / "data" / "train.jsonl", tiny_rows[:10])
+    atomic_write_jsonl(run_dir / "data" / "val.jsonl", [])
+    stats = train(recipe, run_dir, base_model_dir)
+    assert stats["train_rows"] == 10 and stats["steps"] == 1
+    assert stats["time_budget"]["rows_kept"] == 10 and stats["time_budget"]["stopped_at_step"] == 1
+    assert (run_dir / "lora" / "adapter_model.safetensors").exists()   # what it trained is saved
