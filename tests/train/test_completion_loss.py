@@ -121,11 +121,14 @@ def test_the_probe_times_the_real_trainer_and_trains_nothing(tmp_path, base_mode
         data, _, extras = batching(recipe, rows, [], tok)
         built.append((len(rows), steps))
         return build_trainer(recipe, model, tok, data, [], extras, resolve_mixed_precision("auto"), progress,
-                             output_dir=scratch, max_steps=steps, save_strategy="no", gradient_accumulation_steps=1)
+                             output_dir=scratch, max_steps=steps, save_strategy="no", gradient_accumulation_steps=1,
+                             train_sampling_strategy="sequential")
 
     step_s = probe_step_seconds(build, model, tokenized, 2)
     assert 0 < step_s < 60
-    assert built == [(min(len(tokenized), 2 * PROBE_STEPS), min(len(tokenized), 2 * PROBE_STEPS) // 2)]
+    # Every probe batch is trained twice (the second pass is the one timed): twice the rows, twice the steps.
+    steps = min(len(tokenized), 2 * PROBE_STEPS) // 2
+    assert built == [(2 * steps * 2, 2 * steps)]
     for n, p in model.named_parameters():
         if n in before:
             assert torch.equal(p, before[n]), n
