@@ -30,7 +30,7 @@ from tasks.run import RunFolder, atomic_write_jsonl, read_json  # noqa: E402
 STEP_LINE = re.compile(r"^\[train\] step (\d+)/(\d+) .*elapsed=(\d+)s")
 
 
-def prepare(recipe_path: Path, rows: int, work: Path):
+def prepare(recipe_path: Path, rows: int):
     """The recipe's splits once; its training rows capped at `rows`, no time budget, no checkpoints."""
     from tasks.data.prepare import prepare_splits
     from tasks.recipe import load_recipe
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     recipe_path = REPO / "recipes" / f"{args.recipe}.yaml" if not args.recipe.endswith(".yaml") else Path(args.recipe)
     args.work.mkdir(parents=True, exist_ok=True)
-    recipe, train, val = prepare(recipe_path, args.rows, args.work)
+    recipe, train, val = prepare(recipe_path, args.rows)
     base = args.base or resolve_base_model(recipe.model)
     variants = {"system": allocator_env("system", on_cpu=True), "mimalloc": allocator_env("auto", on_cpu=True)}
     for lib in args.also:

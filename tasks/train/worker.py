@@ -541,7 +541,7 @@ def train(recipe: Recipe, run_dir: Path | RunFolder, base_dir: Path) -> dict:
                             output_dir=str(run.checkpoints_dir))
     deadline = None
     if budget and not resumed_budget:
-        deadline = _deadline_callback(budget["budget_s"] - budget["probe_s"] - budget.get("val_s", 0.0))
+        deadline = _deadline_callback(budget["budget_s"] - budget["probe_s"] - budget["val_s"])
         trainer.add_callback(deadline)
     lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     start = time.time()
