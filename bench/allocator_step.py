@@ -2,11 +2,12 @@
 
     python bench/allocator_step.py                  # the slipstream recipe, its first 600 rows (300 steps)
     python bench/allocator_step.py --rows 200 --also /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
+    python bench/allocator_step.py --rows 400 --compile     # also mimalloc + training.compile_layers
 
 Each variant trains the same rows with the recipe's own settings in its own worker process
 (`python -m tasks.train.worker`, the command the flow runs), started with the environment
 tasks.train.command.training_env gives it ('system' and 'auto'; `--also LIB` adds an LD_PRELOAD of another
-allocator). Prints the seconds a step over each window of the run (the drift glibc's malloc shows), the
+allocator; `--compile` adds mimalloc with training.compile_layers, whose first steps compile). Prints the seconds a step over each window of the run (the drift glibc's malloc shows), the
 training time, the peak resident memory of the process, the final loss, and each variant's time against
 'system'. Not a test: timings are figures; compare variants of one run only, with nothing else running.
 """
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=600)
     ap.add_argument("--window", type=int, default=50, help="steps per window of the per-window table")
     ap.add_argument("--also", action="append", default=[], help="another allocator library to LD_PRELOAD")
+    ap.add_argument("--compile", action="store_true", help="also mimalloc with training.compile_layers")
     ap.add_argument("--base", type=Path, help="HF folder of the base model (default: the recipe's)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/allocator-step"))
     args = ap.parse_args(argv)
@@ -88,14 +90,18 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     recipe, train, val = prepare(recipe_path, args.rows)
     base = args.base or resolve_base_model(recipe.model)
-    variants = {"system": allocator_env("system", on_cpu=True), "mimalloc": allocator_env("auto", on_cpu=True)}
+    variants = {"system": (allocator_env("system", on_cpu=True), recipe),
+                "mimalloc": (allocator_env("auto", on_cpu=True), recipe)}
     for lib in args.also:
-        variants[Path(lib).name.split(".so")[0]] = {**os.environ, "LD_PRELOAD": lib}
+        variants[Path(lib).name.split(".so")[0]] = ({**os.environ, "LD_PRELOAD": lib}, recipe)
+    if args.compile:
+        compiled = recipe.model_copy(update={"training": recipe.training.model_copy(update={"compile_layers": True})})
+        variants["mimalloc+compile"] = (allocator_env("auto", on_cpu=True), compiled)
     print(f"[allocator] {len(train)} rows, batch {recipe.training.batch_size}, "
           f"{os.cpu_count()} CPUs; variants: {', '.join(variants)}", flush=True)
     results = []
-    for name, env in variants.items():
-        results.append(run_variant(name, env, recipe, train, val, base, args.work))
+    for name, (env, variant_recipe) in variants.items():
+        results.append(run_variant(name, env, variant_recipe, train, val, base, args.work))
         r = results[-1]
         print(f"[allocator] {name}: {r['train_s']:.1f} s of training ({r['steps']} steps), "
               f"peak RSS {r['peak_rss_gib']:.2f} GiB, final loss {r['final_loss']:.4f}", flush=True)

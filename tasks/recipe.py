@@ -163,6 +163,12 @@ class TrainingConfig(StrictModel):
         "auto", description="malloc of the training process (tasks/train/allocator.py). 'auto': mimalloc on a "
         "CPU (glibc's malloc slowed a CPU step 0.60 -> 0.80 s over a run; mimalloc keeps it flat), the system's "
         "on a GPU; 'system': glibc's everywhere.")
+    compile_layers: bool = Field(
+        False, description="torch.compile each decoder layer (regional compilation, dynamic sequence lengths): "
+        "the layers share one compiled graph per kind (adapted or not, training or evaluation), so compiling "
+        "costs ~40 s on a 2-core CPU instead of the ~5 min the whole model takes, paid in the first steps (inside "
+        "the time budget's probe). SmolLM2 with completion_nll on that CPU: 0.73x a step "
+        "(bench/allocator_step.py --compile). Engine 'trl' (Unsloth compiles its own kernels).")
     timeout_s: float = Field(86400, gt=0, description="Kill the training process after this many seconds "
                              "(checkpoints are kept: resume the run).")
     accelerate_config: str | None = Field(
@@ -430,6 +436,9 @@ class Recipe(StrictModel):
                 if bad:
                     raise ValueError(f"training.loss_type 'completion_nll' is for engine 'trl' in one process "
                                      f"without liger_kernel; training.{field} is {value!r}: use loss_type 'nll'")
+        if self.training.compile_layers and self.training.engine != "trl":
+            raise ValueError(f"training.compile_layers is for engine 'trl'; engine {self.training.engine!r} "
+                             "compiles (or trains) its own way: drop training.compile_layers")
         if self.training.time_budget_s is not None:
             if self.training.engine == "together":
                 raise ValueError("training.time_budget_s times local steps; Together trains every row it is sent")

@@ -155,6 +155,34 @@ def load_model(recipe: Recipe, base_dir: Path):
     return model, prepare_tokenizer(tokenizer, recipe.model)
 
 
+def compile_decoder_layers(model) -> int:
+    """training.compile_layers: torch.compile every decoder layer in place (nn.Module.compile, so parameter
+    names and the saved adapter are unchanged); returns how many. Regional rather than whole-model: Dynamo
+    inlines the layers' modules, so the layers share one graph per kind (with or without LoRA, training or
+    evaluation) and compiling costs seconds instead of minutes. dynamic=True: every padded batch length reuses
+    that graph instead of compiling a second, dynamic one after the first new length."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = causal_lm.get_decoder().layers
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
+def evaluate_eagerly(trainer) -> None:
+    """The validation pass of a trainer whose layers are compiled runs them uncompiled: evaluation (no grad,
+    eval mode) would compile a second set of graphs, ~20 s on a 2-core CPU for a pass that takes ~7 s eager
+    (61 rows; bench/allocator_step.py --compile), outside what the time budget set aside for it."""
+    import torch
+
+    evaluate = trainer.evaluate
+
+    def evaluate_uncompiled(*args, **kwargs):
+        with torch.compiler.set_stance("force_eager"):
+            return evaluate(*args, **kwargs)
+
+    trainer.evaluate = evaluate_uncompiled
+
+
 def adapted_layers(config, lora) -> list[int] | None:
     """The decoder layers that get adapters: the last `lora.last_layers` of them, or None (all)."""
     if not lora.last_layers:
@@ -514,6 +542,10 @@ def train(recipe: Recipe, run_dir: Path | RunFolder, base_dir: Path) -> dict:
         torch.backends.cuda.enable_cudnn_sdp(False)
     precision = resolve_mixed_precision(cfg.mixed_precision)
     model, tokenizer = load_model(recipe, base_dir)
+    compiled = 0
+    if cfg.compile_layers:
+        compiled = compile_decoder_layers(model)
+        print(f"[train] torch.compile: {compiled} decoder layers, compiled on the first steps", flush=True)
     rows = read_jsonl(run.split("train"))
     val_rows = read_jsonl(run.split("val"))
     tokenized = [tokenize_row(r, tokenizer, cfg.max_length) for r in rows]
@@ -539,6 +571,8 @@ def train(recipe: Recipe, run_dir: Path | RunFolder, base_dir: Path) -> dict:
     progress = _progress_callback()
     trainer = build_trainer(recipe, model, tokenizer, train_data, val_data, batch_extras, precision, progress,
                             output_dir=str(run.checkpoints_dir))
+    if compiled:
+        evaluate_eagerly(trainer)
     deadline = None
     if budget and not resumed_budget:
         deadline = _deadline_callback(budget["budget_s"] - budget["probe_s"] - budget["val_s"])
@@ -567,7 +601,7 @@ def train(recipe: Recipe, run_dir: Path | RunFolder, base_dir: Path) -> dict:
              "trainable_tensors_changed": changed, "trainable_tensors": len(lora_before),
              "trainable_params": sum(p.numel() for p in lora_before.values()),
              "mask": mask_report, "device": "cuda" if on_gpu else "cpu", "mixed_precision": precision,
-             "allocator": loaded_allocator(),
+             "allocator": loaded_allocator(), "compiled_layers": compiled,
              "world_size": int(os.environ.get("WORLD_SIZE", "1")), "engine": cfg.engine,
              "packing": packing_report(train_data, per_device) if cfg.packing else None,
              "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None,

@@ -25,7 +25,10 @@ SMALL = ["training.max_steps=6", "training.save_steps=2", "training.logging_step
          "training.max_length=96", "training.lr_scheduler=cosine", "training.warmup_ratio=0.2",
          "data.train_rows=12", "data.eval_rows=2", "export.gguf_types=[q8_0]", "export.lora_gguf=false",
          "export.parity_rows=0", "export.template_samples=1", "eval.max_new_tokens=8", "eval.batch_size=2",
-         "eval.min_improvement=0.0", "eval.max_quant_drop=1.0", "deploy.target=none"]
+         "eval.min_improvement=0.0", "eval.max_quant_drop=1.0", "deploy.target=none",
+         # Three training processes of six steps each: compiling the layers would cost more than they train
+         # (compiled training is tested in tests/train/test_compile_layers.py and test_cli's run).
+         "training.compile_layers=false"]
 LOGGED_STEP = re.compile(r"^\[train\] step (\d+)/\d+ .*?\bloss=([0-9.e+-]+)", re.M)
 
 
