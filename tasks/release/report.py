@@ -192,7 +192,10 @@ def render_report(recipe: Recipe, run_dir: RunFolder | Path, results: dict[str, 
               f"({pct(mask.get('label_token_share'))}); assistant share of labels "
               f"{pct(mask.get('assistant_share_of_labels'))} |",
               f"| device | {training.get('device')} ({training.get('mixed_precision')}), "
-              f"world size {training.get('world_size')} |",
+              f"world size {training.get('world_size')}"
+              + (f", malloc {training['allocator']}" if training.get("allocator") else "")
+              + (f", {training['compiled_layers']} decoder layers compiled" if training.get("compiled_layers") else "")
+              + " |",
               f"| adapter tensors changed | {training.get('trainable_tensors_changed')} / "
               f"{training.get('trainable_tensors')} |",
               *time_budget_lines(training.get("time_budget"), training.get("seconds")), "",

@@ -129,3 +129,14 @@ def test_eval_report_shows_the_decision_trail(tmp_path):
     text = render_eval_report(recipe, tmp_path, res, decisions, finetune, "data/x.jsonl (test split)")
     assert "decision: **keep-llm**" in text and "| 1 | fine-tune | short |" in text
     assert "gates FAILED" in text and "| model-performance | **FAIL** | t | o |" in text
+
+
+def test_the_report_names_the_allocator_and_the_compiled_layers(tmp_path):
+    recipe = Recipe(name="x")
+    gates = [g.as_dict() for g in evaluate_gates(recipe, results(0.0, 0.6, 0.6), "gguf-q8_0", training(2, 1))]
+    stats = {"mask": {}, "device": "cpu", "mixed_precision": "bf16", "world_size": 1, "allocator": "mimalloc",
+             "compiled_layers": 30}
+    text = render_report(recipe, tmp_path, results(0.0, 0.6, 0.6), gates, stats, {}, {})
+    assert "| device | cpu (bf16), world size 1, malloc mimalloc, 30 decoder layers compiled |" in text
+    plain = render_report(recipe, tmp_path, results(0.0, 0.6, 0.6), gates, {**stats, "compiled_layers": 0}, {}, {})
+    assert "| device | cpu (bf16), world size 1, malloc mimalloc |" in plain
