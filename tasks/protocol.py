@@ -167,6 +167,15 @@ def normalise_agent(name: str) -> str:
     return _NOT_AGENT_CHAR.sub("", re.sub(r"\s+", "_", name.strip().lower()))
 
 
+def agent_id_as_written(name: str) -> str:
+    """The agent id of a name with the case the text writes it in ("Tobias" -> Tobias, "Ops Bot" -> Ops_Bot,
+    "siobhan" -> siobhan); `normalise_agent` of it is the canonical id, which is what ids are compared by. The
+    template synthesis gives a named person this id, so the answer repeats the prompt's own tokens: " Tobias" and
+    " tobias" are different BPE tokens, and a small model asked to lower-case a rare name while copying it wrote
+    "toba" or "tohabba" (9 of a demo's 11 recipient misses on the hand-written prompts, 2026-12-03)."""
+    return _NOT_AGENT_CHAR.sub("", re.sub(r"\s+", "_", name.strip()))
+
+
 def names_agent(text: str, agent: str) -> bool:
     """Whether `text` names `agent`: its id's words (split on '_', '-', '.') appear in order as whole
     words, separated by spaces or those characters ("ask the ops bot", "ops_bot", "ops-bot" name ops_bot)."""

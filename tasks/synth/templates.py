@@ -36,7 +36,7 @@ from prefect import task
 from pydantic import Field, ValidationError
 
 from tasks.data.rows import normalise
-from tasks.protocol import DATASET_ANCHORS, UCR_ANCHORS, normalise_agent
+from tasks.protocol import DATASET_ANCHORS, UCR_ANCHORS, agent_id_as_written, normalise_agent
 from tasks.recipe import DATA_DIR, StrictModel, key_lines
 from tasks.run import atomic_write_jsonl
 from tasks.synth.records import SYSTEM_PROMPT_BASIC, SynthRecord
@@ -73,7 +73,8 @@ class TemplateSpec(StrictModel):
                                  "({src} and {dst}: '{src} to {dst}:') before an anchor's `direct` phrasings")
     agents: dict[str, list[str]]
     people: list[str] = Field(default_factory=list, description="recipients named as themselves (people, "
-                              "bots): each is an agent whose id is normalise_agent(name), group 'people'")
+                              "bots): each is an agent whose id is normalise_agent(name), group 'people'; the SLIP "
+                              "line writes it as the prompt does (protocol.agent_id_as_written)")
     groups: dict[str, list[str]] = {}
     pools: dict[str, list[str | dict[str, str]]]
     anchors: dict[str, AnchorTemplates]
@@ -249,6 +250,13 @@ def load_spaces(path: Path = TEMPLATES_PATH) -> dict[str, AnchorSpace]:
                 _fail(path, node, loc, f"unknown agent or group {i!r}")
         return list(dict.fromkeys(ids))
 
+    people = {normalise_agent(p) for p in spec.people}
+
+    def wire_id(mention: str, ident: str) -> str:
+        # A person's id in the SLIP line is the name as the prompt writes it (protocol.agent_id_as_written);
+        # ids compare after normalise_agent, so "Tobias" is the agent tobias. Teams keep their fixed ids.
+        return agent_id_as_written(mention) if ident in people else ident
+
     spaces = {}
     for anchor, a in spec.anchors.items():
         loc = ("anchors", anchor)
@@ -267,8 +275,8 @@ def load_spaces(path: Path = TEMPLATES_PATH) -> dict[str, AnchorSpace]:
             for i, t in enumerate(templates):
                 if not _fields(t) <= {"dst", *a.slots}:
                     _fail(path, node, loc + (key, i), f"uses a name that is not dst or a slot: {sorted(_fields(t))}")
-        dsts = [(m, d) for d in agents(loc + ("dst",), a.dst) for m in spec.agents[d]]
-        srcs = [(s.format(src=m), i, m) for i in agents(loc + ("src",), a.src) for m in spec.agents[i]
+        dsts = [(m, wire_id(m, d)) for d in agents(loc + ("dst",), a.dst) for m in spec.agents[d]]
+        srcs = [(s.format(src=m), wire_id(m, i), m) for i in agents(loc + ("src",), a.src) for m in spec.agents[i]
                 for s in spec.speakers]
         spaces[anchor] = AnchorSpace(
             anchor=anchor, weight=a.weight, prompts=tuple(a.prompts), thoughts=tuple(a.thoughts),

@@ -10,7 +10,7 @@ import yaml
 from tasks.data.evalfile import load_eval_file
 from tasks.data.prepare import DatasetError, mix_lines, prepare_splits, synthetic_examples
 from tasks.data.rows import normalise
-from tasks.protocol import DATASET_ANCHORS, names_agent, normalise_agent, parse_tqt
+from tasks.protocol import DATASET_ANCHORS, agent_id_as_written, names_agent, normalise_agent, parse_tqt
 from tasks.recipe import DataConfig, load_recipe
 from tasks.synth.templates import TEMPLATES_PATH, load_spaces, synthesize
 from conftest import REPO
@@ -28,18 +28,23 @@ def test_every_template_row_is_strictly_valid_and_addressed_to_the_recipient_its
         assert answer.slip.dst == r.dst and answer.slip.anchor == r.anchor
         named = [m for m in mentions if m in r.instruction and mentions[m] == r.dst]
         assert named, f"{r.instruction!r} does not name its dst {r.dst!r}"
-    people = [r for r in records if r.dst in {normalise_agent(p) for p in PEOPLE}]
+    people = [r for r in records if normalise_agent(r.dst) in {normalise_agent(p) for p in PEOPLE}]
     assert len(people) > 0.6 * len(records)                 # named people/bots dominate the recipients
-    for r in people:   # a person's id is the normalised name in the prompt: copying it is the skill taught
+    for r in people:   # a person's id is the name as the prompt writes it: copying it is the skill taught
         assert names_agent(r.instruction, r.dst)
+        assert f" {r.dst}" in f" {r.instruction}", (r.instruction, r.dst)   # the same characters, case included
+    assert any(r.dst[0].isupper() for r in people) and any(r.dst[0].islower() for r in people)
     assert {r.anchor for r in records} == set(DATASET_ANCHORS)
 
 
-def test_people_ids_are_their_normalised_names_and_a_clash_is_refused(tmp_path):
+def test_people_ids_are_their_names_as_written_and_a_clash_is_refused(tmp_path):
     spaces = load_spaces()
     dsts = {dst: mention for s in spaces.values() for mention, dst in s.recipients}
-    for name in PEOPLE:
-        assert dsts[normalise_agent(name)] == name
+    srcs = {src: mention for s in spaces.values() for mention, src in s.sender_mentions}
+    for name in PEOPLE:   # "Tobias" is written Tobias in the SLIP line and is the agent tobias
+        assert dsts[agent_id_as_written(name)] == name
+        assert normalise_agent(agent_id_as_written(name)) == normalise_agent(name)
+    assert all(srcs[src] == src for src in srcs if normalise_agent(src) in {normalise_agent(p) for p in PEOPLE})
     bad = tmp_path / "bad.yaml"
     bad.write_text(TEMPLATES_PATH.read_text().replace("people: [Alice,", "people: [Backend, Alice,", 1))
     with pytest.raises(ValueError, match=r"bad.yaml:\d+: people.0: id 'backend'"):

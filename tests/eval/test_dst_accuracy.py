@@ -2,7 +2,7 @@
 synthesis' agent-id normalisation, averaged over those rows only, and shown per anchor."""
 
 from tasks.eval.metrics import aggregate, score_row
-from tasks.protocol import SlipMessage, format_tqt, names_agent, normalise_agent
+from tasks.protocol import SlipMessage, agent_id_as_written, format_tqt, names_agent, normalise_agent
 from tasks.release.report import results_section
 
 
@@ -20,6 +20,8 @@ def _answer(src: str, dst: str, anchor: str) -> str:
 def test_normalise_agent_and_names_agent():
     assert normalise_agent("  Carol ") == "carol" and normalise_agent("Ops  Bot") == "ops_bot"
     assert normalise_agent("data-eng.2!") == "data-eng.2"
+    assert agent_id_as_written("  Tobias ") == "Tobias" and agent_id_as_written("Ops  Bot!") == "Ops_Bot"
+    assert normalise_agent(agent_id_as_written("Ops  Bot!")) == normalise_agent("Ops Bot") == "ops_bot"
     assert names_agent("Have carol run the nightly backfill", "carol")
     assert names_agent("Ask the ops bot and ops-bot's friend", "ops_bot")
     assert not names_agent("Ask Caroline", "carol") and not names_agent("Deploy the model", "executor")

@@ -146,7 +146,7 @@ def test_an_addressed_prompt_names_both_ends_in_its_header_and_no_speaker_before
     # Drawn at about ADDRESSED_RATE, each with a sender that is its SLIP src.
     headers = [h.split("{src}")[1].split("{dst}")[0] for h in yaml.safe_load(TEMPLATES_PATH.read_text())["addressed"]]
     records = synthesize(2000, 5)
-    addressed = [r for r in records if any(r.instruction.lower().startswith(f"{r.src.replace('_', ' ')}{h}")
+    addressed = [r for r in records if any(r.instruction.lower().startswith(f"{r.src.lower().replace('_', ' ')}{h}")
                                            for h in headers)]
     assert 0.08 * len(records) < len(addressed) < 0.25 * len(records)
     # A direct phrasing is said to the recipient: naming {dst} in it is refused with file, line and field.
