@@ -436,9 +436,6 @@ class Recipe(StrictModel):
                 if bad:
                     raise ValueError(f"training.loss_type 'completion_nll' is for engine 'trl' in one process "
                                      f"without liger_kernel; training.{field} is {value!r}: use loss_type 'nll'")
-        if self.training.compile_layers and self.training.engine != "trl":
-            raise ValueError(f"training.compile_layers is for engine 'trl'; engine {self.training.engine!r} "
-                             "compiles (or trains) its own way: drop training.compile_layers")
         if self.training.time_budget_s is not None:
             if self.training.engine == "together":
                 raise ValueError("training.time_budget_s times local steps; Together trains every row it is sent")
@@ -449,6 +446,9 @@ class Recipe(StrictModel):
                 # the probe times length-grouped padded batches; packed steps have another shape and cost
                 raise ValueError("training.time_budget_s times unpacked batches: drop training.packing, or set "
                                  "training.max_steps instead")
+        if self.training.compile_layers and self.training.engine != "trl":
+            raise ValueError(f"training.compile_layers is for engine 'trl'; engine {self.training.engine!r} "
+                             "compiles (or trains) its own way: drop training.compile_layers")
         return self
 
 

@@ -79,7 +79,9 @@ def test_run_with_a_tiny_override_set_writes_the_report(tmp_path, base_model_dir
     small = ["training.max_steps=3", "training.logging_steps=1", "data.train_rows=12", "data.eval_rows=4",
              "eval.max_new_tokens=24", "eval.min_improvement=0.0", "eval.max_quant_drop=1.0",
              # The recipe's export (f16, q8_0, q4_k_m, LoRA GGUF) stays; parity on 2 rows, not 12.
-             "export.parity_rows=2", "data.synth_rows=200"]
+             "export.parity_rows=2", "data.synth_rows=200",
+             # three steps: compiling the layers would cost more than they train (tests/train/test_compile_layers.py)
+             "training.compile_layers=false"]
     args = ["run", "slipstream", "--run-name", "via-cli", "--output-root", str(tmp_path / "runs")]
     proc = subprocess.run([sys.executable, "-m", "flows.cli", *args, *[a for s in small for a in ("--set", s)]],
                           cwd=REPO, capture_output=True, text=True, timeout=1500)

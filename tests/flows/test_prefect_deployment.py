@@ -17,7 +17,8 @@ from conftest import REPO
 pytestmark = pytest.mark.integration
 
 SMALL = {"training.max_steps": 3, "training.logging_steps": 1, "data.train_rows": 12, "data.eval_rows": 4,
-         "eval.max_new_tokens": 24, "eval.min_improvement": 0.0, "eval.max_quant_drop": 1.0}
+         "eval.max_new_tokens": 24, "eval.min_improvement": 0.0, "eval.max_quant_drop": 1.0,
+         "training.compile_layers": False}   # three steps: compiling would cost more than they train
 
 
 def _free_port() -> int:
