@@ -32,6 +32,8 @@ def test_dst_scored_only_where_the_recipient_is_named():
     unnamed = _row("Deploy the latest model to staging", "ml_engineer", "executor", "RequestTask")
     assert score_row(named, _answer("coordinator", "carol", "RequestTask"))["dst_accuracy"] == 1.0
     assert score_row(named, _answer("coordinator", "Carol", "RequestTask"))["dst_accuracy"] == 1.0
+    assert score_row(named, _answer("Coordinator", "Carol", "RequestTask"))["src_dst_accuracy"] == 1.0
+    assert score_row(named, _answer("planner", "Carol", "RequestTask"))["src_dst_accuracy"] == 0.0
     assert score_row(named, _answer("coordinator", "coordinator", "RequestTask"))["dst_accuracy"] == 0.0
     assert score_row(named, "THOUGHT: x\nSLIP: not a message")["dst_accuracy"] == 0.0
     unnamed_scores = score_row(unnamed, _answer("a", "b", "RequestTask"))
