@@ -166,8 +166,8 @@ class TrainingConfig(StrictModel):
     compile_layers: bool = Field(
         False, description="torch.compile each decoder layer (regional compilation, dynamic sequence lengths): "
         "the layers share one compiled graph per kind (adapted or not, training or evaluation), so compiling "
-        "costs ~40 s on a 2-core CPU instead of the ~5 min the whole model takes, paid in the first steps (inside "
-        "the time budget's probe). SmolLM2 with completion_nll on that CPU: 0.73x a step "
+        "costs ~55 s on a 2-core CPU with an empty inductor cache instead of the ~5.5 min the whole model takes, paid "
+        "in the first steps (inside the time budget's probe). SmolLM2 with completion_nll on that CPU: 0.75x a step "
         "(bench/allocator_step.py --compile). Engine 'trl' (Unsloth compiles its own kernels).")
     timeout_s: float = Field(86400, gt=0, description="Kill the training process after this many seconds "
                              "(checkpoints are kept: resume the run).")

@@ -95,8 +95,9 @@ def report_lines(results: dict[str, dict]) -> list[str]:
                   "On rows whose instruction names the gold recipient (`tasks.protocol.names_agent`); the predicted "
                   "and gold ids compared after `normalise_agent`. Rows per model: "
                   + ", ".join(f"{label} {res.get('recipient_rows', 0)}" for label, res in results.items()) + ". "
-                  "`src/dst acc.` in the table above is src and dst (ids after `normalise_agent`) on every row, although most of the "
-                  "published dataset's ids are arbitrary (not derivable from the instruction).", "",
+                  "`src/dst acc.` in the table above is src and dst (ids after `normalise_agent`) on every row, "
+                  "although most of the published dataset's ids are arbitrary (not derivable from the "
+                  "instruction).", "",
                   "| anchor | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
         lines += [f"| {a} | " + " | ".join(pct((res.get("dst_per_anchor") or {}).get(a)) for res in results.values())
                   + " |" for a in anchors]
