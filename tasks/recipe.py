@@ -136,6 +136,10 @@ class TrainingConfig(StrictModel):
     neftune_noise_alpha: float | None = Field(
         None, gt=0, description="NEFTune (transformers' neftune_noise_alpha): uniform noise of this scale on the "
         "input embeddings while training, a regulariser for instruction tuning. None: off.")
+    average_tail: float = Field(
+        0, ge=0, lt=1, description="Save the mean of the trainable weights over this share of the schedule's last "
+        "steps instead of the last step's (tail weight averaging, tasks/train/averaging.py): 0.3 averages the last "
+        "30%. A run stopped early (training.time_budget_s's deadline) averages what it trained of that tail. 0: off.")
     time_budget_s: float | None = Field(
         None, gt=0, description="Train only as many of the training rows as fit in this many seconds on this "
         "machine: the worker first times a few forward/backward passes on real batches (that time counts), then "
@@ -449,6 +453,9 @@ class Recipe(StrictModel):
         if self.training.compile_layers and self.training.engine != "trl":
             raise ValueError(f"training.compile_layers is for engine 'trl'; engine {self.training.engine!r} "
                              "compiles (or trains) its own way: drop training.compile_layers")
+        if self.training.average_tail and self.training.engine == "together":
+            raise ValueError("training.average_tail averages local training steps; Together returns its own "
+                             "adapter: drop training.average_tail")
         return self
 
 

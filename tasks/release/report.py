@@ -184,6 +184,8 @@ def render_report(recipe: Recipe, run_dir: RunFolder | Path, results: dict[str, 
               f"lr {recipe.training.learning_rate} {recipe.training.lr_scheduler}"
               + (f" (LoRA+: B matrices ×{recipe.training.loraplus_lr_ratio:g})"
                  if recipe.training.loraplus_lr_ratio else "")
+              + (", weights averaged over steps {from_step}-{to_step}".format(**training["tail_average"])
+                 if training.get("tail_average") else "")
               + f", batch {recipe.training.batch_size}×{recipe.training.grad_accum}, "
               f"loss {recipe.training.loss_type or 'TRL default'} |",
               f"| loss | {training.get('first_loss')} → {training.get('final_loss')} "

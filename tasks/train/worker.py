@@ -577,6 +577,11 @@ def train(recipe: Recipe, run_dir: Path | RunFolder, base_dir: Path) -> dict:
     if budget and not resumed_budget:
         deadline = _deadline_callback(budget["budget_s"] - budget["probe_s"] - budget["val_s"])
         trainer.add_callback(deadline)
+    averaging = None
+    if cfg.average_tail:
+        from tasks.train.averaging import TailAverage
+        averaging = TailAverage(model, cfg.average_tail)   # after the deadline: it reads the deadline's stop
+        trainer.add_callback(averaging)
     lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     start = time.time()
     # A resumed run (flow parameter resume_from) picks up its optimizer, scheduler and data order here.
@@ -602,6 +607,7 @@ def train(recipe: Recipe, run_dir: Path | RunFolder, base_dir: Path) -> dict:
              "trainable_params": sum(p.numel() for p in lora_before.values()),
              "mask": mask_report, "device": "cuda" if on_gpu else "cpu", "mixed_precision": precision,
              "allocator": loaded_allocator(), "compiled_layers": compiled,
+             "tail_average": averaging.report() if averaging else None,
              "world_size": int(os.environ.get("WORLD_SIZE", "1")), "engine": cfg.engine,
              "packing": packing_report(train_data, per_device) if cfg.packing else None,
              "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None,

@@ -140,3 +140,13 @@ def test_the_report_names_the_allocator_and_the_compiled_layers(tmp_path):
     assert "| device | cpu (bf16), world size 1, malloc mimalloc, 30 decoder layers compiled |" in text
     plain = render_report(recipe, tmp_path, results(0.0, 0.6, 0.6), gates, {**stats, "compiled_layers": 0}, {}, {})
     assert "| device | cpu (bf16), world size 1, malloc mimalloc |" in plain
+
+
+def test_the_report_names_the_averaged_steps(tmp_path):
+    recipe = Recipe(name="x")
+    gates = [g.as_dict() for g in evaluate_gates(recipe, results(0.0, 0.6, 0.6), "gguf-q8_0", training(2, 1))]
+    stats = {"mask": {}, "steps": 40, "tail_average": {"steps": 12, "from_step": 29, "to_step": 40}}
+    text = render_report(recipe, tmp_path, results(0.0, 0.6, 0.6), gates, stats, {}, {})
+    assert "| schedule | 40 steps, 2.0 epochs, lr 0.001 cosine, weights averaged over steps 29-40, batch 8×1" in text
+    plain = render_report(recipe, tmp_path, results(0.0, 0.6, 0.6), gates, {**stats, "tail_average": None}, {}, {})
+    assert "averaged" not in plain
