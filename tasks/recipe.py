@@ -147,6 +147,15 @@ class TrainingConfig(StrictModel):
         "must end in a fixed time on CPUs of different speed (with and without AVX512-BF16: ~2x a step). "
         "training.max_steps >= 0 wins over it (a short try of a budgeted recipe needs no second override). "
         "None: every training row.")
+    flow_time_budget_s: float | None = Field(
+        None, gt=0, description="With time_budget_s (unused without it): seconds for training and the stages "
+        "around it together. On a slow machine the stages after training (llama.cpp evaluations, export) slow down "
+        "with the same CPU the probe times, so the training budget shrinks to min(time_budget_s, flow_time_budget_s "
+        "- other_stages_steps x the probed step): a demo that must end in 15 minutes stays inside them on a machine "
+        "1.5x slower. None: time_budget_s alone.")
+    other_stages_steps: float = Field(
+        0, ge=0, description="With flow_time_budget_s: what the flow's other stages cost, in probed training steps "
+        "of the same machine (slipstream: 552-569 on three fresh-clone demos whose steps ran 0.366-0.544 s).")
     epochs: float = Field(2.0, gt=0)
     max_steps: int = Field(-1, ge=-1, description="-1: run `epochs`; otherwise stop after this many steps.")
     learning_rate: float = Field(1e-3, gt=0, lt=1)

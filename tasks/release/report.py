@@ -153,7 +153,9 @@ def time_budget_lines(budget: dict | None, seconds: float | None) -> list[str]:
     if not budget:
         return []
     stopped = budget.get("stopped_at_step")
-    return [f"| time budget | {budget['budget_s']:g} s: {budget['probe_step_s']} s a probed step here, so "
+    shrunk = (f" (shrunk from {budget['shrunk_from_s']:g} s: the stages after training are slower here too)"
+              if budget.get("shrunk_from_s") else "")
+    return [f"| time budget | {budget['budget_s']:g} s{shrunk}: {budget['probe_step_s']} s a probed step here, so "
             f"{budget['rows_kept']} of {budget['rows_available']} training rows (predicted "
             f"{budget['predicted_train_s']:g} s, took {seconds} s"
             + (f"; the budget stopped training at step {stopped}, the rest of the schedule's tail not trained"

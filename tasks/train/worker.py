@@ -450,6 +450,14 @@ def rows_within_budget(budget_s: float, step_s: float, probe_s: float, rows: int
             "val_s": round(val_s, 1), "rows_available": rows, "rows_kept": keep}
 
 
+def training_budget_s(cfg, step_s: float) -> float:
+    """training.time_budget_s, shrunk on a slow machine so the flow's other stages still fit in
+    training.flow_time_budget_s: they cost about `other_stages_steps` of this machine's probed steps."""
+    if cfg.flow_time_budget_s is None:
+        return cfg.time_budget_s
+    return round(min(cfg.time_budget_s, cfg.flow_time_budget_s - cfg.other_stages_steps * step_s), 1)
+
+
 def apply_time_budget(run: RunFolder, cfg, model, tokenized: list[dict], val_rows: int,
                       build) -> tuple[list[dict], dict | None]:
     """training.time_budget_s: the first training rows that fit, decided once per run (a resumed run reads
@@ -463,8 +471,14 @@ def apply_time_budget(run: RunFolder, cfg, model, tokenized: list[dict], val_row
     if decision is None:
         began = time.perf_counter()
         step_s = probe_step_seconds(build, model, tokenized, cfg.batch_size)
-        decision = rows_within_budget(cfg.time_budget_s, step_s, time.perf_counter() - began, len(tokenized),
+        budget_s = training_budget_s(cfg, step_s)
+        decision = rows_within_budget(budget_s, step_s, time.perf_counter() - began, len(tokenized),
                                       val_rows, cfg.batch_size, cfg.grad_accum, cfg.epochs)
+        if budget_s < cfg.time_budget_s:
+            decision["shrunk_from_s"] = cfg.time_budget_s   # the report says why the budget is shorter
+            print(f"[train] time budget {cfg.time_budget_s:g}s shrunk to {budget_s:.0f}s: the other stages take "
+                  f"~{cfg.other_stages_steps:g} steps of {step_s}s here (flow_time_budget_s "
+                  f"{cfg.flow_time_budget_s:g})", flush=True)
         atomic_write_json(run.training_budget, decision)
     print(f"[train] time budget {decision['budget_s']:.0f}s: {decision['probe_step_s']}s a step here, "
           f"training {decision['rows_kept']} of {decision['rows_available']} rows "

@@ -150,3 +150,15 @@ def test_the_report_names_the_averaged_steps(tmp_path):
     assert "| schedule | 40 steps, 2.0 epochs, lr 0.001 cosine, weights averaged over steps 29-40, batch 8×1" in text
     plain = render_report(recipe, tmp_path, results(0.0, 0.6, 0.6), gates, {**stats, "tail_average": None}, {}, {})
     assert "averaged" not in plain
+
+
+def test_the_report_says_when_a_slow_machine_shrank_the_time_budget():
+    from tasks.release.report import time_budget_lines
+
+    budget = {"budget_s": 549.5, "probe_step_s": 0.544, "rows_kept": 1800, "rows_available": 4000,
+              "predicted_train_s": 549.1, "stopped_at_step": 850, "shrunk_from_s": 700}
+    (line,) = time_budget_lines(budget, 530.2)
+    assert line.startswith("| time budget | 549.5 s (shrunk from 700 s: the stages after training are slower here "
+                           "too): 0.544 s a probed step here, so 1800 of 4000 training rows")
+    (plain,) = time_budget_lines({**budget, "shrunk_from_s": None}, 530.2)
+    assert "shrunk" not in plain

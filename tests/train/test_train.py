@@ -207,3 +207,25 @@ def test_a_budget_whose_probe_read_too_fast_stops_training_at_the_deadline(tmp_p
     assert stats["train_rows"] == 10 and stats["steps"] == 1
     assert stats["time_budget"]["rows_kept"] == 10 and stats["time_budget"]["stopped_at_step"] == 1
     assert (run_dir / "lora" / "adapter_model.safetensors").exists()   # what it trained is saved
+
+
+def test_a_flow_time_budget_shrinks_the_training_budget_the_run_records(tmp_path, base_model_dir, tiny_rows,
+                                                                        monkeypatch):
+    """training.flow_time_budget_s through the real worker: at a probed 0.01 s a step, 500 steps of other stages
+    leave 10 - 5 = 5 s of a 10,000 s time budget; the decision records both (the report says why)."""
+    from tasks.train import worker
+
+    monkeypatch.setattr(worker, "probe_step_seconds", lambda *a, **k: 0.01)
+    recipe = Recipe(name="flow-budget")
+    recipe.training.batch_size = 2
+    recipe.training.save_steps = 100
+    recipe.training.time_budget_s = 10_000.0
+    recipe.training.flow_time_budget_s = 10.0
+    recipe.training.other_stages_steps = 500
+    run_dir = new_run_dir(tmp_path, "flow-budget")
+    atomic_write_jsonl(run_dir / "data" / "train.jsonl", tiny_rows[:4])
+    atomic_write_jsonl(run_dir / "data" / "val.jsonl", [])
+    stats = train(recipe, run_dir, base_model_dir)
+    decision = json.loads((run_dir / "metrics" / "training-budget.json").read_text())
+    assert decision["budget_s"] == 5.0 and decision["shrunk_from_s"] == 10_000.0
+    assert decision["rows_kept"] == 4 and stats["train_rows"] == 4

@@ -130,6 +130,19 @@ def test_the_time_budget_keeps_the_rows_whose_steps_fit():
     assert rows_within_budget(1.0, 1.0, 4.0, 1000, 0, 4, 2, 1)["rows_kept"] == 8
 
 
+def test_a_flow_time_budget_shrinks_training_on_a_slow_machine_only():
+    """training.flow_time_budget_s: the other stages cost other_stages_steps probed steps, so a slower step leaves
+    training less of the flow's time; a fast machine stays at time_budget_s."""
+    from tasks.recipe import TrainingConfig
+    from tasks.train.worker import training_budget_s
+
+    cfg = TrainingConfig(time_budget_s=600, flow_time_budget_s=900, other_stages_steps=500)
+    assert training_budget_s(cfg, 0.4) == 600          # 900 - 200 = 700: capped at time_budget_s
+    assert training_budget_s(cfg, 0.8) == 500          # 900 - 400
+    assert training_budget_s(cfg, 1.0) == 400          # twice as slow a step: the others take 100 s more
+    assert training_budget_s(TrainingConfig(time_budget_s=600), 5.0) == 600   # no flow budget: the budget as set
+
+
 @pytest.mark.parametrize("override, message", [
     ({"training.engine": "together"}, "Together trains every row it is sent"),
     ({"training.accelerate_config": "ddp", "training.loss_type": "nll"}, "for one training process"),
