@@ -156,6 +156,10 @@ class TrainingConfig(StrictModel):
     other_stages_steps: float = Field(
         0, ge=0, description="With flow_time_budget_s: what the flow's other stages cost, in probed training steps "
         "of the same machine (slipstream: 552-569 on three fresh-clone demos whose steps ran 0.366-0.544 s).")
+    min_time_budget_s: float = Field(
+        0, ge=0, description="With flow_time_budget_s: the shortest training budget it may shrink to. On a machine "
+        "so slow that the flow cannot end in time anyway, a model trained on a few dozen rows would be worth nothing: "
+        "training keeps this much and the flow runs long.")
     epochs: float = Field(2.0, gt=0)
     max_steps: int = Field(-1, ge=-1, description="-1: run `epochs`; otherwise stop after this many steps.")
     learning_rate: float = Field(1e-3, gt=0, lt=1)

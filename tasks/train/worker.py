@@ -452,10 +452,12 @@ def rows_within_budget(budget_s: float, step_s: float, probe_s: float, rows: int
 
 def training_budget_s(cfg, step_s: float) -> float:
     """training.time_budget_s, shrunk on a slow machine so the flow's other stages still fit in
-    training.flow_time_budget_s: they cost about `other_stages_steps` of this machine's probed steps."""
+    training.flow_time_budget_s: they cost about `other_stages_steps` of this machine's probed steps. Never below
+    training.min_time_budget_s."""
     if cfg.flow_time_budget_s is None:
         return cfg.time_budget_s
-    return round(min(cfg.time_budget_s, cfg.flow_time_budget_s - cfg.other_stages_steps * step_s), 1)
+    shrunk = cfg.flow_time_budget_s - cfg.other_stages_steps * step_s
+    return round(min(cfg.time_budget_s, max(cfg.min_time_budget_s, shrunk)), 1)
 
 
 def apply_time_budget(run: RunFolder, cfg, model, tokenized: list[dict], val_rows: int,

@@ -141,6 +141,9 @@ def test_a_flow_time_budget_shrinks_training_on_a_slow_machine_only():
     assert training_budget_s(cfg, 0.8) == 500          # 900 - 400
     assert training_budget_s(cfg, 1.0) == 400          # twice as slow a step: the others take 100 s more
     assert training_budget_s(TrainingConfig(time_budget_s=600), 5.0) == 600   # no flow budget: the budget as set
+    # A machine too slow to end the flow in time keeps the floor: a few dozen rows would train nothing of use.
+    floored = TrainingConfig(time_budget_s=600, flow_time_budget_s=900, other_stages_steps=500, min_time_budget_s=450)
+    assert training_budget_s(floored, 0.8) == 500 and training_budget_s(floored, 2.0) == 450
 
 
 @pytest.mark.parametrize("override, message", [
