@@ -479,7 +479,7 @@ def apply_time_budget(run: RunFolder, cfg, model, tokenized: list[dict], val_row
         if budget_s < cfg.time_budget_s:
             decision["shrunk_from_s"] = cfg.time_budget_s   # the report says why the budget is shorter
             print(f"[train] time budget {cfg.time_budget_s:g}s shrunk to {budget_s:.0f}s: the other stages take "
-                  f"~{cfg.other_stages_steps:g} steps of {step_s}s here (flow_time_budget_s "
+                  f"~{cfg.other_stages_steps:g} steps of {step_s:.3f}s here (flow_time_budget_s "
                   f"{cfg.flow_time_budget_s:g})", flush=True)
         atomic_write_json(run.training_budget, decision)
     print(f"[train] time budget {decision['budget_s']:.0f}s: {decision['probe_step_s']}s a step here, "
