@@ -51,9 +51,7 @@ def gpu_pools_stack(tmp_path):
                 stderr=subprocess.STDOUT, start_new_session=True))
         yield env
     finally:
-        for worker in workers:
-            _stop(worker)
-        _stop(server)
+        _stop(*workers, server)
 
 
 def _tracks(env, out, tiny_dir, *args):
