@@ -106,7 +106,8 @@ class GrammarJudge:
     def __init__(self, gguf, grammar_file, log_path):
         from tasks.llamacpp.build import tool
 
-        # 512 tokens a slot: an echo is two copies of a gold answer (<= 111 tokens each) and 130 predicted.
+        # 512 tokens a slot: an echo is two copies of a gold answer and its end-of-turn, and 130 predicted; the
+        # longest gold answer of _gold_answers() is 127 tokens, so 2 x 129 + 130 = 388.
         self.proc = subprocess.Popen(
             [str(tool("llama-server")), "-m", str(gguf), "--port", "0", "--host", "127.0.0.1",
              "-c", str(512 * self.SLOTS), "-np", str(self.SLOTS), "--no-webui", "--grammar-file", str(grammar_file)],

@@ -37,8 +37,8 @@ def _prefect(env, *args, timeout=120, check=True):
 
 def _stop(*procs):
     """SIGTERM to every process group at once, then SIGKILL to those still running 5 s later. A Prefect worker
-    forwards the signal to its runner and was still running 20 s later, every time: one at a time, with 20 s each,
-    three workers took a minute of teardown. Nothing here tests a graceful stop."""
+    forwards the signal to its runner and was at times still running 20 s later: stopped one at a time with 20 s
+    each, the tracks test's three workers took 62 s of teardown. Nothing here tests a graceful stop."""
     running = [p for p in procs if p.poll() is None]
     for proc in running:
         os.killpg(proc.pid, signal.SIGTERM)
