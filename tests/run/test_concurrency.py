@@ -95,8 +95,9 @@ def test_two_slipway_runs_at_once_both_complete_in_their_own_folders_sharing_one
     taken = set(os.listdir(runs))
     overrides = [a for s in TINY_RUN for a in ("--set", s)]
     # Each run on a core of its own, as runs sharing a host are meant to be given (tasks/llamacpp/serve.py sizes a
-    # server's threads to the process's CPUs, and torch's thread count follows them too: 1 on one CPU). Both on both cores, each
-    # llama.cpp server's spin-waiting threads fought the other run: 3.5 s a token, 400 s for this test.
+    # server's threads to the process's CPUs, and torch's thread count follows them too: 1 on one CPU). Both on
+    # both cores, each llama.cpp server's spin-waiting threads fought the other run: 3.5 s a token, 400 s for this
+    # test.
     code = f"""
         import logging, os, sys, time
         if hasattr(os, "sched_setaffinity"):   # Linux
